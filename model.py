@@ -13,7 +13,6 @@ are the ones users know from peft.
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -69,13 +68,29 @@ def iter_checkpoint_tensors(path):
                 yield key, state.pop(key)
 
 
-def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False):
+def checkpoint_keys(path):
+    """The tensor names of the checkpoint at `path`, without reading the tensors."""
+    from safetensors import safe_open
+
+    keys = []
+    for file in checkpoint_files(path):
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys.extend(f.keys())
+        else:
+            keys.extend(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
+    return keys
+
+
+def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, allow_missing=lambda key: False):
     """
     Copy every tensor of the checkpoint at `path` into the parameter/buffer of the same name.
 
     The model is expected to be built on the meta device: each parameter is materialized only when
     its tensor arrives, directly in `dtype` on `device`, so a 7B bf16 load peaks at ~1x the model.
     Strict: missing keys, unexpected keys and shape mismatches raise one ValueError listing them.
+    `ignore(key)` skips a checkpoint key; `allow_missing(key)` excuses a model key the checkpoint
+    lacks (e.g. a fresh classification head, which the caller then initializes off the meta device).
     """
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
@@ -93,7 +108,8 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False):
         _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
         loaded.add(key)
     tied = getattr(model, "tied_keys", {})  # e.g. lm_head.weight -> model.embed_tokens.weight
-    missing = [key for key in own if key not in loaded and key not in tied and not _is_computed_buffer(model, key)]
+    missing = [key for key in own if key not in loaded and key not in tied
+               and not _is_computed_buffer(model, key) and not allow_missing(key)]
     problems = []
     if missing:
         problems.append(f"missing weights: {missing}")
@@ -124,11 +140,773 @@ def _is_computed_buffer(model, key):
 
 # -----------------------------------------------------------------------------
 # LLaMA-style decoder
+#
+# Hugging Face key layout (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM); our module
+# names are the same, so a checkpoint key is a parameter name:
+#
+#   model.embed_tokens.weight                          (vocab, hidden)
+#   model.layers.{i}.input_layernorm.weight            (hidden,)
+#   model.layers.{i}.self_attn.q_proj.weight / .bias   (heads * head_dim, hidden)      bias: qwen2, attention_bias
+#   model.layers.{i}.self_attn.k_proj.weight / .bias   (kv_heads * head_dim, hidden)   bias: qwen2, attention_bias
+#   model.layers.{i}.self_attn.v_proj.weight / .bias   (kv_heads * head_dim, hidden)   bias: qwen2, attention_bias
+#   model.layers.{i}.self_attn.o_proj.weight / .bias   (hidden, heads * head_dim)      bias: attention_bias (not qwen2)
+#   model.layers.{i}.post_attention_layernorm.weight   (hidden,)
+#   model.layers.{i}.mlp.gate_proj.weight / .bias      (intermediate, hidden)          bias: mlp_bias
+#   model.layers.{i}.mlp.up_proj.weight / .bias        (intermediate, hidden)          bias: mlp_bias
+#   model.layers.{i}.mlp.down_proj.weight / .bias      (hidden, intermediate)          bias: mlp_bias
+#   model.norm.weight                                  (hidden,)
+#   lm_head.weight                                     (vocab, hidden)   absent when tie_word_embeddings
+#
+# Old checkpoints also carry `...rotary_emb.inv_freq`; we recompute it from the config instead.
 
-# (Llama section: LlamaConfig, RMSNorm, RoPE, attention, MLP, blocks, Llama, generate, Tokenizer)
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # < num_attention_heads: GQA, 1: MQA
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "llama3"
+    rope_llama3: dict = field(default_factory=dict)  # factor, low/high_freq_factor, original_max_position_embeddings
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
+
+    @classmethod
+    def from_hf(cls, config):
+        """Read a Hugging Face config.json dict (model_type llama, mistral or qwen2)."""
+        model_type = config.get("model_type")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral or qwen2")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu (SwiGLU)")
+        heads = config["num_attention_heads"]
+        rope = _rope_parameters(config)
+        # qwen2 has biases on q, k, v only; llama's attention_bias covers q, k, v and o; mistral has none.
+        qkv_bias = model_type == "qwen2" or (model_type == "llama" and config.get("attention_bias", False))
+        o_bias = model_type == "llama" and config.get("attention_bias", False)
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=rope["rope_theta"],
+            rope_type=rope["rope_type"],
+            rope_llama3={key: rope[key] for key in _LLAMA3_KEYS if key in rope},
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=model_type == "llama" and config.get("mlp_bias", False),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            sliding_window=_sliding_window(config),
+        )
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_parameters(config):
+    """
+    One RoPE dict from either config dialect:
+      classic (hub checkpoints, transformers < 5): top-level `rope_theta` and optional `rope_scaling`
+        {"rope_type" or "type": ..., factor, ...};
+      transformers 5: a `rope_parameters` block {"rope_type", "rope_theta", factor, ...}.
+    """
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if rope["rope_type"] not in ("default", "llama3"):
+        raise ValueError(f"rope_type={rope['rope_type']!r} (rope_parameters/rope_scaling) is not supported: "
+                         "expected default or llama3")
+    if rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1.0 is not supported")
+    if rope["rope_type"] == "llama3":
+        # As transformers: the pretraining length falls back to max_position_embeddings.
+        rope.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+        for key in _LLAMA3_KEYS:
+            if rope.get(key) is None:
+                raise ValueError(f"rope_type='llama3' needs {key!r} in rope_parameters/rope_scaling")
+    return rope
+
+
+def _sliding_window(config):
+    """The attention window, or None when no layer uses one (qwen2 switches it on with use_sliding_window)."""
+    if "layer_types" in config and config["layer_types"] is not None:
+        uses_window = "sliding_attention" in config["layer_types"]
+    else:
+        uses_window = config["model_type"] == "mistral" or config.get("use_sliding_window", False)
+    return config.get("sliding_window") if uses_window else None
+
+
+def rope_inv_freq(config, device=None):
+    """
+    RoPE inverse frequencies theta^(-2i/d), i < d/2 (RoFormer Eq. 15), float32.
+    llama3 scaling (Llama 3.1) keeps high frequencies (wavelength < L/high_freq_factor), divides low
+    ones (wavelength > L/low_freq_factor) by `factor`, and interpolates smoothly in between.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    if config.rope_type == "default":
+        return inv_freq
+    p = config.rope_llama3
+    context = p["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / p["low_freq_factor"], inv_freq / p["factor"], inv_freq)
+    smooth = (context / wavelength - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / p["factor"] + smooth * scaled
+    is_medium = (wavelength >= context / p["high_freq_factor"]) & (wavelength <= context / p["low_freq_factor"])
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        # Recomputed from the config, never loaded: non-persistent, and float32 whatever the model dtype.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids, dtype):
+        """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in float32."""
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, head_dim / 2)
+        # HF layout: the two halves of a head share frequencies, i pairs with i + head_dim/2
+        # (not the interleaved 2i, 2i+1 of the paper), so the table is repeated, not interleaved.
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle: the rotate-half form of RoPE."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated_half * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        # The mean of squares in bf16 loses too much precision: normalize in float32, cast back, then
+        # scale (in that order, as the reference implementation, so bf16 results agree bit for bit).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_length`."""
+
+    def __init__(self, config, batch_size, max_length, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0  # tokens stored; advanced by Llama.forward after all layers have written
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H_kv, T, d) after the cached tokens; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        # GQA/MQA: query head h reads key/value head h // (H / H_kv); scale 1/sqrt(head_dim).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_and_positions(attention_mask, query_length):
+    """
+    From the (B, L) 0/1 padding mask of all tokens (cached + new), for the last `query_length` tokens:
+      - the boolean SDPA mask (B, 1, T, L): key j is visible to query i if j <= i (causal) and j is not
+        padding. A query on a left-padding position would see no key at all and softmax would give
+        NaN; it may always see itself (its output is never used).
+      - position ids (B, T) = number of real tokens before it (cumsum - 1, 0 on padding), so a
+        left-padded row gets the positions it would have unpadded, as in transformers' generate.
+        (transformers' plain forward uses 0..T-1: under left padding that shifts all real positions of
+        a row by the same amount, which RoPE, a function of position differences, does not see.)
+    """
+    L = attention_mask.size(1)
+    key = torch.arange(L, device=attention_mask.device)
+    query = key[L - query_length:, None]
+    visible = (key <= query) & (attention_mask[:, None, :].bool() | (key == query))  # (B, T, L)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, L - query_length:]
+    return visible[:, None], positions
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            rotary_emb=RotaryEmbedding(config),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tied_keys = {}
+        self.tie_weights()
+        self.gradient_checkpointing = False  # True: recompute each block in backward to save activations
+
+    def tie_weights(self):
+        """Share the output projection with the input embedding when the checkpoint says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tied_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """Logits (B, T, V). attention_mask (B, T) 0/1 marks padding, left or right; with a cache it
+        covers the cached tokens too (B, cache.length + T)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        window = self.config.sliding_window
+        if window is not None and past + T > window:
+            raise ValueError(f"input of {past + T} tokens exceeds sliding_window={window}, which is not supported")
+        mask, position_ids = attention_mask_and_positions(attention_mask, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None,
+                 temperature=0.0, generator=None):
+        """
+        Continue each row of `input_ids` (B, T) (batches left padded) by up to `max_new_tokens` tokens:
+        greedy when temperature == 0, else sampled from softmax(logits / temperature). A row stops at
+        its first EOS (an int or a list of ids) and is filled with eos afterwards; generation stops when
+        every row has stopped. Returns (B, T + generated) token ids.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                               dtype=torch.long, device=input_ids.device)
+        param = next(self.parameters())
+        cache = KVCache(self.config, B, T + max_new_tokens, param.dtype, param.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        tokens, step_input = input_ids, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_input, attention_mask, cache)[:, -1].float()
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                next_token = logits.argmax(dim=-1)
+            if len(eos_ids):
+                next_token = torch.where(finished, eos_ids[0], next_token)
+                finished |= torch.isin(next_token, eos_ids)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token[:, None])], dim=1)
+            step_input = next_token[:, None]
+            if finished.all():
+                break
+        return tokens
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a Hugging Face llama/mistral/qwen2 directory, one tensor at a time into dtype/device."""
+        config = LlamaConfig.from_hf(read_config(path))
+        with torch.device("meta"):
+            model = cls(config)
+        # A tied checkpoint may still store lm_head.weight (a copy of the embedding): skip it.
+        load_checkpoint_into(model, path, dtype, device,
+                             ignore=lambda key: key.endswith("rotary_emb.inv_freq") or key in model.tied_keys)
+        model.tie_weights()
+        model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)
+        return model.eval()
+
+
+class Tokenizer:
+    """A sentencepiece tokenizer.model (LLaMA-2 / Mistral style) with BOS/EOS and batch padding."""
+
+    def __init__(self, path):
+        import sentencepiece
+
+        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"no sentencepiece model at {model_file!r}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # LLaMA's tokenizer has no pad piece (-1): pad with eos, which attention masks out anyway.
+        self.pad_id = next(i for i in (self.sp.pad_id(), self.eos_id, 0) if i >= 0)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self.sp.encode(text)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+    def pad_batch(self, sequences, padding_side="right"):
+        """(input_ids, attention_mask) LongTensors (B, longest); left padding for generation."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        longest = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            span = slice(longest - len(ids), longest) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask
 
 # -----------------------------------------------------------------------------
 # DeBERTa-v3-style encoder
+#
+# Hugging Face key layout (DebertaV2ForSequenceClassification); our module names are the same, so a
+# checkpoint key is a parameter name:
+#
+#   deberta.embeddings.word_embeddings.weight                          (vocab, embedding_size)
+#   deberta.embeddings.embed_proj.weight                               (hidden, embedding_size)  only when they differ
+#   deberta.embeddings.LayerNorm.weight / .bias                        (hidden,)
+#   deberta.encoder.layer.{i}.attention.self.query_proj.weight / .bias (hidden, hidden)   also projects positions (p2c)
+#   deberta.encoder.layer.{i}.attention.self.key_proj.weight / .bias   (hidden, hidden)   also projects positions (c2p)
+#   deberta.encoder.layer.{i}.attention.self.value_proj.weight / .bias (hidden, hidden)
+#   deberta.encoder.layer.{i}.attention.output.dense.weight / .bias    (hidden, hidden)
+#   deberta.encoder.layer.{i}.attention.output.LayerNorm.weight / .bias
+#   deberta.encoder.layer.{i}.intermediate.dense.weight / .bias        (intermediate, hidden)
+#   deberta.encoder.layer.{i}.output.dense.weight / .bias              (hidden, intermediate)
+#   deberta.encoder.layer.{i}.output.LayerNorm.weight / .bias
+#   deberta.encoder.rel_embeddings.weight                              (2 * position_buckets, hidden)
+#   deberta.encoder.LayerNorm.weight / .bias                           (hidden,)  normalizes rel_embeddings
+#   pooler.dense.weight / .bias                                        (hidden, hidden)
+#   classifier.weight / .bias                                          (num_labels, hidden)
+#
+# A pretrained-only checkpoint (microsoft/deberta-v3-base) has the `deberta.` keys plus its pretraining
+# heads (lm_predictions.*, mask_predictions.*), which we skip; a bare DebertaV2Model saved with
+# save_pretrained has the same keys without the `deberta.` prefix. Both get a fresh pooler + classifier.
 
-# (DeBERTa section: DebertaConfig, embeddings, disentangled attention, encoder, Deberta,
-#  DebertaClassifier, DebertaTokenizer)
+# (config key, Hugging Face's default when the key is absent, the one value DeBERTa-v3 uses).
+# Every other value switches on a code path of DeBERTa v1/v2 (absolute positions, token types,
+# separate position projections, the conv layer, ...) that this file does not implement.
+_DEBERTA_V3_FLAGS = [
+    ("relative_attention", False, True),
+    ("share_att_key", False, True),
+    ("norm_rel_ebd", "none", "layer_norm"),
+    ("position_biased_input", True, False),
+    ("type_vocab_size", 0, 0),
+    ("conv_kernel_size", 0, 0),
+    ("hidden_act", "gelu", "gelu"),
+    ("pooler_hidden_act", "gelu", "gelu"),
+]
+
+
+def _is_pretraining_only(key):
+    """The pretraining heads of deberta checkpoints (masked LM, replaced token detection) and the
+    position-id buffer older checkpoints stored: nothing a classifier uses."""
+    return key.startswith(("lm_predictions.", "mask_predictions.", "cls.")) or key.endswith("embeddings.position_ids")
+
+
+@dataclass
+class DebertaConfig:
+    vocab_size: int = 128100
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    embedding_size: int = 768  # width of word_embeddings; embed_proj maps it to hidden_size when they differ
+    position_buckets: int = 256  # relative distances are log-bucketed into 2 * position_buckets rows
+    max_relative_positions: int = 512  # the distance at which the log buckets reach the last row
+    pos_att_type: tuple = ("p2c", "c2p")  # which disentangled terms are added to content->content
+    layer_norm_eps: float = 1e-7
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pooler_dropout: float = 0.0
+    cls_dropout: float = 0.1  # dropout before the classifier
+    pad_token_id: int = 0
+    initializer_range: float = 0.02  # std of a freshly initialized head
+
+    @classmethod
+    def from_hf(cls, config):
+        """Read a Hugging Face config.json dict of model_type deberta-v2 (DeBERTa-v3 settings only)."""
+        if config.get("model_type") != "deberta-v2":
+            raise ValueError(f"model_type={config.get('model_type')!r} is not supported: expected 'deberta-v2'")
+        for key, hf_default, supported in _DEBERTA_V3_FLAGS:
+            value = config.get(key, hf_default)
+            if value != supported or type(value) is not type(supported):
+                raise ValueError(f"{key}={value!r} is not supported: DeBERTa-v3 uses {key}={supported!r}")
+        pos_att_type = config.get("pos_att_type") or []
+        if isinstance(pos_att_type, str):
+            pos_att_type = [part.strip() for part in pos_att_type.lower().split("|")]
+        if not set(pos_att_type) <= {"p2c", "c2p"} or len(set(pos_att_type)) != len(pos_att_type):
+            raise ValueError(f"pos_att_type={config.get('pos_att_type')!r} is not supported: expected a subset of p2c|c2p")
+        position_buckets = config.get("position_buckets", -1)
+        if position_buckets <= 0:
+            raise ValueError(f"position_buckets={position_buckets!r} is not supported: DeBERTa-v3 log-buckets (256)")
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        if hidden % heads != 0:
+            raise ValueError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+        if config.get("attention_head_size", hidden // heads) != hidden // heads:
+            raise ValueError(f"attention_head_size={config['attention_head_size']} is not supported: only hidden_size / heads")
+        if config.get("pooler_hidden_size", hidden) != hidden:
+            raise ValueError(f"pooler_hidden_size={config['pooler_hidden_size']} is not supported: only hidden_size={hidden}")
+        max_relative_positions = config.get("max_relative_positions", -1)
+        if max_relative_positions < 1:  # -1: as far as the absolute positions go
+            max_relative_positions = config.get("max_position_embeddings", 512)
+        if max_relative_positions - 1 <= position_buckets // 2:
+            raise ValueError(f"max_relative_positions={max_relative_positions} must exceed position_buckets / 2 + 1")
+        hidden_dropout = config.get("hidden_dropout_prob", 0.1)
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden,
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            intermediate_size=config["intermediate_size"],
+            embedding_size=config.get("embedding_size") or hidden,
+            position_buckets=position_buckets,
+            max_relative_positions=max_relative_positions,
+            pos_att_type=tuple(pos_att_type),
+            layer_norm_eps=config.get("layer_norm_eps", 1e-7),
+            hidden_dropout_prob=hidden_dropout,
+            attention_probs_dropout_prob=config.get("attention_probs_dropout_prob", 0.1),
+            pooler_dropout=config.get("pooler_dropout", 0.0),
+            cls_dropout=hidden_dropout if config.get("cls_dropout") is None else config["cls_dropout"],
+            pad_token_id=config.get("pad_token_id") or 0,
+            initializer_range=config.get("initializer_range", 0.02),
+        )
+
+
+def relative_position_index(seq_len, position_buckets, max_relative_positions, device=None):
+    """
+    (T, T) LongTensor: the row of the relative-embedding table that query i and key j share.
+
+    The relative distance is δ(i, j) = i - j. Within ±position_buckets/2 every distance has its own
+    row; beyond it, distances share rows whose width grows geometrically, so that
+    |δ| = max_relative_positions - 1 lands on the last row. The table has 2 * position_buckets rows,
+    row position_buckets meaning δ = 0; farther distances are clamped to the first/last row.
+    """
+    position = torch.arange(seq_len, device=device)
+    distance = position[:, None] - position[None, :]  # δ(i, j) = i - j
+    mid = position_buckets // 2
+    # Log bucket for |δ| > mid:  mid + ceil((mid - 1) * log(|δ| / mid) / log((max_relative_positions - 1) / mid)).
+    # Computed in float32 like the reference; the clamp only keeps log finite where |δ| <= mid, whose
+    # result is discarded by the where() below.
+    magnitude = distance.abs().clamp(min=mid).float()
+    log_scale = torch.log(torch.tensor((max_relative_positions - 1) / mid, dtype=torch.float32, device=device))
+    log_bucket = mid + torch.ceil(torch.log(magnitude / mid) / log_scale * (mid - 1)).long()
+    bucket = torch.where(distance.abs() <= mid, distance, torch.sign(distance) * log_bucket)
+    # Shift to a row index: δ = -position_buckets is row 0, δ = 0 is row position_buckets.
+    return (bucket + position_buckets).clamp(0, 2 * position_buckets - 1)
+
+
+class DisentangledSelfAttention(nn.Module):
+    """
+    DeBERTa attention (He et al., 2021, Eq. 2-4): each score adds to content->content the terms of
+    content->position (c2p) and position->content (p2c), with the relative embeddings P projected by
+    the SAME query/key projections as the content (share_att_key), so LoRA on query_proj/key_proj
+    adapts both.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pos_att_type = config.pos_att_type
+        # Each of the 1 + len(pos_att_type) summed terms is a dot product of head_dim-vectors, so the sum
+        # has ~(1 + len(pos_att_type)) times the variance of one: scale by sqrt(head_dim * that).
+        self.scale = math.sqrt(self.head_dim * (1 + len(config.pos_att_type)))
+        self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def split_heads(self, x):
+        """(B, T, hidden) -> (B, heads, T, head_dim)"""
+        return x.view(*x.shape[:-1], self.n_head, self.head_dim).transpose(-3, -2)
+
+    def forward(self, x, pair_mask, rel_index, rel_embeddings):
+        """x (B, T, hidden), pair_mask (B, 1, T, T) bool, rel_index (T, T), rel_embeddings (2 * buckets, hidden)."""
+        B, T, C = x.shape
+        q = self.split_heads(self.query_proj(x))  # (B, nh, T, hd)
+        k = self.split_heads(self.key_proj(x))
+        v = self.split_heads(self.value_proj(x))
+        # 1. content->content: Q_i · K_j
+        scores = q @ k.transpose(-1, -2)  # (B, nh, T, T)
+        positions = self.pos_dropout(rel_embeddings)  # (2 * buckets, hidden): one row per bucketed distance
+        index = rel_index.expand(B, self.n_head, T, T)
+        if "c2p" in self.pos_att_type:
+            # 2. content->position: Q_i · K^r_{δ(i,j)}. Score every query against every relative-position
+            #    key, (B, nh, T, 2 * buckets), then pick for (i, j) the column of row δ(i, j).
+            pos_key = self.split_heads(self.key_proj(positions))  # (nh, 2 * buckets, hd)
+            c2p = q @ pos_key.transpose(-1, -2)
+            scores = scores + torch.gather(c2p, -1, index)
+        if "p2c" in self.pos_att_type:
+            # 3. position->content: K_j · Q^r at the distance of query i from key j. The paper writes
+            #    δ(j, i); the official code (whose checkpoints we load) negates it, so the row is again
+            #    that of δ(i, j) = -δ(j, i). Score every key against every relative-position query,
+            #    (B, nh, T_key, 2 * buckets), gather for key j the column rel_index[i, j] (the transposed
+            #    index, as rows are keys here), then transpose back to (query, key).
+            pos_query = self.split_heads(self.query_proj(positions))
+            p2c = k @ pos_query.transpose(-1, -2)
+            scores = scores + torch.gather(p2c, -1, index.transpose(-1, -2)).transpose(-1, -2)
+        scores = scores / self.scale
+        # Pairs involving a padded token get the most negative finite value, not -inf: a padded query
+        # row is then uniform over all keys (finite, ignored downstream) instead of NaN.
+        scores = scores.masked_fill(~pair_mask, torch.finfo(scores.dtype).min)
+        attention = self.dropout(scores.softmax(dim=-1))
+        return (attention @ v).transpose(1, 2).reshape(B, T, C)
+
+
+class DenseResidualNorm(nn.Module):
+    """Post-LayerNorm sublayer output: LayerNorm(residual + dropout(dense(x)))."""
+
+    def __init__(self, in_features, config):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class DebertaLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = nn.ModuleDict(dict(
+            self=DisentangledSelfAttention(config),
+            output=DenseResidualNorm(config.hidden_size, config),
+        ))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(config.hidden_size, config.intermediate_size)))
+        self.output = DenseResidualNorm(config.intermediate_size, config)
+
+    def forward(self, x, pair_mask, rel_index, rel_embeddings):
+        x = self.attention["output"](self.attention["self"](x, pair_mask, rel_index, rel_embeddings), x)
+        return self.output(F.gelu(self.intermediate["dense"](x)), x)
+
+
+class Deberta(nn.Module):
+    """The DeBERTa-v3 encoder: input_ids (B, T) -> last hidden states (B, T, hidden)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id),
+            LayerNorm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        ))
+        if config.embedding_size != config.hidden_size:
+            self.embeddings["embed_proj"] = nn.Linear(config.embedding_size, config.hidden_size, bias=False)
+        self.encoder = nn.ModuleDict(dict(
+            layer=nn.ModuleList(DebertaLayer(config) for _ in range(config.num_hidden_layers)),
+            rel_embeddings=nn.Embedding(2 * config.position_buckets, config.hidden_size),
+            LayerNorm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        ))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, attention_mask=None):
+        T = input_ids.shape[1]
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        # Embeddings: words only (no absolute positions, no token types in v3), projected to hidden
+        # if narrower, normalized, and zeroed at padded positions.
+        x = self.embeddings["word_embeddings"](input_ids)
+        if "embed_proj" in self.embeddings:
+            x = self.embeddings["embed_proj"](x)
+        x = self.embeddings["LayerNorm"](x) * mask.unsqueeze(-1).to(x.dtype)
+        x = self.dropout(x)
+        # (i, j) may attend iff both tokens are real: (B, 1, T, T), broadcast over heads.
+        pair_mask = (mask[:, :, None] & mask[:, None, :]).unsqueeze(1)
+        rel_index = relative_position_index(T, self.config.position_buckets, self.config.max_relative_positions,
+                                            device=input_ids.device)
+        # One relative-embedding table shared by all layers, layer-normed once per forward (norm_rel_ebd).
+        rel_embeddings = self.encoder["LayerNorm"](self.encoder["rel_embeddings"].weight)
+        for layer in self.encoder["layer"]:
+            x = layer(x, pair_mask, rel_index, rel_embeddings)
+        return x
+
+
+class DebertaClassifier(nn.Module):
+    """Deberta + the [CLS] pooler + a linear classifier; num_labels == 1 is regression (STS-B)."""
+
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.deberta = Deberta(config)
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(config.hidden_size, config.hidden_size)))
+        self.pooler_dropout = nn.Dropout(config.pooler_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.dropout = nn.Dropout(config.cls_dropout)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_pooled=False):
+        """
+        logits (B, num_labels), or (logits, pooled (B, hidden)) with return_pooled. token_type_ids is
+        accepted for the usual call signature and, as in DeBERTa-v3 (type_vocab_size 0), unused.
+        """
+        hidden = self.deberta(input_ids, attention_mask)
+        # Pool the first token ([CLS]): dense + gelu on its last hidden state.
+        pooled = F.gelu(self.pooler["dense"](self.pooler_dropout(hidden[:, 0])))
+        logits = self.classifier(self.dropout(pooled))
+        return (logits, pooled) if return_pooled else logits
+
+    @classmethod
+    def from_pretrained(cls, path, num_labels=None, dtype=torch.float32, device="cpu", seed=0):
+        """
+        Load a DebertaV2ForSequenceClassification directory with its head, or a bare encoder
+        (microsoft/deberta-v3-base, a saved DebertaV2Model) with a fresh pooler + classifier drawn
+        from N(0, initializer_range) with `seed`. num_labels defaults to the config's
+        (id2label / num_labels, else 2 as in transformers); a checkpoint's classifier of another
+        size is refused as a shape mismatch.
+        """
+        hf_config = read_config(path)
+        config = DebertaConfig.from_hf(hf_config)
+        if num_labels is None:  # transformers leaves id2label out of config.json for its default of 2 labels
+            num_labels = len(hf_config["id2label"]) if "id2label" in hf_config else hf_config.get("num_labels", 2)
+        with torch.device("meta"):
+            model = cls(config, num_labels)
+        keys = checkpoint_keys(path)
+        if "classifier.weight" in keys:  # a sequence classification checkpoint: everything must be there
+            load_checkpoint_into(model, path, dtype, device, ignore=_is_pretraining_only)
+            return model.eval()
+        if any(key.startswith("deberta.") for key in keys):
+            load_checkpoint_into(model, path, dtype, device, ignore=_is_pretraining_only,
+                                 allow_missing=lambda key: key.startswith(("pooler.", "classifier.")))
+        else:  # DebertaV2Model.save_pretrained: the encoder's own names, no `deberta.` prefix
+            load_checkpoint_into(model.deberta, path, dtype, device, ignore=_is_pretraining_only)
+        model.init_head(seed, dtype, device)
+        return model.eval()
+
+    def init_head(self, seed, dtype, device):
+        """Fresh pooler + classifier as Hugging Face draws them: N(0, initializer_range) weights, zero biases."""
+        generator = torch.Generator().manual_seed(seed)
+        for name in ("pooler.dense", "classifier"):
+            linear = self.get_submodule(name)
+            weight = torch.empty(linear.weight.shape).normal_(0.0, self.config.initializer_range, generator=generator)
+            _assign(self, f"{name}.weight", weight.to(device=device, dtype=dtype))
+            _assign(self, f"{name}.bias", torch.zeros(linear.bias.shape, device=device, dtype=dtype))
+
+
+class DebertaTokenizer:
+    """
+    DeBERTa-v3's sentencepiece spm.model with its special ids [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3:
+    a sentence is [CLS] A [SEP], a pair [CLS] A [SEP] B [SEP].
+
+    Any spm.model with those four pieces at ids 0-3 works; one trained with
+    sentencepiece.SentencePieceTrainer.train(..., pad_id=0, pad_piece="[PAD]", bos_id=1,
+    bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]", unk_id=3, unk_piece="[UNK]") has them.
+    """
+
+    pad_id, cls_id, sep_id, unk_id = 0, 1, 2, 3
+    special_pieces = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+
+    def __init__(self, path):
+        import sentencepiece
+
+        model_file = os.path.join(path, "spm.model") if os.path.isdir(path) else path
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"no sentencepiece model at {model_file!r}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        pieces = [self.sp.id_to_piece(i) for i in range(min(4, self.sp.get_piece_size()))]
+        if pieces != self.special_pieces or self.sp.unk_id() != self.unk_id:
+            raise ValueError(f"{model_file!r}: ids 0-3 are {pieces} (unk id {self.sp.unk_id()}), "
+                             f"expected {self.special_pieces} as in DeBERTa-v3")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """[CLS] A [SEP] (B [SEP]) ids, at most max_length; a pair is truncated longest-first."""
+        a = self.sp.encode(text_a)
+        if text_b is None:
+            if max_length < 2:
+                raise ValueError(f"max_length={max_length}: a sentence needs at least 2 ([CLS], [SEP])")
+            return [self.cls_id] + a[: max_length - 2] + [self.sep_id]
+        if max_length < 3:
+            raise ValueError(f"max_length={max_length}: a pair needs at least 3 ([CLS], [SEP], [SEP])")
+        a, b = truncate_longest_first(a, self.sp.encode(text_b), max_length - 3)
+        return [self.cls_id] + a + [self.sep_id] + b + [self.sep_id]
+
+    def encode_batch(self, texts_a, texts_b=None, max_length=128):
+        """(input_ids, attention_mask) LongTensors (B, longest), right padded with [PAD] = 0."""
+        if texts_b is not None and len(texts_b) != len(texts_a):
+            raise ValueError(f"texts_b has {len(texts_b)} texts for {len(texts_a)} texts_a")
+        sequences = [self.encode(a, None if texts_b is None else texts_b[n], max_length) for n, a in enumerate(texts_a)]
+        longest = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+
+def truncate_longest_first(a, b, budget):
+    """
+    Drop tokens from the ends of a and b until len(a) + len(b) <= budget, always from the longer one
+    (from b on ties), as Hugging Face's "longest_first": first cut the longer down to the other's
+    length, then split what remains evenly, b giving the odd token.
+    """
+    excess = len(a) + len(b) - budget
+    if excess <= 0:
+        return a, b
+    gap = min(abs(len(a) - len(b)), excess)
+    drop_a = (excess - gap) // 2 + (gap if len(a) > len(b) else 0)
+    drop_b = excess - drop_a
+    return a[: len(a) - drop_a], b[: len(b) - drop_b]
