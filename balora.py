@@ -1,0 +1,634 @@
+"""
+BA-LoRA (Bias-Alleviating Low-Rank Adaptation, ICLR 2026) from scratch, in the order of the paper:
+
+  Eq. 1-3   PiSSA: LoRA whose adapter starts at the principal singular components of W.
+  Eq. 4-8   NLU regularizers on the (N, D) batch logits: consistency (KL to the pretrained
+            model), diversity (decorrelated class logits), SVD (energy in the top-k singular
+            values), and the weighted objective.
+  Eq. 9-13  NLG regularizers on the (M, V) logits of the valid (non-padded) tokens: consistency,
+            focused top-K entropy, randomized-SVD energy ratio, and the weighted objective.
+  App. B.4  the schedules of lambda1 (cosine) and lambda2/lambda3 ("two_phase" focus).
+  Then adapters as files: merge, save/load, and export to the peft format.
+
+Notation. The paper writes a linear layer as Y = X (W + A B) with W in R^{m x n} (m inputs, n outputs),
+A in R^{m x r} and B in R^{r x n}. PyTorch's nn.Linear stores the transpose, weight = W^T of shape
+(out, in), and computes y = x @ weight.T. We keep peft's names and layout:
+    lora_A = A^T  (r x in),   lora_B = B^T  (out x r),   scaling s = alpha / r,
+    y = base(x) + s * lora_B @ lora_A @ x,   i.e. the effective weight is W_res + s * lora_B @ lora_A.
+
+The teacher (our departure from the paper's setup). The consistency terms (Eq. 4, 9) need the logits
+of the pretrained model. The official code keeps a second full copy of the model for that (BA-LoRA's
+overhead over PiSSA is +10.75 GB on LLaMA-2-7B, Table 5). We do not: every LoRALinear keeps its initial factors (lora_A0, lora_B0) as
+buffers, and `pretrained_mode(model)` swaps them in for the trained factors. Because PiSSA builds the
+frozen weight as W_res = W - s * B0 @ A0, the layer then computes W_res + s * B0 @ A0 = W (exactly, up
+to float rounding), so the adapted model computes the original pretrained function. With init="lora", B0 = 0 and the teacher
+simply skips the adapter, so no copy is stored. Extra memory: one copy of the adapter factors, never
+of the model. Modules left fully trainable (e.g. the classification head) are shared by teacher and
+student, as in the paper's NLU setup (App. B.3, B.4). `pretrained_mode` also puts the model in eval
+mode, like the official frozen teacher.
+
+Dtypes. The frozen base weight keeps the model dtype (e.g. bfloat16); the adapter factors are float32
+(float64 if the base is float64), like peft's `autocast_adapter_dtype`. The adapter casts its input to
+its own dtype and its output back to the base output's dtype, so a bf16 model runs with or without
+autocast. PiSSA's SVD and every weight merge are computed in float32 and cast back. In bf16 the
+teacher equals the original model up to the bf16 rounding of W_res (as for PiSSA in peft); in float32
+it is exact to float32 rounding. The regularizers compute in float32 when given bf16/fp16 logits.
+
+One more departure: nlg_svd_loss (Eq. 12) differentiates the approximate singular values with the
+randomized basis held constant, where the official code also differentiates through the range finder;
+see its docstring for why this is the exact top-k gradient once the sketch has converged.
+"""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# LoRA and PiSSA (Eq. 1-3)
+
+
+def _float32_or_wider(dtype):
+    """float32 for bf16/fp16 (adapters and losses need the precision), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def pissa_factors(weight, r, scaling, niter=None):
+    """
+    Principal factors of W for PiSSA (Eq. 1-2), in our (out x in) layout.
+
+    weight = W^T (out x in) = U S Vh. Eq. 1-2 in the paper's layout become
+        lora_B = U[:, :r] sqrt(S_r / s)   (out x r)
+        lora_A = sqrt(S_r / s) Vh[:r]     (r x in)
+    so that s * lora_B @ lora_A = U_r S_r Vh_r, the best rank-r approximation of W^T. Dividing S by the
+    scaling s (as peft does) keeps the product exact for any alpha. The SVD is exact
+    (torch.linalg.svd) or, with `niter`, randomized (torch.svd_lowrank with q = r, like peft's
+    "pissa_niter_<niter>"). Computed in float32; returns (lora_A, lora_B) in float32.
+    """
+    weight = weight.detach().float()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
+        Vh = V.T
+    root = torch.sqrt(S / scaling)
+    return root[:, None] * Vh, U * root[None, :]
+
+
+class LoRALinear(nn.Module):
+    """
+    y = base(x) + scaling * lora_B @ lora_A @ dropout(x),   scaling = alpha / r.
+
+    base: the frozen nn.Linear, holding W (init="lora") or the PiSSA residual W_res (Eq. 3).
+    lora_A (r x in), lora_B (out x r): trainable. init="lora": A Kaiming-uniform (a=sqrt(5), as
+    peft), B = 0. init="pissa": principal singular factors of W (Eq. 1-2), exact SVD or randomized
+    with `pissa_niter` iterations. lora_A0, lora_B0: the initial factors (None for init="lora").
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0, init="lora", pissa_niter=None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        if init not in ("lora", "pissa"):
+            raise ValueError(f"init must be 'lora' or 'pissa', got {init!r}")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout)  # p = 0 returns its input as is
+        self.pretrained = False  # set by pretrained_mode(): compute with the initial factors
+        self.train(base.training)  # a layer swapped into an eval-mode model stays in eval mode
+        weight = base.weight
+        dtype = _float32_or_wider(weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=weight.device))
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        if init == "lora":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            self.start_from(*pissa_factors(weight, r, self.scaling, pissa_niter))
+
+    @property
+    def dropout_p(self):
+        return self.dropout.p
+
+    @property
+    def init(self):
+        return "lora" if self.lora_A0 is None else "pissa"
+
+    @torch.no_grad()
+    def start_from(self, lora_A0, lora_B0):
+        """
+        Start the adapter at (A0, B0) and move s * B0 @ A0 out of the frozen weight (Eq. 3):
+        W_res = W - s * B0 @ A0, so W_res + s * lora_B @ lora_A = W right now. Computed in float32.
+        """
+        weight = self.base.weight
+        residual = weight.float() - self.scaling * (lora_B0.float() @ lora_A0.float())
+        weight.copy_(residual.to(weight.dtype))
+        self.lora_A.copy_(lora_A0)
+        self.lora_B.copy_(lora_B0)
+        self.lora_A0 = self.lora_A.detach().clone()
+        self.lora_B0 = self.lora_B.detach().clone()
+
+    def delta_weight(self):
+        """s * lora_B @ lora_A (out x in), the adapter's weight update, in the adapter dtype."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x):
+        result = self.base(x)
+        if self.pretrained and self.lora_A0 is None:  # init="lora": B0 = 0, the pretrained layer is base
+            return result
+        x = x.to(self.lora_A.dtype)  # bf16 activations into the float32 adapter
+        if self.pretrained:
+            lora_A, lora_B = self.lora_A0, self.lora_B0  # W_res + s B0 A0 = W: the original layer
+        else:
+            lora_A, lora_B, x = self.lora_A, self.lora_B, self.dropout(x)
+        return result + (self.scaling * F.linear(F.linear(x, lora_A), lora_B)).to(result.dtype)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, init={self.init!r}"
+
+
+_NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
+
+
+def _name_matches(name, patterns):
+    """peft's suffix rule: 'q_proj' matches 'model.layers.0.self_attn.q_proj'."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _prefixes(name):
+    """'a.b.c' -> ['a', 'a.b', 'a.b.c']: the module and all its parents."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def lora_layers(model):
+    """[(qualified name, LoRALinear)] of the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=()):
+    """
+    Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
+    nn.Linear) by a LoRALinear, never lm_head / classifier or a module inside `trainable`. Freeze all
+    other parameters except those of the modules named in `trainable` (e.g. ("classifier", "pooler")).
+    Returns dict(trainable=#params, total=#params, replaced=[names]).
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("add_lora: the model already has LoRA adapters")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    trainable = [trainable] if isinstance(trainable, str) else list(trainable)
+    targets = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and (target_modules == "all-linear" or _name_matches(name, target_modules))
+        and name.rpartition(".")[2] not in _NEVER_ADAPTED
+        and not any(_name_matches(prefix, trainable) for prefix in _prefixes(name))
+    ]
+    if not targets:
+        raise ValueError(f"add_lora: no nn.Linear matches target_modules={target_modules!r}")
+    model.requires_grad_(False)
+    for name in trainable:
+        modules = [m for n, m in model.named_modules() if _name_matches(n, [name])]
+        if not modules:
+            raise ValueError(f"add_lora: no module matches trainable={name!r}")
+        for m in modules:
+            m.requires_grad_(True)
+    # PiSSA runs one SVD per matrix: minutes for a 7B model, so show progress
+    for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
+        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
+        _set_submodule(model, name, layer)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"add_lora: {len(targets)} layers, trainable {n_trainable:,} / {n_total:,} params "
+          f"({100 * n_trainable / n_total:.2f}%)")
+    return dict(trainable=n_trainable, total=n_total, replaced=targets)
+
+
+@contextmanager
+def pretrained_mode(model):
+    """
+    Inside, the adapted model computes the original pretrained function (the teacher of Eq. 4, 9):
+    each LoRALinear uses its initial factors (W_res + s B0 A0 = W, or base alone for init="lora"),
+    and the model is in eval mode. Training flags are restored on exit. Use under torch.no_grad().
+    """
+    layers = [m for _, m in lora_layers(model)]
+    if not layers:
+        raise ValueError("pretrained_mode: the model has no LoRALinear layers (call add_lora first)")
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    for layer in layers:
+        layer.pretrained = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.pretrained = False
+        for m, flag in training.items():
+            m.training = flag
+
+
+# -----------------------------------------------------------------------------
+# Regularizers for NLU (Eq. 4-8): Z_P, Z_F are (N, D) logits, N examples, D classes
+
+
+def _check_matrix(name, logits):
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (rows, classes) logit matrix, got shape {tuple(logits.shape)}")
+
+
+def _zero_loss(logits):
+    """0, still connected to the graph: backward works and gives zero gradients."""
+    return logits.sum().to(_float32_or_wider(logits.dtype)) * 0.0
+
+
+# logits per chunk of rows in the KL, so the temporaries of one chunk stay ~16 MiB in float32
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def nlu_consistency_loss(teacher_logits, student_logits, temperature):
+    """
+    Eq. 4: L_CR = T^2 * KL(softmax(Z_P / T) || softmax(Z_F / T)), Z_P, Z_F (N, D).
+
+    KL is summed over the D classes and averaged over the N rows. The teacher is a constant (detached).
+    Rows are processed in chunks, so only log_softmax(Z_F / T) and softmax(Z_P / T) are kept for
+    backward (two copies of the logits) however large the vocabulary.
+    """
+    _check_matrix("consistency loss", student_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"consistency loss: teacher logits {tuple(teacher_logits.shape)} and student "
+                         f"logits {tuple(student_logits.shape)} differ in shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_rows, num_classes = student_logits.shape
+    if num_rows == 0:
+        return _zero_loss(student_logits)
+    dtype = _float32_or_wider(student_logits.dtype)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(num_classes, 1))
+    kl_sum = 0.0
+    # torch.split is one autograd node: backward concatenates the chunk gradients once
+    for teacher, student in zip(teacher_logits.detach().split(rows_per_chunk), student_logits.split(rows_per_chunk)):
+        # temperature-softened log-distributions of teacher (P) and student (F)
+        log_p_teacher = F.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+        log_p_student = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+        # KL(P || F) = sum_classes P * (log P - log F), summed over the rows of this chunk
+        kl_sum = kl_sum + (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+    # mean over rows, times T^2 to keep gradient magnitudes comparable to cross-entropy (Hinton et al.)
+    return temperature**2 * kl_sum / num_rows
+
+
+def nlu_diversity_loss(logits):
+    """
+    Eq. 5-6: L_DR = (1/D) * sum_{i != j} C_ij^2,  C = Z_c^T Z_c / (N - 1),  Z_c = Z - mean_batch(Z).
+
+    logits Z (N, D). Penalizes correlation between the logits of distinct classes across the batch.
+    Zero (with zero gradients) when the covariance is undefined (N < 2); zero for D = 1.
+    """
+    _check_matrix("nlu_diversity_loss", logits)
+    num_rows, num_classes = logits.shape
+    if num_rows < 2:
+        return _zero_loss(logits)
+    z = logits.to(_float32_or_wider(logits.dtype))
+    # center the logits over the batch
+    centered = z - z.mean(dim=0, keepdim=True)
+    # covariance is D x D (unbiased, N - 1)
+    covariance = centered.T @ centered / (num_rows - 1)
+    # drop the diagonal: only correlations between different classes are penalized
+    off_diagonal = covariance[~torch.eye(num_classes, dtype=torch.bool, device=logits.device)]
+    return off_diagonal.pow(2).sum() / num_classes
+
+
+def nlu_svd_loss(logits, k):
+    """
+    Eq. 7: L_SVDR = - sum_{i<=k} sigma_i / sum_{j<=min(N,D)} sigma_j, singular values of Z (N, D).
+
+    Exact SVD: D is small for classification. -1 when k >= min(N, D); 0 for an empty batch or Z = 0.
+    """
+    _check_matrix("nlu_svd_loss", logits)
+    if k < 1:
+        raise ValueError(f"svd k must be >= 1, got {k}")
+    if logits.numel() == 0:
+        return _zero_loss(logits)
+    # singular values, sorted in descending order
+    sigma = torch.linalg.svdvals(logits.to(_float32_or_wider(logits.dtype)))
+    # share of the spectral energy in the top k; the clamp only matters for Z = 0, where the ratio is 0/0
+    return -sigma[:k].sum() / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny)
+
+
+def _objective(task_loss, lambdas, regularizers):
+    """task_loss + sum_i lambda_i * L_i; a term whose lambda is 0 is not computed."""
+    if len(lambdas) != 3:
+        raise ValueError(f"lambdas must be (lambda1, lambda2, lambda3), got {lambdas!r}")
+    total, components = task_loss, {"task": task_loss.detach()}
+    for (name, regularizer), weight in zip(regularizers.items(), lambdas):
+        if weight == 0:
+            continue
+        value = regularizer()
+        total = total + weight * value
+        components[name] = value.detach()
+    return total, components
+
+
+def _require_teacher(teacher_logits, lambdas):
+    if teacher_logits is None and lambdas[0] != 0:
+        raise ValueError("teacher_logits is required when lambda1 != 0 (consistency term)")
+
+
+def nlu_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k):
+    """
+    Eq. 8: L_NLU = L_task + lambda1 L_CR (Eq. 4) + lambda2 L_DR (Eq. 5) + lambda3 L_SVDR (Eq. 7).
+
+    Logits (N, D). Returns (total, components) with components the detached terms by name
+    ("task", "consistency", "diversity", "svd"), only those computed.
+    """
+    _require_teacher(teacher_logits, lambdas)
+    return _objective(task_loss, lambdas, {
+        "consistency": lambda: nlu_consistency_loss(teacher_logits, student_logits, temperature),
+        "diversity": lambda: nlu_diversity_loss(student_logits),
+        "svd": lambda: nlu_svd_loss(student_logits, svd_k),
+    })
+
+
+# -----------------------------------------------------------------------------
+# Regularizers for NLG (Eq. 9-13): logits of the M valid (non-padded) tokens, (M, V)
+
+
+def nlg_consistency_loss(teacher_logits, student_logits, temperature):
+    """
+    Eq. 9: L_CR = T^2 * (1/M) * sum_i KL(P_P(. | x, i; T) || P_F(. | x, i; T)), logits (M, V).
+
+    This is Eq. 4 with one row per valid token and the vocabulary as classes, so it is computed by the
+    same chunked KL (two float32 copies of the logits kept for backward).
+    """
+    return nlu_consistency_loss(teacher_logits, student_logits, temperature)
+
+
+def nlg_diversity_loss(logits, top_k):
+    """
+    Eq. 10-11: L_DR = (1/M) * sum_i sum_{v in top-K(i)} P'(v) log P'(v), logits (M, V),
+
+    with P'(v) = P(v) / sum_{v' in top-K(i)} P(v'), the distribution renormalized over the K most
+    likely tokens of row i: minus the mean entropy within the top-K set. The top-K set is piecewise
+    constant in the logits; gradients flow through the K selected logits.
+    """
+    _check_matrix("nlg_diversity_loss", logits)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    num_tokens, vocab_size = logits.shape
+    if num_tokens == 0:
+        return _zero_loss(logits)
+    # the K largest logits of each row (M, K); softmax is monotone, so these are the top-K tokens
+    top_logits = logits.topk(min(top_k, vocab_size), dim=-1).values.to(_float32_or_wider(logits.dtype))
+    # Eq. 11: renormalizing P over the set is a softmax over the selected logits alone
+    log_p = F.log_softmax(top_logits, dim=-1)
+    # Eq. 10: sum P' log P' (negative entropy), averaged over the M tokens
+    return (log_p.exp() * log_p).sum() / num_tokens
+
+
+def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
+    """
+    Eq. 12: L_SVDR = - sum_{i<=k} sigma~_i / ||Z||_F, Z (M, V) the valid-token logits,
+
+    sigma~ the singular values from a randomized range finder (Halko et al. 2011, Alg. 4.4):
+    a Gaussian sketch of l = k + oversample columns and `niter` power iterations, re-orthonormalized
+    by QR, give an orthonormal basis Q (M, l) of the dominant column space; the exact singular values
+    of the small (l, V) projection Q^T Z approximate the top singular values of Z. Cost O(M V l) per
+    product. Defaults (oversample 5, niter 2) are the official code's. `generator` seeds the sketch
+    (else the global RNG). Computed in float32 (float64 for float64 input).
+
+    Gradients flow through sigma~ = svdvals(Q^T Z), with the basis Q held constant. Ky Fan:
+    sum_{i<=k} sigma_i(Z) = max over orthonormal Q of sum_{i<=k} sigma_i(Q^T Z), so once Q spans the
+    top-k left singular vectors the gradient through Q vanishes (envelope theorem) and this is the
+    gradient of the exact top-k sum; when l >= rank(Z) it is exact. Holding Q constant also avoids
+    QR's undefined gradient for rank-deficient sketches (fewer than l distinct rows) and costs one
+    (M, V) product in backward instead of 2 * niter + 2. (The official code, through torch.svd_lowrank,
+    differentiates the range finder too.) -1 when k >= min(M, V); 0 for M = 0 or Z = 0.
+    """
+    _check_matrix("nlg_svd_loss", logits)
+    if k < 1:
+        raise ValueError(f"svd k must be >= 1, got {k}")
+    if logits.numel() == 0:
+        return _zero_loss(logits)
+    z = logits.to(_float32_or_wider(logits.dtype))
+    num_tokens, vocab_size = z.shape
+    k = min(k, num_tokens, vocab_size)
+    sketch_size = min(k + oversample, num_tokens, vocab_size)
+    with torch.no_grad():
+        # Gaussian test matrix (V, l); Y = Z Omega samples the range of Z
+        omega = torch.randn(vocab_size, sketch_size, generator=generator, device=z.device, dtype=z.dtype)
+        Q = torch.linalg.qr(z @ omega).Q  # (M, l) orthonormal basis of the sampled range
+        # power iterations (Z Z^T)^q Z Omega sharpen the basis towards the top singular vectors;
+        # QR after every product keeps it well conditioned in floating point
+        for _ in range(niter):
+            Q = torch.linalg.qr(z.T @ Q).Q  # (V, l)
+            Q = torch.linalg.qr(z @ Q).Q  # (M, l)
+    # singular values of the (l, V) projection approximate the top singular values of Z
+    sigma = torch.linalg.svdvals(Q.T @ z)
+    # normalize by the Frobenius norm (= sqrt of the sum of all sigma^2) instead of the full spectrum;
+    # the clamp only matters for Z = 0, where the ratio is 0 / 0
+    frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
+    return -sigma[:k].sum() / frobenius
+
+
+def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None):
+    """
+    Eq. 13: L_NLG = L_task + lambda1 L_CR (Eq. 9) + lambda2 L_DR (Eq. 10) + lambda3 L_SVDR (Eq. 12).
+
+    Logits are those of the M valid tokens, (M, V). Returns (total, components) as nlu_objective.
+    """
+    _require_teacher(teacher_logits, lambdas)
+    return _objective(task_loss, lambdas, {
+        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature),
+        "diversity": lambda: nlg_diversity_loss(student_logits, top_k),
+        "svd": lambda: nlg_svd_loss(student_logits, svd_k, generator=generator),
+    })
+
+
+# -----------------------------------------------------------------------------
+# Schedules of the regularization weights (App. B.4)
+
+
+def scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule="cosine", focus_schedule="two_phase",
+                      warmup_ratio=0.2, rampup_ratio=0.05):
+    """
+    (lambda1, lambda2, lambda3) at optimizer step `step` (0 for the first update) of `total_steps`,
+    as in the official code:
+
+      lambda1_schedule="cosine": lambda1 decays from lambda1 to 0.1 * lambda1,
+          l1 = 0.1 L1 + (L1 - 0.1 L1) * 0.5 * (1 + cos(pi * step / total_steps))
+      focus_schedule="two_phase": lambda2, lambda3 are off, then ramp up linearly, then stay,
+          warmup = int(warmup_ratio * total_steps), ramp = max(int(rampup_ratio * total_steps), 1)
+          f = 0 if step < warmup;  (step - warmup) / ramp if step < warmup + ramp;  else 1
+          l2, l3 = f * L2, f * L3
+      "constant" (or None) for either keeps the given values.
+    """
+    lambda1, lambda2, lambda3 = lambdas
+    total_steps = max(total_steps, 1)
+    if lambda1_schedule == "cosine":
+        final = 0.1 * lambda1
+        lambda1 = final + (lambda1 - final) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    elif lambda1_schedule not in ("constant", None):
+        raise ValueError(f"lambda1_schedule must be 'cosine' or 'constant', got {lambda1_schedule!r}")
+    if focus_schedule == "two_phase":
+        warmup = int(warmup_ratio * total_steps)
+        ramp = max(int(rampup_ratio * total_steps), 1)
+        if step < warmup:
+            focus = 0.0
+        elif step < warmup + ramp:
+            focus = (step - warmup) / ramp
+        else:
+            focus = 1.0
+        lambda2, lambda3 = focus * lambda2, focus * lambda3
+    elif focus_schedule not in ("constant", None):
+        raise ValueError(f"focus_schedule must be 'two_phase' or 'constant', got {focus_schedule!r}")
+    return lambda1, lambda2, lambda3
+
+
+# -----------------------------------------------------------------------------
+# Adapters as files: merge, save / load, export to peft
+
+
+def _require_lora(model, caller):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{caller}: the model has no LoRALinear layers (call add_lora first)")
+    return layers
+
+
+def merge_lora(model):
+    """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (float32 sum, model dtype)."""
+    for name, layer in _require_lora(model, "merge_lora"):
+        with torch.no_grad():
+            weight = layer.base.weight
+            weight.copy_((weight.float() + layer.delta_weight().float()).to(weight.dtype))
+        _set_submodule(model, name, layer.base)
+    return model
+
+
+def trainable_state_dict(model):
+    """{name: tensor} of every parameter with requires_grad (adapters and `trainable` modules)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _trainable_modules(model):
+    """Names of the modules owning trainable parameters other than LoRA factors (add_lora's `trainable`)."""
+    names = []
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if p.requires_grad and leaf not in ("lora_A", "lora_B") and owner not in names:
+            names.append(owner)
+    return names
+
+
+def _uniform(layers, attribute):
+    values = {getattr(layer, attribute) for _, layer in layers}
+    if len(values) != 1:
+        raise ValueError(f"LoRA layers differ in {attribute}: {sorted(values)}")
+    return values.pop()
+
+
+CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
+
+
+def save_adapter(model, directory):
+    """
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable) and
+    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0 and the trainable modules' params).
+    Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
+    PiSSA used a randomized SVD that cannot be recomputed.
+    """
+    from safetensors.torch import save_file
+
+    layers = _require_lora(model, "save_adapter")
+    config = dict(
+        r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
+        dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
+        trainable=_trainable_modules(model),
+    )
+    tensors = dict(trainable_state_dict(model))
+    for name, layer in layers:
+        if layer.lora_A0 is not None:
+            tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"] = layer.lora_A0, layer.lora_B0
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, WEIGHTS_NAME))
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model, directory):
+    """
+    Apply a save_adapter() directory to a model holding the ORIGINAL base weights: wrap the saved
+    targets, rebuild PiSSA residuals from the saved A0, B0, then load every saved tensor.
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = json.load(f)
+    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    # init="lora" wraps the layers without an SVD; PiSSA layers then start from their saved factors
+    add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
+             dropout=config["dropout"], trainable=config["trainable"])
+    if config["init"] == "pissa":
+        for name, layer in lora_layers(model):
+            layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"load_adapter: {directory} has tensors the model does not: {unexpected[:5]}")
+    return model
+
+
+def export_peft(model, out_dir, base_model_name_or_path):
+    """
+    Write adapter_config.json + adapter_model.safetensors in peft's LoRA format, to be applied to the
+    ORIGINAL base weights with peft.PeftModel.from_pretrained.
+
+    A LoRA adapter is exported as is. A PiSSA adapter changed W by
+        Delta W = s (B A - B0 A0) = s [B, -B0] @ [A; A0],
+    a rank-2r LoRA (peft's own PiSSA-to-LoRA conversion). It is exported with r' = 2r and
+    alpha' = 2 alpha, so peft's scaling alpha'/r' equals s. Trainable non-LoRA modules (e.g. the
+    classifier) go to peft's modules_to_save.
+    """
+    from safetensors.torch import save_file
+
+    layers = _require_lora(model, "export_peft")
+    r, alpha, init = _uniform(layers, "r"), _uniform(layers, "alpha"), _uniform(layers, "init")
+    tensors = {}
+    for name, layer in layers:
+        lora_A, lora_B = layer.lora_A.detach(), layer.lora_B.detach()
+        if init == "pissa":
+            lora_A = torch.cat([lora_A, layer.lora_A0], dim=0)  # (2r, in)
+            lora_B = torch.cat([lora_B, -layer.lora_B0], dim=1)  # (out, 2r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B
+    modules_to_save = _trainable_modules(model)
+    for module_name in modules_to_save:
+        for param_name, p in model.get_submodule(module_name).named_parameters():
+            tensors[f"base_model.model.{module_name}.{param_name}"] = p.detach()
+    rank_factor = 2 if init == "pissa" else 1
+    config = dict(
+        peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path,
+        r=rank_factor * r, lora_alpha=rank_factor * alpha,
+        lora_dropout=_uniform(layers, "dropout_p"),
+        target_modules=[name for name, _ in layers], modules_to_save=modules_to_save or None,
+        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+        inference_mode=True,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
