@@ -1,0 +1,398 @@
+"""
+train_nlg.py: data formats, the loss it logs against independent computations, DDP == single process,
+resume == uninterrupted, NaN and all-masked batches, and the offline default run.
+
+The parity tests run on a tiny random Llama (2 layers, hidden 32) with a sentencepiece model trained
+here, so they do not depend on the bundled assets; the default-run test uses the assets.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import balora
+import train_nlg
+from model import Llama, LlamaConfig, Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_examples(count, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        rows.append({"query": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                     "response": f"Tom has {a} + {b} = {a + b} apples. The answer is: {a + b}"})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny Llama checkpoint + tokenizer (model dir) and a 32-example metamath jsonl."""
+    import sentencepiece
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny_nlg")
+    rows = make_examples(32)
+    text = root / "corpus.txt"
+    text.write_text("\n".join(train_nlg.PROMPT_TEMPLATE.format(query=r["query"]) + " " + r["response"] for r in rows))
+    model_dir = root / "model"
+    model_dir.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(model_dir / "tokenizer"), vocab_size=120, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    vocab_size = Tokenizer(str(model_dir)).vocab_size
+    config = {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    save_file(state, str(model_dir / "model.safetensors"))
+    data = write_jsonl(root / "train.jsonl", rows)
+    return {"model": str(model_dir), "data": data, "rows": rows}
+
+
+def tiny_args(tiny, out, *extra):
+    """Flags for a small, fast run on the tiny model (everything explicit, no offline defaults)."""
+    return ["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), "--rank", "4", "--alpha", "8",
+            "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--max-len", "96", "--save-every", "0",
+            *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trainable_after(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# -----------------------------------------------------------------------------
+# Data formats
+
+
+@pytest.mark.parametrize("data_format, record, expected", [
+    ("metamath", {"query": "Q", "response": "R", "type": "x"}, ("Q", "R")),
+    ("codefeedback", {"query": "Q", "answer": "A"}, ("Q", "A")),
+    ("wizardlm", {"instruction": "I", "output": "O"}, ("I", "O")),
+    ("wizardlm", {"conversations": [{"from": "human", "value": "H"}, {"from": "gpt", "value": "G"},
+                                    {"from": "human", "value": "H2"}, {"from": "gpt", "value": "G2"}]}, ("H", "G")),
+    ("alpaca", {"instruction": "I", "input": "X", "output": "O"}, ("I\nX", "O")),
+    ("alpaca", {"instruction": "I", "input": "", "output": "O"}, ("I", "O")),
+])
+def test_formats_map_to_query_and_response(data_format, record, expected):
+    assert train_nlg.query_and_response(record, data_format) == expected
+
+
+@pytest.mark.parametrize("data_format, record, missing", [
+    ("metamath", {"query": "Q"}, "'response'"),
+    ("codefeedback", {"query": "Q", "response": "R"}, "'answer'"),
+    ("wizardlm", {"instruction": "I"}, "'output'"),
+    ("alpaca", {"input": "X", "output": "O"}, "'instruction'"),
+])
+def test_missing_fields_raise_naming_them(data_format, record, missing):
+    with pytest.raises(ValueError, match=missing):
+        train_nlg.query_and_response(record, data_format)
+
+
+def test_json_and_parquet_files_load_the_first_max_samples(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"instruction": f"I{i}", "input": "", "output": f"O{i}"} for i in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "d.parquet")
+    expected = [("I0", "O0"), ("I1", "O1"), ("I2", "O2")]
+    for name in ("d.json", "d.parquet"):
+        assert train_nlg.load_examples(str(tmp_path / name), "alpaca", max_samples=3) == expected
+    (tmp_path / "d.txt").write_text("not a table")
+    with pytest.raises(ValueError, match="expected a .jsonl"):
+        train_nlg.load_examples(str(tmp_path / "d.txt"), "alpaca", 3)
+
+
+def test_missing_field_stops_the_run_before_training(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q", "answer": "A"}])
+    with pytest.raises(ValueError, match="'query', 'response'"):
+        train_nlg.main(tiny_args(tiny, tmp_path / "out", "--data", data))
+
+
+def test_empty_dataset_raises(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="no examples"):
+        train_nlg.main(tiny_args(tiny, tmp_path / "out", "--data", data))
+
+
+def test_batch_size_must_split_into_micro_batches(tiny, tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 10 is not divisible"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--batch-size", "10", "--micro-batch-size", "4"))
+
+
+def test_prompt_is_masked_and_response_ends_with_eos(tiny):
+    tokenizer = Tokenizer(tiny["model"])
+    query, response = "Tom has 3 apples.", "The answer is: 3"
+    input_ids, labels = train_nlg.tokenize_example(tokenizer, query, response, max_len=512)
+    prompt_ids = tokenizer.encode(train_nlg.PROMPT_TEMPLATE.format(query=query), bos=True)
+    assert input_ids[: len(prompt_ids)] == prompt_ids and input_ids[0] == tokenizer.bos_id
+    assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] == tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
+    assert tokenizer.decode(input_ids[len(prompt_ids):-1]) == response
+    short_ids, short_labels = train_nlg.tokenize_example(tokenizer, query, response, max_len=len(prompt_ids) + 2)
+    assert len(short_ids) == len(short_labels) == len(prompt_ids) + 2
+
+
+def test_samples_are_shuffled_deterministically_and_cover_each_epoch():
+    first = [train_nlg.global_batch_indices(10, 4, step, seed=1) for step in range(2)]
+    assert first == [train_nlg.global_batch_indices(10, 4, step, seed=1) for step in range(2)]
+    assert len(set(first[0] + first[1])) == 8 and first[0] != [0, 1, 2, 3]
+    assert train_nlg.global_batch_indices(10, 4, 2, seed=1) != first[0]  # next epoch, new order
+
+
+# -----------------------------------------------------------------------------
+# The logged losses against independent computations
+
+
+def response_token_batch(tiny, rows):
+    """Inputs and the (row, position) mask of response tokens, built without train_nlg's collate."""
+    tokenizer = Tokenizer(tiny["model"] if isinstance(tiny, dict) else tiny)
+    sequences, prompt_lengths = [], []
+    for row in rows:
+        prompt = tokenizer.encode(train_nlg.PROMPT_TEMPLATE.format(query=row["query"]), bos=True)
+        sequences.append(prompt + tokenizer.encode(row["response"], bos=False) + [tokenizer.eos_id])
+        prompt_lengths.append(len(prompt))
+    input_ids, attention_mask = tokenizer.pad_batch(sequences)
+    # logits at position t predict token t + 1: response tokens are predicted from prompt_len - 1 on
+    positions = torch.arange(input_ids.shape[1] - 1)
+    valid = torch.stack([(positions >= p - 1) & (positions < len(s) - 1) for p, s in zip(prompt_lengths, sequences)])
+    return input_ids, attention_mask, valid
+
+
+def test_task_loss_is_plain_cross_entropy_on_response_tokens(tiny, tmp_path):
+    rows = tiny["rows"][:8]
+    train_nlg.main(tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "lora",
+                             "--batch-size", "8", "--micro-batch-size", "2", "--max-len", "512"))
+    logged = read_log(tmp_path)[0]
+    model = Llama.from_pretrained(tiny["model"])
+    input_ids, attention_mask, valid = response_token_batch(tiny, rows)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask)[:, :-1]
+    expected = F.cross_entropy(logits[valid], input_ids[:, 1:][valid])
+    assert logged["consistency"] is None and logged["diversity"] is None and logged["svd"] is None
+    assert logged["task_tokens"] == int(valid.sum())
+    assert abs(logged["task"] - expected.item()) < 1e-5
+    assert abs(logged["total"] - expected.item()) < 1e-5
+
+
+def crash_after_saving(monkeypatch, at_step):
+    """Make the run die right after it writes the checkpoint of `at_step` (a simulated preemption)."""
+    real_save = train_nlg.save_checkpoint
+
+    def save_then_crash(path, model, optimizer, scheduler, step, **kwargs):
+        real_save(path, model, optimizer, scheduler, step, **kwargs)
+        if step == at_step:
+            raise KeyboardInterrupt(f"simulated crash after step {step}")
+
+    monkeypatch.setattr(train_nlg, "save_checkpoint", save_then_crash)
+
+
+def test_logged_regularizers_equal_balora_functions_on_the_batch(tiny, tmp_path, monkeypatch):
+    # 4 examples, batch 4, 2 epochs: step 2 sees the same 4 examples with the adapter of step 1,
+    # and by then the two_phase focus schedule has switched lambda2 and lambda3 on.
+    # svd_k + oversample >= vocab size makes the randomized sketch span all of Z: exact singular
+    # values whatever the random draw, so the SVD term can be recomputed here.
+    rows, svd_k = tiny["rows"][:4], Tokenizer(tiny["model"]).vocab_size - 2
+    args = tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "balora",
+                     "--batch-size", "4", "--micro-batch-size", "4", "--epochs", "2", "--save-every", "1",
+                     "--lambda-warmup-ratio", "0", "--svd-k", str(svd_k), "--top-k", "5", "--lr", "5e-2", "--max-len", "512", "--warmup-ratio", "0")
+    crash_after_saving(monkeypatch, at_step=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_nlg.main(args)
+    torch.manual_seed(42)
+    model = Llama.from_pretrained(tiny["model"])
+    balora.add_lora(model, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","), r=4, alpha=8, init="pissa")
+    state = trainable_after(tmp_path)
+    model.load_state_dict(state, strict=False)
+    monkeypatch.undo()
+    train_nlg.main(args + ["--resume"])
+    logged = read_log(tmp_path)[1]
+    assert all(logged[f"lambda{i}"] > 0 for i in (1, 2, 3))
+
+    input_ids, attention_mask, valid = response_token_batch(tiny, rows)
+    with torch.no_grad():
+        student = model(input_ids, attention_mask)[:, :-1][valid]
+        with balora.pretrained_mode(model):
+            teacher = model(input_ids, attention_mask)[:, :-1][valid]
+    task = F.cross_entropy(student, input_ids[:, 1:][valid])
+    consistency = balora.nlg_consistency_loss(teacher, student, 2.0)
+    diversity = balora.nlg_diversity_loss(student, 5)
+    svd = balora.nlg_svd_loss(student, svd_k)
+    assert consistency.item() > 1e-6  # the adapter moved: student and teacher differ
+    for name, expected in [("task", task), ("consistency", consistency), ("diversity", diversity), ("svd", svd)]:
+        assert abs(logged[name] - expected.item()) < 1e-4 * max(1.0, abs(expected.item())), name
+    expected_total = task + logged["lambda1"] * consistency + logged["lambda2"] * diversity + logged["lambda3"] * svd
+    assert abs(logged["total"] - expected_total.item()) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Exactness of DDP and resume
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny, tmp_path):
+    common = ["--method", "balora", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
+              "--save-every", "3", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5", "--lr", "1e-2"]
+    train_nlg.main(tiny_args(tiny, tmp_path / "single", *common))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", os.path.join(REPO, "train_nlg.py"),
+               *tiny_args(tiny, tmp_path / "ddp", *common)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = trainable_after(tmp_path / "single"), trainable_after(tmp_path / "ddp")
+    assert max_abs_diff(single, ddp) <= 1e-5
+    log_single, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    for a, b in zip(log_single, log_ddp):
+        for key in ("task", "consistency", "diversity", "svd", "total"):
+            assert (a[key] is None) == (b[key] is None), key
+            assert a[key] is None or abs(a[key] - b[key]) < 1e-5, key
+        assert a["tokens"] == b["tokens"] and a["task_tokens"] == b["task_tokens"]
+    assert log_single[-1]["svd"] is not None  # every regularizer took part
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    # dropout > 0 makes the result depend on the restored RNG state, not only on the weights
+    common = ["--method", "balora", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6",
+              "--save-every", "2", "--dropout", "0.1", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"]
+    train_nlg.main(tiny_args(tiny, tmp_path / "full", *common))
+    crash_after_saving(monkeypatch, at_step=4)
+    with pytest.raises(KeyboardInterrupt):
+        train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common))
+    monkeypatch.undo()
+    train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common, "--resume"))
+    assert max_abs_diff(trainable_after(tmp_path / "full"), trainable_after(tmp_path / "resumed")) == 0.0
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["total"] for r in full] == [r["total"] for r in resumed]
+
+
+def test_resume_refuses_changed_flags(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
+                     "--max-steps", "1", "--save-every", "1")
+    train_nlg.main(args)
+    with pytest.raises(ValueError, match="lr"):
+        train_nlg.main(args + ["--resume", "--lr", "0.5"])
+
+
+def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path, monkeypatch):
+    real_objective, rows_seen = balora.nlg_objective, []
+
+    def recording_objective(task_loss, student_logits, *args, **kwargs):
+        rows_seen.append(student_logits.shape[0])
+        return real_objective(task_loss, student_logits, *args, **kwargs)
+
+    monkeypatch.setattr(balora, "nlg_objective", recording_objective)
+    train_nlg.main(tiny_args(tiny, tmp_path, "--dtype", "bf16", "--grad-checkpointing", "--reg-tokens", "all",
+                             "--method", "balora", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2",
+                             "--save-every", "2", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"))
+    log = read_log(tmp_path)
+    assert all(r[key] is not None and abs(r[key]) < 1e3 for r in log[1:] for key in ("consistency", "diversity", "svd"))
+    assert all(t.dtype == torch.float32 for t in trainable_after(tmp_path).values())  # adapter stays fp32
+    # --reg-tokens all: every non-padded position that has a next token (len - 1 per example) is
+    # regularized; only the response tokens enter the task loss
+    assert sum(rows_seen[:2]) == log[0]["tokens"] - 4 > log[0]["task_tokens"]
+
+
+# -----------------------------------------------------------------------------
+# Failures
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    real_objective = balora.nlg_objective
+    calls = []
+
+    def nan_on_third_step(*args, **kwargs):
+        total, components = real_objective(*args, **kwargs)
+        calls.append(1)
+        return (total * float("nan") if len(calls) == 3 else total), components
+
+    monkeypatch.setattr(balora, "nlg_objective", nan_on_third_step)
+    with pytest.raises(RuntimeError, match="at step 3"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
+                                 "--save-every", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+def test_micro_batch_with_every_label_masked_is_skipped_and_counted(tiny, tmp_path):
+    rows = tiny["rows"][:3] + [{"query": "apples " * 200, "response": "The answer is: 1"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning, match="every label masked"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--data", data, "--method", "lora",
+                                 "--batch-size", "4", "--micro-batch-size", "1"))
+    logged = read_log(tmp_path)[0]
+    assert logged["skipped_batches"] == 1
+    assert logged["task_tokens"] > 0 and torch.isfinite(torch.tensor(logged["total"]))
+
+
+# -----------------------------------------------------------------------------
+# The offline default run
+
+
+@pytest.mark.slow
+def test_default_run_learns_and_writes_adapter_and_log(tmp_path):
+    model_dir = os.path.join(REPO, "assets", "tiny-llama")
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        pytest.fail("assets/tiny-llama is missing: run tools/make_assets.py")
+    # the defaults of `python train_nlg.py`, with half the steps to keep CI short
+    train_nlg.main(["--out", str(tmp_path), "--max-steps", "12"])
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert all(r[k] is not None for r in log[-1:] for k in ("consistency", "diversity", "svd"))
+    assert os.path.isfile(tmp_path / "adapter" / "balora_config.json")
+    assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_config.json")
+    assert os.path.isfile(tmp_path / "loss.png")  # matplotlib is in the test environment
+
+    # The task loss falls: response-token CE on the first 64 training examples, pretrained model
+    # vs the same model with the saved adapter (per-step log values are too noisy at loss ~0.05).
+    with open(os.path.join(REPO, "assets", "data", "metamath_train.jsonl")) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(64))]
+    input_ids, attention_mask, valid = response_token_batch(model_dir, rows)
+
+    def response_loss(model):
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask)[:, :-1]
+        return F.cross_entropy(logits[valid], input_ids[:, 1:][valid]).item()
+
+    before = response_loss(Llama.from_pretrained(model_dir))
+    after = response_loss(balora.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
+    assert after < 0.95 * before, (before, after)  # measured: 0.033 -> 0.029 after 12 steps

@@ -1,0 +1,565 @@
+"""
+Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (paper Sec. 2.2.2, 3.1, B.4).
+
+    python train_nlg.py                                   # offline toy run on assets/tiny-llama (< 3 min on CPU)
+    python train_nlg.py --model /path/to/Llama-2-7b-hf --data meta-math/MetaMathQA   # paper settings (B.4)
+    torchrun --standalone --nproc_per_node=4 train_nlg.py --model ... --data ...    # DDP, same global batch
+
+One loop, read top to bottom: parse flags -> load model -> add LoRA -> data -> for each optimizer step:
+micro-batches (student logits -> task loss -> teacher logits -> BA-LoRA regularizers -> backward) ->
+clip -> step -> log -> maybe save. The first section holds the training infrastructure train_nlu.py
+imports (distributed setup, atomic checkpoints, JSONL log, LR schedule, finite-loss check, autocast).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import balora
+from model import Llama, Tokenizer
+
+# -----------------------------------------------------------------------------
+# Shared training infrastructure (train_nlu.py imports these; keep the names stable)
+
+
+def setup_distributed(device=None):
+    """
+    Start torch.distributed when launched by torchrun (RANK/LOCAL_RANK/WORLD_SIZE in the environment),
+    otherwise run as a single process. Returns (rank, local_rank, world_size, device, is_master).
+    `device` is the --device flag: None picks cuda when available; "cuda" becomes cuda:LOCAL_RANK
+    under torchrun. The backend follows the device: nccl on GPU, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 0, 1, device, True
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world_size, device, rank == 0
+
+
+def cleanup_distributed():
+    """Tear down the process group if setup_distributed started one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def atomic_torch_save(obj, path):
+    """
+    torch.save that never leaves a half-written file at `path`: write a temp file in the same
+    directory, fsync it, then os.replace (atomic on POSIX). A crash mid-save keeps the old file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def rng_state():
+    """The RNG states of this process (python, torch CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, config=None):
+    """
+    Everything needed to continue a run exactly: the trainable weights (adapter, plus any head),
+    optimizer and scheduler state, the step, the data position (`data_state`, any dict) and the RNG
+    states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
+    rank 0 writes `path` atomically. `model` is the unwrapped module (not the DDP wrapper).
+    """
+    rng = [rng_state()]
+    if dist.is_available() and dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state())
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    trainable = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = {
+        "step": step,
+        "trainable": trainable,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data_state": data_state,
+        "rng": rng,
+        "config": config,
+    }
+    atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """
+    Restore a save_checkpoint file into `model` (unwrapped), `optimizer` and `scheduler`, and restore
+    this rank's RNG state. Returns the checkpoint dict (step, data_state, config, ...).
+    The model must already carry the same adapter structure (add_lora with the same settings).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(checkpoint["trainable"]))
+    unexpected = sorted(set(checkpoint["trainable"]) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(checkpoint["trainable"][name])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    rank, world_size = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if len(checkpoint["rng"]) != world_size:
+        raise ValueError(
+            f"checkpoint {path!r} was written by {len(checkpoint['rng'])} processes, this run has {world_size}: "
+            "resume with the same world size to continue exactly"
+        )
+    set_rng_state(checkpoint["rng"][rank])
+    return checkpoint
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line (the per-step training log)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps):
+    """
+    LambdaLR: linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`, the
+    schedule of the PiSSA / BA-LoRA runs (so with warm-up the first update has lr 0, as there).
+    """
+
+    def lr_factor(step):
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def check_finite(loss, step):
+    """Stop the run at the first NaN/inf loss, naming the step (the last checkpoint stays untouched)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise RuntimeError(f"non-finite loss ({value}) at step {step}; stopping, the last saved checkpoint is intact")
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on `device` when dtype is bfloat16 (or "bf16"); a no-op context for fp32."""
+    if dtype in (torch.bfloat16, "bf16"):
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Data: every format becomes (query, response) in one Alpaca-style prompt, as PiSSA / MetaMath train
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{query}\n\n### Response:"
+)
+
+# --format -> (query field, response field); alpaca also appends a non-empty "input" to the query,
+# wizardlm may instead hold a `conversations` list [{"from": "human", ...}, {"from": "gpt", ...}].
+FORMATS = {
+    "metamath": ("query", "response"),
+    "codefeedback": ("query", "answer"),
+    "wizardlm": ("instruction", "output"),
+    "alpaca": ("instruction", "output"),
+}
+
+
+def query_and_response(record, data_format, index=0):
+    """(query, response) strings of one record under --format; ValueError naming missing fields."""
+    if data_format == "wizardlm" and "conversations" in record:
+        turns = record["conversations"]
+        human = next((i for i, turn in enumerate(turns) if turn.get("from") == "human"), None)
+        if human is None or human + 1 >= len(turns) or turns[human + 1].get("from") != "gpt":
+            raise ValueError(f"record {index}: `conversations` needs a 'human' turn followed by a 'gpt' turn")
+        return turns[human]["value"], turns[human + 1]["value"]
+    query_field, response_field = FORMATS[data_format]
+    missing = [field for field in (query_field, response_field) if field not in record]
+    if missing:
+        alternative = " (or `conversations`)" if data_format == "wizardlm" else ""
+        raise ValueError(f"--format {data_format} needs the fields {missing}{alternative}; "
+                         f"record {index} has {sorted(record)}")
+    query = record[query_field]
+    if data_format == "alpaca" and record.get("input"):
+        query = f"{query}\n{record['input']}"
+    return query, record[response_field]
+
+
+def load_records(data, max_samples):
+    """
+    The first `max_samples` rows (dicts) of a local .jsonl/.json/.parquet file, or of the train split
+    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]).
+    """
+    if not os.path.isfile(data):
+        import datasets
+
+        return datasets.load_dataset(data, split=f"train[:{max_samples}]").to_list()
+    extension = os.path.splitext(data)[1]
+    if extension == ".jsonl":
+        with open(data) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    elif extension == ".json":
+        with open(data) as f:
+            records = json.load(f)
+    elif extension == ".parquet":
+        import pyarrow.parquet
+
+        records = pyarrow.parquet.read_table(data).to_pylist()
+    else:
+        raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
+    return records[:max_samples]
+
+
+def load_examples(data, data_format, max_samples):
+    """(query, response) pairs of the first `max_samples` records under --format."""
+    records = load_records(data, max_samples)
+    examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
+    if not examples:
+        raise ValueError(f"--data {data!r} gave no examples (empty file, or --max-samples {max_samples})")
+    return examples
+
+
+def tokenize_example(tokenizer, query, response, max_len):
+    """
+    input_ids and labels of one example: BOS + prompt + response + EOS, cut at max_len. The prompt
+    is masked out of the loss (label -100). Prompt and response are encoded separately, so the mask
+    boundary is exact (sentencepiece gives the response its leading space, as "Response: ...").
+    """
+    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(query=query), bos=True)
+    response_ids = tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
+    input_ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
+    return input_ids, labels
+
+
+def collate(tokenizer, examples, max_len):
+    """(input_ids, attention_mask, labels) of a micro-batch, right padded (labels padded with -100)."""
+    tokenized = [tokenize_example(tokenizer, query, response, max_len) for query, response in examples]
+    input_ids, attention_mask = tokenizer.pad_batch([ids for ids, _ in tokenized], padding_side="right")
+    labels = torch.full_like(input_ids, -100)
+    for row, (_, row_labels) in enumerate(tokenized):
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+    return input_ids, attention_mask, labels
+
+
+def global_batch_indices(num_samples, batch_size, step, seed):
+    """
+    Sample indices of optimizer step `step` (0-based). Epoch e reads a permutation seeded by seed + e,
+    cut into global batches (an incomplete last batch is dropped). Any process can compute any step,
+    so resuming is just starting the loop at the saved step.
+    """
+    steps_per_epoch = num_samples // batch_size
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[index * batch_size : (index + 1) * batch_size].tolist()
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+# --method -> (adapter initialization, BA-LoRA regularizers on?) as in Table 10.
+METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True)}
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# Paper settings (Sec. 3.1, B.4: LLaMA-2-7B on 100k MetaMathQA), used when --model is given.
+PAPER_DEFAULTS = dict(rank=128, alpha=128, lr=2e-5, max_samples=100_000, max_len=512,
+                      batch_size=32, micro_batch_size=4, dtype="bf16", save_every=500)
+# Offline default run (no --model): the bundled tiny model, 24 steps on CPU in well under 3 minutes.
+# A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
+OFFLINE_DEFAULTS = dict(model=os.path.join(ASSETS, "tiny-llama"), rank=8, alpha=16, lr=5e-4, max_samples=384,
+                        max_len=256, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # None = "paper value with --model, offline toy value without" (see PAPER_DEFAULTS / OFFLINE_DEFAULTS)
+    parser.add_argument("--model", default=None, help="Hugging Face-format Llama directory (default: assets/tiny-llama, toy settings)")
+    parser.add_argument("--data", default=os.path.join(ASSETS, "data", "metamath_train.jsonl"), help=".jsonl/.json/.parquet file or datasets hub name")
+    parser.add_argument("--format", default="metamath", choices=list(FORMATS))
+    parser.add_argument("--max-samples", type=int, default=None, help="use the first N records (paper: 100000)")
+    parser.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (paper: 512)")
+    parser.add_argument("--out", default="out/nlg", help="log.jsonl, checkpoint.pt, adapter/, peft_adapter/, loss.png")
+    parser.add_argument("--method", default="balora", choices=list(METHODS), help="lora | pissa | balora (pissa + regularizers) | lora+reg")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank r (paper: 128)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (paper: 128)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (paper: 0)")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--pissa-niter", type=int, default=None, help="randomized SVD iterations for PiSSA init (default: exact SVD)")
+    parser.add_argument("--lambda1", type=float, default=0.025, help="consistency weight (Eq. 9)")
+    parser.add_argument("--lambda2", type=float, default=0.005, help="diversity weight (Eq. 10)")
+    parser.add_argument("--lambda3", type=float, default=0.005, help="SVD weight (Eq. 12)")
+    parser.add_argument("--lambda1-schedule", default="cosine", choices=["cosine", "constant"], help="lambda1 decays to 0.1 x (B.4)")
+    parser.add_argument("--focus-schedule", default="two_phase", choices=["two_phase", "constant"], help="lambda2, lambda3: off, ramp, on (B.4)")
+    parser.add_argument("--lambda-warmup-ratio", type=float, default=0.2, help="focus schedule: share of steps with lambda2 = lambda3 = 0")
+    parser.add_argument("--lambda-rampup-ratio", type=float, default=0.05, help="focus schedule: share of steps ramping them up")
+    parser.add_argument("--svd-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=20, help="diversity: entropy over the top-k tokens")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
+    parser.add_argument("--reg-tokens", default="task", choices=["task", "all"], help="regularize the response tokens (task) or every non-padded token (all)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper: 2e-5)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--batch-size", type=int, default=None, help="effective (global) batch size (paper: 32)")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="per-process micro-batch (paper: 4)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (the schedules span the capped run)")
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="bf16: base weights bf16, adapter fp32, autocast")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--save-every", type=int, default=None, help="write <out>/checkpoint.pt every N steps (0: never)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    args = parser.parse_args(argv)
+    args.offline_default = args.model is None
+    for key, value in (OFFLINE_DEFAULTS if args.offline_default else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# Flags that may change between a run and its --resume without changing the result.
+RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
+    ddp = world_size > 1
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.batch_size % (args.micro_batch_size * world_size):
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batch-size "
+                         f"{args.micro_batch_size} x {world_size} processes")
+    grad_accum = args.batch_size // (args.micro_batch_size * world_size)
+    num_micro_batches = grad_accum * world_size  # micro-batches in one global batch, over all ranks
+    init, regularize = METHODS[args.method]
+    lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularize else (0.0, 0.0, 0.0)
+    if is_master and args.offline_default:
+        toy = ", ".join(f"{key}={getattr(args, key)}" for key in OFFLINE_DEFAULTS if key != "model")
+        print(f"no --model given: offline default run on {args.model} with toy settings ({toy}); "
+              "pass --model for the paper's settings")
+
+    # data: the first --max-samples records; each step reads one global batch, this rank its slice
+    examples = load_examples(args.data, args.format, args.max_samples)
+    steps_per_epoch = len(examples) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples are fewer than one global batch (--batch-size {args.batch_size})")
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+
+    # model: frozen base in --dtype, adapter in fp32 (balora keeps it fp32 on a bf16 base);
+    # the same seed on every rank gives the same adapter init
+    torch.manual_seed(args.seed)
+    tokenizer = Tokenizer(args.model)
+    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+    adapter = balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
+                              dropout=args.dropout, pissa_niter=args.pissa_niter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.gradient_checkpointing = args.grad_checkpointing
+    model.train()
+    raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    torch.manual_seed(args.seed + rank)  # training-time randomness (LoRA dropout) differs per rank
+    random.seed(args.seed + rank)
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.out, exist_ok=True)
+    log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")
+    config = {key: value for key, value in vars(args).items() if key not in RESUME_MAY_CHANGE}
+    start_step, skipped_batches = 0, 0
+    if args.resume:
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r}")
+        checkpoint = load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
+        changed = sorted(key for key in config if checkpoint["config"].get(key) != config[key])
+        if changed:
+            raise ValueError(f"--resume: flags differ from the checkpointed run: {changed}")
+        start_step, skipped_batches = checkpoint["step"], checkpoint["data_state"]["skipped_batches"]
+    if is_master:
+        # keep the log consistent with the checkpoint: drop steps logged after it was written
+        kept = []
+        if args.resume and os.path.isfile(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+        print(f"{args.method}: init={init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
+              f"{len(examples)} examples, {total_steps} steps of {args.batch_size} "
+              f"({world_size} x {grad_accum} x {args.micro_batch_size}), start at step {start_step}")
+
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_master, dynamic_ncols=True)
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        # Rank r takes the r-th contiguous slice of the global batch and cuts it into micro-batches,
+        # so the micro-batches (which the regularizers see whole) are the same for any world size.
+        batch = global_batch_indices(len(examples), args.batch_size, step, args.seed)
+        per_rank = args.batch_size // world_size
+        batch = batch[rank * per_rank : (rank + 1) * per_rank]
+        micro_batches = [
+            collate(tokenizer, [examples[i] for i in batch[j : j + args.micro_batch_size]], args.max_len)
+            for j in range(0, per_rank, args.micro_batch_size)
+        ]
+        # The task loss is the mean CE over every response token of the GLOBAL batch, so it does not
+        # depend on how the batch is split into micro-batches and ranks: count those tokens first.
+        task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
+        if ddp:
+            dist.all_reduce(task_tokens)
+        step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule=args.lambda1_schedule,
+                                                focus_schedule=args.focus_schedule, warmup_ratio=args.lambda_warmup_ratio,
+                                                rampup_ratio=args.lambda_rampup_ratio)
+        # summed over micro-batches (and ranks), kept on the device until the step ends (one sync):
+        # objective, task CE sum, each regularizer and how often it was computed, tokens, skipped
+        sums = dict.fromkeys(["total", "task", "consistency", "consistency_n", "diversity", "diversity_n",
+                              "svd", "svd_n", "tokens", "skipped"], 0.0)
+        for micro_step, (input_ids, attention_mask, labels) in enumerate(micro_batches):
+            input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+            targets = labels[:, 1:]  # position t predicts token t + 1
+            task_mask = targets != -100
+            # the M valid tokens of Eq. 9-12: positions predicting a response token, or with
+            # --reg-tokens all, positions predicting any real (non-padded) token
+            valid_mask = task_mask if args.reg_tokens == "task" else attention_mask[:, 1:].bool()
+            last_micro_step = micro_step == grad_accum - 1
+            micro_lambdas = step_lambdas
+            if not task_mask.any():
+                sums["skipped"] += 1
+                warnings.warn(f"step {step + 1}: a micro-batch has every label masked (prompts longer than "
+                              f"--max-len {args.max_len}?); skipping it")
+                if not (ddp and last_micro_step):
+                    continue
+                micro_lambdas = (0.0, 0.0, 0.0)  # DDP: still run backward (a zero loss) for the all-reduce
+            if ddp:
+                model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
+            with autocast_context(device, dtype):
+                logits = model(input_ids, attention_mask)  # (B, T, V)
+            # the (M, V) rows the losses see; indexing copies them, so the full logits can go
+            student_logits = logits[:, :-1][valid_mask].float()
+            del logits
+            task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
+            teacher_logits = None
+            if micro_lambdas[0] > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
+                with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
+                    teacher_logits = raw_model(input_ids, attention_mask)[:, :-1][valid_mask].float()
+            # Scaled so that the sum over the global batch's micro-batches of total / num_micro_batches
+            # is (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13.
+            task_loss = task_sum * num_micro_batches / task_tokens.clamp(min=1)
+            # randomized SVD sketch: one fixed stream per (step, micro-batch), the same for any world size
+            micro_index = rank * grad_accum + micro_step
+            generator = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + step) * 1_009 + micro_index)
+            total, components = balora.nlg_objective(task_loss, student_logits, teacher_logits, micro_lambdas,
+                                                      args.temperature, args.svd_k, args.top_k, generator=generator)
+            # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall
+            (total / grad_accum).backward()
+            sums["total"] += total.detach() / num_micro_batches
+            sums["task"] += task_sum.detach()
+            sums["tokens"] += attention_mask.sum()
+            for name in ("consistency", "diversity", "svd"):
+                if name in components:
+                    sums[name] += components[name]
+                    sums[name + "_n"] += 1
+        reduced = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in sums.values()])
+        if ddp:
+            dist.all_reduce(reduced)
+        sums = dict(zip(sums, reduced.tolist()))
+        check_finite(sums["total"], step + 1)  # same value on every rank, so every rank stops together
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        skipped_batches += int(sums["skipped"])
+
+        dt = time.time() - t0
+        record = {"step": step + 1, "lr": lr, "lambda1": step_lambdas[0], "lambda2": step_lambdas[1],
+                  "lambda3": step_lambdas[2], "task": sums["task"] / max(task_tokens.item(), 1)}
+        for name in ("consistency", "diversity", "svd"):
+            record[name] = sums[name] / sums[name + "_n"] if sums[name + "_n"] else None
+        record.update(total=sums["total"], tokens=int(sums["tokens"]), task_tokens=int(task_tokens.item()),
+                      skipped_batches=skipped_batches, grad_norm=float(grad_norm), time=dt)
+        if is_master:
+            append_jsonl(log_path, record)
+            short = {"task": "task", "consistency": "cons", "diversity": "div", "svd": "svd"}
+            progress.set_postfix({"tok/s": f"{record['tokens'] / dt:.0f}",
+                                  **{short[k]: f"{record[k]:.4f}" for k in short if record[k] is not None}})
+            progress.update(1)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step + 1,
+                            data_state={"step": step + 1, "skipped_batches": skipped_batches}, config=config)
+    progress.close()
+
+    if is_master:
+        balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
+        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), base_model_name_or_path=args.model)
+        plot_losses(log_path, os.path.join(args.out, "loss.png"))
+        print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')})")
+    cleanup_distributed()
+
+
+def plot_losses(log_path, png_path):
+    """Task loss and total objective per step, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("task", "total"):
+        ax.plot([r["step"] for r in records], [r[key] for r in records], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
