@@ -1,0 +1,636 @@
+"""
+eval.py: answer extraction and MATH normalization on hand-written edge cases, pass@k against its
+closed form, the code sandbox against hostile programs, the cosine silhouette against a naive double
+loop, the sliding-window perplexity's token accounting, and end-to-end runs of the CLI on the bundled
+tiny models and on tiny random models built here.
+"""
+
+import json
+import math
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+
+import eval as evaluation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "assets")
+
+# -----------------------------------------------------------------------------
+# GSM8K answers
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Janet sells 9 eggs at $2 each, so 9 * 2 = 18.\nThe answer is: 18", Fraction(18)),
+    ("She pays $1,234.50 in total.\nThe answer is: $1,234.50.", Fraction("1234.5")),
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", Fraction(72)),
+    ("The temperature drops by 7 degrees. The answer is: -7", Fraction(-7)),
+    ("The answer is: 0.25 of the pie, i.e. 1 piece of 4", Fraction(1, 4)),  # first number after the marker
+    ("so the total is 5.\nThe answer is: 5.", Fraction(5)),  # trailing period is punctuation
+    ("The answer is 1,000,000", Fraction(1_000_000)),  # marker without the colon
+    ("the answer is: 18.00", Fraction(18)),  # decimals compare by value
+    ("We have 12 apples and 7 pears, so 19 fruits", Fraction(19)),  # no marker: last number
+    ("There is no number here", None),
+    ("The answer is: unknown", None),  # a marker without a number commits to nothing
+    ("He owes \u221215 dollars. The answer is: \u221215", Fraction(-15)),  # unicode minus
+    ("It takes 2-3 days", Fraction(3)),  # a range's hyphen is not a minus sign
+])
+def test_extract_gsm8k_answer(text, expected):
+    assert evaluation.extract_gsm8k_answer(text) == expected
+
+
+def test_gsm8k_compares_numerically():
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.0") == evaluation.extract_gsm8k_answer("#### 18")
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.01") != evaluation.extract_gsm8k_answer("#### 18")
+
+
+# -----------------------------------------------------------------------------
+# MATH answers
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"so the answer is $\boxed{5}$.", "5"),
+    (r"first \boxed{1}, corrected: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}"),  # last box, nested braces
+    (r"$\boxed{\{1, 2\}}$", r"\{1, 2\}"),  # escaped set braces stay inside
+    (r"the result is \fbox{x+1}", "x+1"),
+    (r"hence $\boxed 7$", "7"),  # \boxed without braces
+    (r"truncated \boxed{\frac{1}{2}", None),  # unbalanced: cut off mid-box
+    ("no box at all", None),
+    ("The answer is: \\frac{3}{4}\nextra", "\\frac{3}{4}"),  # MetaMath's format wins over boxes
+    (r"The answer is: $\boxed{12}$", "12"),
+])
+def test_extract_math_answer(text, expected):
+    assert evaluation.extract_math_answer(text) == expected
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+    (r"\tfrac12", r"\frac{1}{2}"),  # \frac12 shorthand
+    (r"\frac1{2}", r"\frac{1}{2}"),
+    ("0.5", r"\frac{1}{2}"),  # decimal vs fraction by value
+    ("1/2", r"\frac12"),  # a/b vs \frac
+    (".75", r"\frac{3}{4}"),  # leading-dot decimal
+    (r"\left( 3, \frac{1}{2} \right)", r"(3,\frac12)"),
+    (r"5\text{ cm}", "5"),  # units
+    (r"10 \text{inches}", "10"),
+    (r"90^\circ", "90"),  # degrees
+    (r"90^{\circ}", "90"),
+    (r"\$18.00", "18"),  # dollars and trailing .00
+    ("10.0", "10"),
+    (r"x = \sqrt{2}", r"\sqrt2"),  # leading "x =" and \sqrt2 shorthand
+    (r"\text{(B)}", "(B)"),  # a lone \text is the answer
+    ("1,000", "1000"),  # thousands separator
+    (r"50\%", "50"),
+    (r"-\frac{3}{4}", "-0.75"),
+    (r"\!12", "12"),
+    ("7.", "7"),  # trailing period
+])
+def test_math_equiv(prediction, reference):
+    assert evaluation.math_equiv(prediction, reference)
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("(1,2)", "12"),  # a tuple is not a number with separators
+    (r"\frac{1}{3}", "0.33"),
+    ("x+y=5", "5"),  # a long left-hand side is part of the answer
+    (r"\sqrt{2}", "2"),
+    ("-5", "5"),
+    (None, "5"),  # no answer extracted
+])
+def test_math_not_equiv(prediction, reference):
+    assert not evaluation.math_equiv(prediction, reference)
+
+
+def test_math_reference_fields():
+    assert evaluation.math_reference({"problem": "p", "solution": r"so $\boxed{\frac{1}{2}}$."}) == r"\frac{1}{2}"
+    assert evaluation.math_reference({"instruction": "p", "output": r"... $\boxed{4}$"}) == "4"
+    assert evaluation.math_reference({"query": "p", "answer": 7}) == "7"
+
+
+# -----------------------------------------------------------------------------
+# pass@k
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (1, 1, 1, 1.0),
+    (1, 0, 1, 0.0),
+    (10, 3, 1, 0.3),  # 1 - C(7,1)/C(10,1) = 1 - 7/10
+    (10, 3, 2, 1 - 21 / 45),  # 1 - C(7,2)/C(10,2) = 1 - 21/45 = 8/15
+    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5) = 1 - 21/252
+    (10, 3, 8, 1.0),  # C(7,8) = 0: every 8-subset holds a pass
+    (5, 0, 3, 0.0),  # 1 - C(5,3)/C(5,3)
+    (200, 13, 10, 1 - math.comb(187, 10) / math.comb(200, 10)),  # binomials of ~2e16: the product form stays exact
+    (2000, 1, 1, 1 / 2000),  # 1 - C(1999,1)/C(2000,1)
+])
+def test_pass_at_k_closed_form(n, c, k, expected):
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, 2, 6), (5, 2, 0), (3, -1, 1)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError):
+        evaluation.pass_at_k(n, c, k)
+
+
+# -----------------------------------------------------------------------------
+# Sandbox: a hostile program fails, the evaluation goes on
+
+
+def test_sandbox_passing_and_failing_program():
+    passed = evaluation.run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')\n", timeout=5)
+    assert passed["status"] == "passed" and passed["passed"] and "ok" in passed["output"]
+    failed = evaluation.run_program("assert sorted([3, 1]) == [3, 1]\n", timeout=5)
+    assert failed["status"] == "failed" and not failed["passed"] and "AssertionError" in failed["output"]
+
+
+def test_sandbox_stops_infinite_loop():
+    result = evaluation.run_program("while True:\n    pass\n", timeout=2)
+    assert result["status"] == "timeout" and not result["passed"]
+
+
+def test_sandbox_stops_memory_bomb():
+    result = evaluation.run_program("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))\n",
+                                    timeout=10, memory_mb=128)
+    assert result["status"] == "failed" and "MemoryError" in result["output"]
+
+
+def test_sandbox_stops_fork_bomb():
+    result = evaluation.run_program("import os\nwhile True:\n    os.fork()\n", timeout=2)
+    assert result["status"] == "blocked" and not result["passed"]
+
+
+def test_sandbox_blocks_process_spawning_and_signals():
+    for source in ("import subprocess\nsubprocess.run(['true'])\n", "import os\nos.system('true')\n",
+                   "import os\nos.kill(os.getppid(), 9)\n"):
+        assert evaluation.run_program(source, timeout=2)["status"] == "blocked", source
+
+
+def test_sandbox_blocks_write_outside_its_directory(tmp_path):
+    target = tmp_path / "escaped.txt"
+    # Catching the refusal does not help: the guard ends the process, so the attempt scores as failure.
+    source = f"try:\n    open({str(target)!r}, 'w').write('x')\nexcept Exception:\n    pass\n"
+    result = evaluation.run_program(source, timeout=2)
+    assert result["status"] == "blocked" and not target.exists()
+    inside = evaluation.run_program("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", timeout=2)
+    assert inside["status"] == "passed"
+
+
+def test_sandbox_blocks_escape_through_a_directory_descriptor(tmp_path):
+    # os.open(name, dir_fd=fd) reaches the audit hook as a bare relative name: the fd itself is refused.
+    source = f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n"
+    assert evaluation.run_program(source, timeout=2)["status"] == "blocked"
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_sandbox_applies_resource_limits():
+    source = ("import resource\n"
+              "assert resource.getrlimit(resource.RLIMIT_AS) == (128 << 20, 128 << 20)\n"
+              "assert resource.getrlimit(resource.RLIMIT_CPU) == (3, 3)\n"  # ceil(timeout) + 1
+              "assert resource.getrlimit(resource.RLIMIT_NPROC) == (1, 1)\n"
+              "assert resource.getrlimit(resource.RLIMIT_FSIZE) == (16 << 20, 16 << 20)\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (64 << 20, 64 << 20))\n")  # lowering is also refused
+    assert evaluation.run_program(source, timeout=2, memory_mb=128)["status"] == "blocked"
+    assert evaluation.run_program(source.rsplit("resource.setrlimit", 1)[0], timeout=2, memory_mb=128)["status"] == "passed"
+
+
+def test_sandbox_blocks_network_and_native_code():
+    for source in ("import socket\nsocket.create_connection(('127.0.0.1', 80), timeout=1)\n", "import ctypes\n"):
+        assert evaluation.run_program(source, timeout=2)["status"] == "blocked", source
+
+
+def test_sandbox_has_an_empty_environment(monkeypatch):
+    monkeypatch.setenv("BALORA_SECRET", "leak")
+    result = evaluation.run_program("import os\nassert 'BALORA_SECRET' not in os.environ\n", timeout=5)
+    assert result["status"] == "passed"
+
+
+def test_code_programs_check_the_completion():
+    record = {"task_id": "t/0", "prompt": "from typing import List\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n",
+              "entry_point": "total", "test": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n"}
+    restated = "Here you go:\n```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```\nDone."
+    continued = "    return sum(xs)\n"
+    wrong = "```python\ndef total(xs):\n    return 0\n```"
+    assert evaluation.run_program(evaluation.humaneval_program(record, restated), timeout=5)["passed"]
+    assert evaluation.run_program(evaluation.humaneval_program(record, continued), timeout=5)["passed"]
+    assert not evaluation.run_program(evaluation.humaneval_program(record, wrong), timeout=5)["passed"]
+    mbpp = {"task_id": 2, "text": "Write a function to add two numbers.", "test_setup_code": "",
+            "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
+    assert evaluation.run_program(evaluation.mbpp_program(mbpp, "def add(a, b):\n    return a + b\n"), timeout=5)["passed"]
+    assert not evaluation.run_program(evaluation.mbpp_program(mbpp, "def add(a, b):\n    return a - b\n"), timeout=5)["passed"]
+
+
+# -----------------------------------------------------------------------------
+# Silhouette
+
+
+def naive_silhouette(features, labels):
+    """Rousseeuw's definition, one pair at a time in float64."""
+    x = [[float(v) for v in row] for row in features]
+    labels = [int(v) for v in labels]
+
+    def distance(i, j):
+        dot = sum(a * b for a, b in zip(x[i], x[j]))
+        norms = math.sqrt(sum(a * a for a in x[i])) * math.sqrt(sum(b * b for b in x[j]))
+        return 0.0 if i == j else min(max(1.0 - dot / norms, 0.0), 2.0)
+
+    scores = []
+    for i in range(len(x)):
+        same = [distance(i, j) for j in range(len(x)) if labels[j] == labels[i] and j != i]
+        if not same:
+            scores.append(0.0)
+            continue
+        a = sum(same) / len(same)
+        b = min(sum(distance(i, j) for j in range(len(x)) if labels[j] == c) / labels.count(c)
+                for c in set(labels) if c != labels[i])
+        scores.append((b - a) / max(a, b))
+    return scores
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_silhouette_matches_naive_double_loop(chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 12 + [1] * 9 + [2] * 4 + [3])  # imbalanced, and a class of one
+    features = torch.randn(len(labels), 5, generator=generator, dtype=torch.float64) + 2.0 * torch.nn.functional.one_hot(labels, 5)
+    s = evaluation.silhouette_samples(features, labels, chunk_size=chunk_size)
+    assert torch.allclose(s, torch.tensor(naive_silhouette(features, labels), dtype=torch.float64), atol=1e-12, rtol=0)
+    assert s[labels == 3].item() == 0.0
+    report = evaluation.silhouette_report(features, labels)
+    assert report["global"] == pytest.approx(sum(naive_silhouette(features, labels)) / len(labels), abs=1e-12)
+    assert report["per_class"][2] == pytest.approx(s[labels == 2].mean().item(), abs=1e-15)
+
+
+def test_silhouette_matches_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (60,), generator=generator)
+    features = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    expected = metrics.silhouette_samples(features.numpy(), labels.numpy(), metric="cosine")
+    assert torch.allclose(evaluation.silhouette_samples(features, labels), torch.from_numpy(expected), atol=1e-10, rtol=0)
+
+
+def test_pca_projection_decorrelates():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(50, 6, generator=generator, dtype=torch.float64) * torch.tensor([5.0, 3.0, 1.0, 1.0, 0.5, 0.1])
+    points, method = evaluation.project_2d(features, method="pca")
+    covariance = torch.cov(torch.from_numpy(points).T)
+    assert method == "PCA" and abs(covariance[0, 1]) < 1e-9 and covariance[0, 0] >= covariance[1, 1]
+    # the two leading eigenvalues of the feature covariance
+    assert torch.allclose(covariance.diagonal(), torch.linalg.eigvalsh(torch.cov(features.T)).flip(0)[:2], rtol=1e-9)
+
+
+def test_tsne_projection():
+    pytest.importorskip("sklearn")
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(20) % 2
+    features = torch.randn(20, 5, generator=generator, dtype=torch.float64) + 10.0 * labels[:, None]
+    points, method = evaluation.project_2d(features)
+    assert method == "t-SNE" and points.shape == (20, 2)
+    # Two far-apart blobs stay apart: every point is nearer its own blob's center than the other's.
+    points = torch.from_numpy(points)
+    centers = torch.stack([points[labels == c].mean(0) for c in (0, 1)])
+    assert torch.equal(torch.cdist(points, centers).argmin(1), labels)
+
+
+def test_silhouette_needs_two_classes():
+    with pytest.raises(ValueError, match="number of classes"):
+        evaluation.silhouette_samples(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# Perplexity windows
+
+
+@pytest.mark.parametrize("num_tokens, max_length, stride", [(1, 4, 2), (10, 4, 2), (10, 4, 1), (10, 4, 3), (10, 16, 5), (9, 3, 3)])
+def test_sliding_windows_score_each_token_once(num_tokens, max_length, stride):
+    scored = []
+    for begin, end, first_target in evaluation.sliding_windows(num_tokens, max_length, stride):
+        assert end - begin <= max_length and begin < first_target <= end
+        scored += range(first_target, end)
+    assert len(scored) == len(set(scored))
+    if stride < max_length:  # every token but the first, which has no context
+        assert scored == list(range(1, num_tokens))
+    else:  # stride == max_length: windows don't overlap, each window's first token has no context
+        assert len(scored) == num_tokens - math.ceil(num_tokens / max_length)
+
+
+def test_sliding_windows_reject_gaps():
+    with pytest.raises(ValueError, match="--stride"):
+        list(evaluation.sliding_windows(10, 4, 5))
+
+
+class Bigram(torch.nn.Module):
+    """A causal LM whose next-token distribution depends on the current token only."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, input_ids):
+        return self.table(input_ids)
+
+
+@pytest.mark.parametrize("max_length, stride", [(8, 3), (8, 1), (5, 4), (64, 64)])
+def test_perplexity_counts_and_sums_exactly(max_length, stride):
+    torch.manual_seed(0)
+    model, ids = Bigram(11), torch.randint(0, 11, (40,)).tolist()
+    # For a bigram model the context length does not matter: the sum must be the full-sequence NLL.
+    log_probs = torch.log_softmax(model.table.weight.double(), dim=-1)
+    expected_nll = -sum(log_probs[ids[t - 1], ids[t]].item() for t in range(1, len(ids)))
+    result = evaluation.perplexity(model, ids, max_length, stride)
+    assert result["tokens"] == len(ids) - 1
+    assert result["nll_sum"] == pytest.approx(expected_nll, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(expected_nll / (len(ids) - 1)), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Data loading
+
+
+def test_load_records_local_files(tmp_path):
+    rows = [{"question": "q1", "answer": "#### 1"}, {"question": "q2", "answer": "#### 2"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert evaluation.load_records(str(tmp_path / "d.jsonl")) == rows
+    assert evaluation.load_records(str(tmp_path / "d.json"), limit=1) == rows[:1]
+    pytest.importorskip("pyarrow")
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert evaluation.load_records(str(tmp_path / "d.parquet")) == rows
+    with pytest.raises(FileNotFoundError, match="--data"):
+        evaluation.load_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="fields"):
+        evaluation.field(rows[0], ("problem", "query"))
+
+
+def test_code_commands_refuse_without_permission(tmp_path):
+    with pytest.raises(SystemExit, match="--allow-code-execution"):
+        evaluation.main(["humaneval", "--data", str(tmp_path / "never-read.jsonl"), "--out", str(tmp_path / "r.json")])
+
+
+# -----------------------------------------------------------------------------
+# End to end: tiny random models built here (always), the bundled assets (when built)
+
+CORPUS = [f"Tom has {a} apples and buys {b} more, so he has {a + b} apples. The answer is: {a + b}"
+          for a in range(12) for b in range(7)] + ["Below is an instruction that describes a task.",
+                                                   "### Instruction:", "### Response:", "premise hypothesis entail"]
+
+
+def train_spm(path, **ids):
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(path)[: -len(".model")], model_type="bpe", vocab_size=400,
+        character_coverage=1.0, byte_fallback=True, num_threads=1, minloglevel=2, **ids)
+
+
+def save_checkpoint(net, directory, config, keep=lambda key: True):
+    from safetensors.torch import save_file
+
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items() if keep(k)}, os.path.join(directory, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory):
+    """A 2-layer GQA Llama with random weights and a 400-piece BPE tokenizer (256 byte pieces), in Hugging Face layout."""
+    import sentencepiece
+
+    import model
+
+    directory = tmp_path_factory.mktemp("random-llama")
+    train_spm(directory / "tokenizer.model", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).get_piece_size()
+    config = dict(model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    save_checkpoint(model.Llama(model.LlamaConfig.from_hf(config)), directory, config)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def random_deberta(tmp_path_factory):
+    """A 2-layer DeBERTa-v3-style encoder with random weights (bare `deberta.` keys, no head) and an spm.model."""
+    import sentencepiece
+
+    import model
+
+    directory = tmp_path_factory.mktemp("random-deberta")
+    train_spm(directory / "spm.model", pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[CLS]", eos_id=2,
+              eos_piece="[SEP]", unk_id=3, unk_piece="[UNK]")
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spm.model")).get_piece_size()
+    config = dict(model_type="deberta-v2", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=64, relative_attention=True, share_att_key=True,
+                  norm_rel_ebd="layer_norm", position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                  position_buckets=16, max_relative_positions=-1, max_position_embeddings=128, type_vocab_size=0,
+                  hidden_act="gelu", layer_norm_eps=1e-7, pad_token_id=0)
+    torch.manual_seed(0)
+    net = model.DebertaClassifier(model.DebertaConfig.from_hf(config), num_labels=3)
+    save_checkpoint(net, directory, config, keep=lambda key: key.startswith("deberta."))
+    return str(directory)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def perturbed_adapter(net, target_modules, trainable=()):
+    """add_lora (PiSSA) with factors moved off their start, as training would; returns the LoRA-wrapped model."""
+    import balora
+
+    balora.add_lora(net, target_modules, r=4, alpha=8, init="pissa", trainable=trainable)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return net
+
+
+@pytest.mark.slow
+def test_gsm8k_end_to_end_random_model(random_llama, tmp_path):
+    import model
+
+    rows = [{"question": f"Tom has {a} apples and buys 2 more. How many?", "answer": f"{a} + 2 = {a + 2}\n#### {a + 2}"}
+            for a in range(5)]
+    out = tmp_path / "gsm8k.json"
+    metrics = evaluation.main(["gsm8k", "--model", random_llama, "--data", write_jsonl(tmp_path / "g.jsonl", rows),
+                               "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert metrics["total"] == 5 and saved["metrics"] == metrics and len(saved["samples"]) == 5
+    assert [s["reference"] for s in saved["samples"]] == [str(a + 2) for a in range(5)]
+    assert metrics["correct"] == sum(s["correct"] for s in saved["samples"])
+    math_rows = [{"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."}, {"problem": "Half of 1?", "answer": "\\frac12"}]
+    math_metrics = evaluation.main(["math", "--model", random_llama, "--data", write_jsonl(tmp_path / "m.jsonl", math_rows),
+                                    "--max-new-tokens", "4", "--out", str(tmp_path / "math.json")])
+    assert math_metrics["total"] == 2
+    assert [s["reference"] for s in json.loads((tmp_path / "math.json").read_text())["samples"]] == ["2", "\\frac12"]
+    # Left-padded batches must generate exactly what one prompt at a time generates.
+    net, tokenizer = model.Llama.from_pretrained(random_llama), model.Tokenizer(random_llama)
+    prompts = [evaluation.prompt_of(row["question"]) for row in rows]
+    batched = evaluation.generate_completions(net, tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    single = evaluation.generate_completions(net, tokenizer, prompts, max_new_tokens=6, batch_size=1)
+    assert batched == single == [s["completion"] for s in saved["samples"]]
+
+
+@pytest.mark.slow
+def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
+    import balora
+    import model
+
+    text = " ".join(CORPUS[:12])
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(text)
+    net, tokenizer = model.Llama.from_pretrained(random_llama), model.Tokenizer(random_llama)
+    ids = torch.tensor([tokenizer.encode(text, bos=True)])
+    # One window over everything == the plain full-sequence NLL.
+    with torch.no_grad():
+        full_nll = torch.nn.functional.cross_entropy(net(ids)[0, :-1], ids[0, 1:], reduction="sum").item()
+    whole = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--max-length", "100000",
+                             "--stride", "100000", "--out", str(tmp_path / "whole.json")])
+    assert whole["tokens"] == ids.shape[1] - 1
+    assert whole["perplexity"] == pytest.approx(math.exp(full_nll / (ids.shape[1] - 1)), rel=1e-5)
+    strided = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--out", str(tmp_path / "s.json")])
+    assert strided["max_length"] == 64 and strided["stride"] == 32 and strided["tokens"] == ids.shape[1] - 1
+    # An adapter is loaded, merged, and evaluates to the unmerged LoRA model's perplexity.
+    lora_net = perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear")
+    balora.save_adapter(lora_net, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        lora_nll = torch.nn.functional.cross_entropy(lora_net(ids)[0, :-1], ids[0, 1:], reduction="sum").item()
+    adapted = evaluation.main(["ppl", "--model", random_llama, "--adapter", str(tmp_path / "adapter"), "--data", str(text_file),
+                               "--max-length", "100000", "--stride", "100000", "--out", str(tmp_path / "a.json")])
+    assert adapted["perplexity"] == pytest.approx(math.exp(lora_nll / (ids.shape[1] - 1)), rel=1e-4)
+    assert abs(lora_nll - full_nll) > 1e-3  # the adapter changed the model, so the check above means something
+
+
+@pytest.mark.slow
+def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
+    problems = [
+        {"task_id": "T/0", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n", "entry_point": "double",
+         "test": "def check(candidate):\n    assert candidate(3) == 6\n"},
+        {"task_id": "T/1", "prompt": "def negate(x):\n", "entry_point": "negate",
+         "test": "def check(candidate):\n    assert candidate(2) == -2\n"},
+    ]
+    # 4 samples per problem: problem 0 passes once (the other three are a wrong answer, an infinite loop
+    # and a write outside the sandbox), problem 1 never passes.
+    answers = ["    return 2 * x\n", "    return x\n", "    while True:\n        pass\n", "    open('/tmp/x', 'w')\n",
+               "    return x\n", "    return x\n", "    return 0\n", "    raise ValueError\n"]
+
+    def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
+        assert len(prompts) == 8 and temperature == 0.8 and "def double(x)" in prompts[0]
+        return answers
+
+    monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
+    metrics = evaluation.main(["humaneval", "--model", random_llama, "--data", write_jsonl(tmp_path / "h.jsonl", problems),
+                               "--allow-code-execution", "--num-samples", "4", "--temperature", "0.8", "--k", "1,2",
+                               "--timeout", "2", "--out", str(tmp_path / "h.json")])
+    assert metrics["pass@1"] == pytest.approx((1 / 4 + 0) / 2)  # 1 - C(3,1)/C(4,1) = 1/4 for problem 0
+    assert metrics["pass@2"] == pytest.approx((1 - math.comb(3, 2) / math.comb(4, 2) + 0) / 2)  # 1 - 3/6
+    statuses = [s["status"] for s in json.loads((tmp_path / "h.json").read_text())["samples"]]
+    assert statuses[:4] == ["passed", "failed", "timeout", "blocked"]
+
+
+def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
+    """Logits and pooled features of the unmerged LoRA classifier, computed here without eval.py."""
+    import balora
+    import model
+
+    net = balora.load_adapter(model.DebertaClassifier.from_pretrained(directory, num_labels=3), adapter_dir).eval()
+    tokenizer = model.DebertaTokenizer(directory)
+    input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
+    with torch.no_grad():
+        return net(input_ids, attention_mask=attention_mask, return_pooled=True)
+
+
+@pytest.mark.slow
+def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
+    import balora
+    import model
+    from train_nlu import TARGET_MODULES
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"premise": f"Tom has {i} apples", "hypothesis": f"he has {int(j)} apples", "label": int(label)}
+            for i, (j, label) in enumerate(zip(torch.randint(0, 9, (24,), generator=generator),
+                                               [0] * 14 + [1] * 7 + [2] * 3))]
+    data = write_jsonl(tmp_path / "nli.jsonl", rows)
+    net = model.DebertaClassifier.from_pretrained(random_deberta, num_labels=3)
+    perturbed_adapter(net, TARGET_MODULES.split(","), trainable=("classifier", "pooler"))
+    balora.save_adapter(net, str(tmp_path / "adapter"))
+    logits, pooled = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
+    labels = torch.tensor([r["label"] for r in rows])
+    predictions = logits.argmax(-1)
+
+    glue = evaluation.main(["glue", "--model", random_deberta, "--adapter", str(tmp_path / "adapter"), "--data", data,
+                            "--batch-size", "5", "--out", str(tmp_path / "glue.json")])
+    assert glue["total"] == 24
+    assert glue["accuracy"] == pytest.approx((predictions == labels).double().mean().item())
+
+    cluster = evaluation.main(["cluster", "--model", random_deberta, "--adapter", str(tmp_path / "adapter"), "--data", data,
+                               "--batch-size", "5", "--plot", str(tmp_path / "cluster.png"), "--projection", "pca",
+                               "--out", str(tmp_path / "c.json")])
+    reference = evaluation.silhouette_report(logits, labels)
+    assert cluster["minority_label"] == 2  # the rarest class of --data
+    assert cluster["global_silhouette"] == pytest.approx(reference["global"], abs=1e-4)
+    assert cluster["minority_silhouette"] == pytest.approx(reference["per_class"][2], abs=1e-4)
+    assert cluster["pooled_global_silhouette"] == pytest.approx(evaluation.silhouette_report(pooled, labels)["global"], abs=1e-4)
+    assert cluster["minority_recall"] == pytest.approx((predictions[labels == 2] == 2).double().mean().item())
+    pytest.importorskip("matplotlib")
+    assert cluster["plot"].endswith("(PCA)") and (tmp_path / "cluster.png").stat().st_size > 0
+
+
+requires_tiny_llama = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "tiny-llama", "model.safetensors")),
+                                         reason="assets/tiny-llama is not built yet (python tools/make_assets.py)")
+requires_tiny_deberta = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "tiny-deberta", "model.safetensors")),
+                                           reason="assets/tiny-deberta is not built yet (python tools/make_assets.py)")
+
+
+@pytest.mark.slow
+@requires_tiny_llama
+def test_gsm8k_and_ppl_on_bundled_tiny_llama(tmp_path):
+    gsm8k = evaluation.main(["gsm8k", "--limit", "16", "--max-new-tokens", "32", "--out", str(tmp_path / "g.json")])
+    # The pretrained toy model already solves most toy problems: a wrong prompt or a broken answer
+    # extraction would score near zero.
+    assert gsm8k["total"] == 16 and gsm8k["accuracy"] > 0.3
+    ppl = evaluation.main(["ppl", "--out", str(tmp_path / "p.json")])
+    assert ppl["tokens"] > 100 and 1.0 < ppl["perplexity"] < 50.0  # a pretrained model, far below uniform (~1000)
+
+
+@pytest.mark.slow
+@requires_tiny_llama
+def test_gsm8k_with_adapter_from_default_train_nlg_run(tmp_path):
+    import train_nlg
+
+    train_nlg.main(["--max-steps", "2", "--out", str(tmp_path / "nlg")])
+    adapter = str(tmp_path / "nlg" / "adapter")
+    metrics = evaluation.main(["gsm8k", "--adapter", adapter, "--limit", "8", "--max-new-tokens", "32",
+                               "--out", str(tmp_path / "g.json")])
+    assert metrics["total"] == 8
+
+
+@pytest.mark.slow
+@requires_tiny_deberta
+def test_glue_and_cluster_on_bundled_tiny_deberta(tmp_path):
+    import train_nlu
+
+    # A short default train_nlu.py run (validated on the first 150 examples, to keep it fast); eval.py
+    # must reproduce the validation accuracy it reported.
+    with open(os.path.join(ASSETS, "data", "nli_validation.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:150]
+    validation = write_jsonl(tmp_path / "validation.jsonl", rows)
+    trained = train_nlu.main(["--max-steps", "2", "--validation-file", validation, "--out", str(tmp_path / "nlu"), "--no-progress"])
+    adapter = str(tmp_path / "nlu" / "adapter")
+    glue = evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--max-length", "64",
+                            "--out", str(tmp_path / "glue.json")])
+    assert glue["total"] == 150
+    assert glue["accuracy"] == pytest.approx(trained["best"]["validation"]["accuracy"], abs=1e-9)
+    cluster = evaluation.main(["cluster", "--adapter", adapter, "--data", validation, "--max-length", "64",
+                               "--minority-label", "2", "--projection", "pca", "--plot", str(tmp_path / "c.png"),
+                               "--out", str(tmp_path / "c.json")])
+    assert -1.0 <= cluster["global_silhouette"] <= 1.0 and 0.0 <= cluster["minority_recall"] <= 1.0
+    assert cluster["minority_silhouette"] == cluster["silhouette_class_2"]
