@@ -5,7 +5,6 @@ LLaMA answers its toy test set well above chance before any fine-tuning, and the
 a random encoder of the same shape after the same short fine-tuning.
 """
 
-import json
 import os
 import re
 

@@ -1,0 +1,42 @@
+"""Smoke test of tools/bench.py: every variant runs on the smallest shape and the report is complete."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import bench  # noqa: E402
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_every_row_with_positive_finite_numbers(tmp_path):
+    out, json_path = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    out.write_text("# Benchmarks\n\nhand-written notes stay\n")
+    bench.main(["--shape", "smoke", "--steps", "2", "--warmup", "1", "--out", str(out), "--json", str(json_path)])
+
+    report = json.loads(json_path.read_text())
+    results, ratios = report["results"]["off"], report["ratios"]["off"]
+    assert set(results) == set(bench.VARIANTS)
+    for name, run in results.items():
+        for key in ("step_s", "tokens_per_s", "peak_bytes"):
+            assert math.isfinite(run[key]) and run[key] > 0, (name, key, run[key])
+        assert (run["teacher_s"] is not None) == (name in ("balora", "pissa+consistency")), name
+    assert set(results["balora"]["terms_s"]) == {"task", "consistency", "diversity", "svd"}
+    assert all(math.isfinite(s) and s > 0 for s in results["balora"]["terms_s"].values())
+    assert all(math.isfinite(value) for value in ratios.values())
+    assert 0 < ratios["teacher_share_of_balora_step"] < 1
+
+    text = out.read_text()
+    assert "hand-written notes stay" in text
+    for name in bench.VARIANTS:
+        assert f"| {name} |" in text
+    for row in ("balora / pissa step time", "balora / pissa peak memory", "teacher forward share",
+                "ours pissa / peft tokens/s"):
+        assert row in text
+
+    # A second run replaces its own section instead of appending another.
+    bench.write_section(str(out), "smoke:cpu", "replaced\n")
+    assert out.read_text().count("<!-- bench:smoke:cpu begin -->") == 1 and "replaced" in out.read_text()
