@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import balora
 from model import DebertaClassifier, DebertaTokenizer, Llama, Tokenizer, read_config
-from train_nlg import PROMPT_TEMPLATE
+from train_nlg import PROMPT_TEMPLATE, load_records
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -58,30 +58,9 @@ HUB_CONFIGS = {
 }
 
 
-def load_records(data, config=None, split="test", limit=None):
-    """Rows of a .json/.jsonl/.parquet file, or of `split` of the hub dataset `data`, as dicts."""
-    if os.path.isfile(data):
-        if data.endswith(".jsonl"):
-            with open(data) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        elif data.endswith(".json"):
-            with open(data) as f:
-                records = json.load(f)
-            if not isinstance(records, list):
-                raise ValueError(f"--data {data!r}: expected a JSON list of records")
-        elif data.endswith(".parquet"):
-            import datasets
-
-            records = list(datasets.load_dataset("parquet", data_files=data, split="train"))
-        else:
-            raise ValueError(f"--data {data!r}: expected a .json, .jsonl or .parquet file or a hub dataset name")
-    elif data.endswith((".json", ".jsonl", ".parquet", ".txt")):
-        raise FileNotFoundError(f"--data {data!r} does not exist")
-    else:
-        import datasets
-
-        records = list(datasets.load_dataset(data, config or HUB_CONFIGS.get(data), split=split))
-    return records[:limit] if limit is not None else records
+def read_records(args):
+    """The --data rows of a benchmark: `--split` (default test) of a hub dataset, with its usual config."""
+    return load_records(args.data, args.limit, args.split, args.data_config or HUB_CONFIGS.get(args.data))
 
 
 def field(record, names, flag="--data"):
@@ -610,7 +589,7 @@ def score_answers(args, queries, references, extract, equivalent):
 
 
 def eval_gsm8k(args):
-    records = load_records(args.data, args.data_config, args.split, args.limit)
+    records = read_records(args)
     queries = [field(record, ("question", "query", "instruction")) for record in records]
     references = [extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))) for record in records]
     return score_answers(args, queries, references, extract_gsm8k_answer, lambda a, b: a == b)
@@ -619,7 +598,7 @@ def eval_gsm8k(args):
 def eval_math(args):
     if args.data is None:
         raise ValueError("math needs --data: a MATH test file (MetaMath's MATH_test.jsonl) or a hub dataset name")
-    records = load_records(args.data, args.data_config, args.split, args.limit)
+    records = read_records(args)
     queries = [field(record, ("problem", "instruction", "question", "query")) for record in records]
     references = [math_reference(record) for record in records]
     return score_answers(args, queries, references, extract_math_answer, math_equiv)
@@ -637,7 +616,7 @@ def eval_code(args):
     if args.num_samples > 1 and args.temperature == 0:
         raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
     make_query, make_program = CODE_TASKS[args.command]
-    records = load_records(args.data, args.data_config, args.split, args.limit)
+    records = read_records(args)
     prompts = [prompt_of(make_query(record)) for record in records for _ in range(args.num_samples)]
     model, tokenizer = load_llama(args)
     completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
@@ -732,7 +711,7 @@ def eval_ppl(args):
         with open(args.data) as f:
             text = f.read()
     else:
-        records = load_records(args.data, args.data_config, args.split, args.limit)
+        records = read_records(args)
         text = "\n\n".join(str(field(record, ("text",))) for record in records)
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
     stride = args.stride or max(1, max_length // 2)

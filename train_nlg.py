@@ -155,17 +155,22 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps):
+def lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, decay="cosine"):
     """
-    LambdaLR: linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`, the
-    schedule of the PiSSA / BA-LoRA runs (so with warm-up the first update has lr 0, as there).
+    LambdaLR: linear warm-up from 0 over `warmup_steps`, then decay to 0 at `total_steps`, "cosine"
+    (the PiSSA / BA-LoRA NLG runs) or "linear" (the GLUE runs, B.4). With warm-up the first update has
+    lr 0, as there.
     """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
 
     def lr_factor(step):
         if step < warmup_steps:
             return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        remaining = max(1, total_steps - warmup_steps)
+        if decay == "linear":
+            return max(0.0, (total_steps - step) / remaining)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / remaining)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
@@ -222,15 +227,19 @@ def query_and_response(record, data_format, index=0):
     return query, record[response_field]
 
 
-def load_records(data, max_samples):
+def load_records(data, limit=None, split="train", config=None):
     """
-    The first `max_samples` rows (dicts) of a local .jsonl/.json/.parquet file, or of the train split
-    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]).
+    The first `limit` rows (dicts; all when None) of a local .jsonl/.json/.parquet file, or of `split`
+    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]). eval.py reads its
+    benchmarks through this too.
     """
     if not os.path.isfile(data):
+        if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
+            raise FileNotFoundError(f"--data {data!r} does not exist")
         import datasets
 
-        return datasets.load_dataset(data, split=f"train[:{max_samples}]").to_list()
+        split = split if limit is None else f"{split}[:{limit}]"
+        return datasets.load_dataset(data, config, split=split).to_list()
     extension = os.path.splitext(data)[1]
     if extension == ".jsonl":
         with open(data) as f:
@@ -238,13 +247,15 @@ def load_records(data, max_samples):
     elif extension == ".json":
         with open(data) as f:
             records = json.load(f)
+        if not isinstance(records, list):
+            raise ValueError(f"--data {data!r}: expected a JSON list of records")
     elif extension == ".parquet":
         import pyarrow.parquet
 
         records = pyarrow.parquet.read_table(data).to_pylist()
     else:
         raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
-    return records[:max_samples]
+    return records if limit is None else records[:limit]
 
 
 def load_examples(data, data_format, max_samples):
@@ -406,7 +417,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    scheduler = lr_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps, "cosine")
 
     os.makedirs(args.out, exist_ok=True)
     log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import balora
 from model import DebertaClassifier, DebertaTokenizer
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
-from train_nlg import METHODS, load_checkpoint, save_checkpoint, setup_distributed
+from train_nlg import METHODS, load_checkpoint, lr_schedule_with_warmup, save_checkpoint, setup_distributed
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):
@@ -311,17 +311,6 @@ def evaluate(model, task, input_ids, labels, batch_size, device, dtype, pad_id):
     return compute_metrics(task, torch.cat(logits), labels)
 
 
-def linear_schedule_with_warmup(optimizer, warmup_steps, total_steps):
-    """LambdaLR: linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at `total_steps` (B.4)."""
-
-    def lr_factor(step):
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
 # -----------------------------------------------------------------------------
 # Flags
 
@@ -473,7 +462,7 @@ def main(argv=None):
     baseline = majority_baseline(task, train_labels, validation[primary_split][1])
 
     optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    scheduler = linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    scheduler = lr_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps, "linear")
     step, best = 0, {"value": -math.inf, "metrics": None}
     checkpoint_path, best_path, log_path = (os.path.join(args.out, f) for f in ("checkpoint.pt", "best.pt", "log.jsonl"))
     if args.resume:
