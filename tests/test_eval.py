@@ -157,47 +157,47 @@ def test_sandbox_stops_memory_bomb():
 
 
 def test_sandbox_stops_fork_bomb():
-    result = evaluation.run_program("import os\nwhile True:\n    os.fork()\n", timeout=2)
+    result = evaluation.run_program("import os\nwhile True:\n    os.fork()\n", timeout=10)
     assert result["status"] == "blocked" and not result["passed"]
 
 
 def test_sandbox_blocks_process_spawning_and_signals():
     for source in ("import subprocess\nsubprocess.run(['true'])\n", "import os\nos.system('true')\n",
                    "import os\nos.kill(os.getppid(), 9)\n"):
-        assert evaluation.run_program(source, timeout=2)["status"] == "blocked", source
+        assert evaluation.run_program(source, timeout=10)["status"] == "blocked", source
 
 
 def test_sandbox_blocks_write_outside_its_directory(tmp_path):
     target = tmp_path / "escaped.txt"
     # Catching the refusal does not help: the guard ends the process, so the attempt scores as failure.
     source = f"try:\n    open({str(target)!r}, 'w').write('x')\nexcept Exception:\n    pass\n"
-    result = evaluation.run_program(source, timeout=2)
+    result = evaluation.run_program(source, timeout=10)
     assert result["status"] == "blocked" and not target.exists()
-    inside = evaluation.run_program("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", timeout=2)
+    inside = evaluation.run_program("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", timeout=10)
     assert inside["status"] == "passed"
 
 
 def test_sandbox_blocks_escape_through_a_directory_descriptor(tmp_path):
     # os.open(name, dir_fd=fd) reaches the audit hook as a bare relative name: the fd itself is refused.
     source = f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n"
-    assert evaluation.run_program(source, timeout=2)["status"] == "blocked"
+    assert evaluation.run_program(source, timeout=10)["status"] == "blocked"
     assert not (tmp_path / "escaped.txt").exists()
 
 
 def test_sandbox_applies_resource_limits():
     source = ("import resource\n"
               "assert resource.getrlimit(resource.RLIMIT_AS) == (128 << 20, 128 << 20)\n"
-              "assert resource.getrlimit(resource.RLIMIT_CPU) == (3, 3)\n"  # ceil(timeout) + 1
+              "assert resource.getrlimit(resource.RLIMIT_CPU) == (11, 11)\n"  # ceil(timeout) + 1
               "assert resource.getrlimit(resource.RLIMIT_NPROC) == (1, 1)\n"
               "assert resource.getrlimit(resource.RLIMIT_FSIZE) == (16 << 20, 16 << 20)\n"
               "resource.setrlimit(resource.RLIMIT_AS, (64 << 20, 64 << 20))\n")  # lowering is also refused
-    assert evaluation.run_program(source, timeout=2, memory_mb=128)["status"] == "blocked"
-    assert evaluation.run_program(source.rsplit("resource.setrlimit", 1)[0], timeout=2, memory_mb=128)["status"] == "passed"
+    assert evaluation.run_program(source, timeout=10, memory_mb=128)["status"] == "blocked"
+    assert evaluation.run_program(source.rsplit("resource.setrlimit", 1)[0], timeout=10, memory_mb=128)["status"] == "passed"
 
 
 def test_sandbox_blocks_network_and_native_code():
     for source in ("import socket\nsocket.create_connection(('127.0.0.1', 80), timeout=1)\n", "import ctypes\n"):
-        assert evaluation.run_program(source, timeout=2)["status"] == "blocked", source
+        assert evaluation.run_program(source, timeout=10)["status"] == "blocked", source
 
 
 def test_sandbox_has_an_empty_environment(monkeypatch):
