@@ -54,8 +54,17 @@ def setup_distributed(device=None):
 
 
 def cleanup_distributed():
-    """Tear down the process group if setup_distributed started one."""
+    """
+    Tear down the process group if setup_distributed started one, after a barrier: every rank waits
+    until rank 0 has written its final files (adapter, export). Without it a rank that finished first
+    exited right after its last all-reduce; DDP keeps gloo's worker threads alive past
+    destroy_process_group, and one of them, still releasing that all-reduce's tensor, took the GIL
+    during interpreter shutdown: SIGABRT, "terminate called without an active exception"
+    (pytorch/pytorch#190489), about 1 run in 25 here, and torchrun then killed rank 0 mid-export.
+    A barrier holds no tensor, and by the time the last rank reaches it the earlier ones are released.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
