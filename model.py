@@ -340,7 +340,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         # GQA/MQA: query head h reads key/value head h // (H / H_kv); scale 1/sqrt(head_dim).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        # mask None: no padding and no cache, so SDPA's own causal mask (is_causal) is exact, and on a
+        # GPU it may pick FlashAttention, which an explicit mask rules out.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -408,17 +411,25 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def forward(self, input_ids, attention_mask=None, cache=None):
-        """Logits (B, T, V). attention_mask (B, T) 0/1 marks padding, left or right; with a cache it
-        covers the cached tokens too (B, cache.length + T)."""
+    def forward(self, input_ids, attention_mask=None, cache=None, output_mask=None):
+        """
+        Logits (B, T, V). attention_mask (B, T) 0/1 marks padding, left or right; with a cache it
+        covers the cached tokens too (B, cache.length + T). None means no padding.
+        output_mask (B, T) bool: return only the logits of these positions, (M, V) in row-major order.
+        The LM head is the largest matmul of a small model and its (B, T, V) output the largest
+        activation, so a trainer that needs M < B * T rows should not pay for the rest.
+        """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         window = self.config.sliding_window
         if window is not None and past + T > window:
             raise ValueError(f"input of {past + T} tokens exceeds sliding_window={window}, which is not supported")
-        mask, position_ids = attention_mask_and_positions(attention_mask, T)
+        if attention_mask is None and cache is None:
+            mask, position_ids = None, torch.arange(T, device=input_ids.device).expand(B, T)  # plain causal
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            mask, position_ids = attention_mask_and_positions(attention_mask, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for block in self.model.layers:
@@ -428,6 +439,10 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
+        if output_mask is not None:
+            if output_mask.shape != (B, T):
+                raise ValueError(f"output_mask has shape {tuple(output_mask.shape)}, expected {(B, T)}")
+            x = x[output_mask]  # (M, hidden): RMSNorm and the head act on each position alone
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()

@@ -133,6 +133,25 @@ def test_padding_does_not_change_the_real_positions(checkpoints):
         torch.testing.assert_close(plain_hf, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["llama2_mha", "llama3_gqa"])
+def test_unpadded_causal_path_and_output_mask(checkpoints, name):
+    """attention_mask=None (SDPA's is_causal, no explicit mask) matches transformers, and output_mask
+    returns exactly the chosen rows of the full logits, in row-major order."""
+    path, hf = checkpoints[name]
+    ours = M.Llama.from_pretrained(path)
+    input_ids, attention_mask = padded_batch([20, 20], "right")
+    expected = hf_logits(hf, input_ids, attention_mask)
+    output_mask = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        logits = ours(input_ids)
+        selected = ours(input_ids, output_mask=output_mask)
+    scale = expected.abs().max()
+    assert (logits - expected).abs().max() <= 1e-5 * scale
+    assert selected.shape == (output_mask.sum(), expected.shape[-1])
+    assert (selected - expected[output_mask]).abs().max() <= 1e-5 * scale
+    with pytest.raises(ValueError, match="output_mask has shape"):
+        ours(input_ids, output_mask=output_mask[:, 1:])
+
 def test_rope_frequencies_match_transformers(checkpoints):
     path, hf = checkpoints["llama3_gqa"]
     ours = M.Llama.from_pretrained(path)
