@@ -131,6 +131,20 @@ def test_regularizer_gradcheck(case, monkeypatch):
         assert torch.autograd.gradcheck(fn, inputs)
 
 
+def test_consistency_keeps_no_copy_of_the_logits_for_backward():
+    """TemperedKL saves only its inputs: autograd's own KL would save two (M, V) softmax copies."""
+    teacher = randn(64, 1000, seed=1, dtype=torch.float32)
+    student = randn(64, 1000, seed=2, dtype=torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = nlg_consistency_loss(teacher, student, 2.0)
+    inputs = {teacher.untyped_storage().data_ptr(), student.untyped_storage().data_ptr()}
+    saved_elements = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs)
+    assert saved_elements < 1000  # not even one row of a copy
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
 def exact_svd_loss(z, k):
     """Eq. 12 with the exact singular values, differentiable (torch, float64)."""
     return -torch.linalg.svdvals(z)[:k].sum() / torch.linalg.vector_norm(z)
