@@ -477,12 +477,18 @@ def main(argv=None):
         sums = dict.fromkeys(["total", "task", "consistency", "consistency_n", "diversity", "diversity_n",
                               "svd", "svd_n", "tokens", "skipped"], 0.0)
         for micro_step, (input_ids, attention_mask, labels) in enumerate(micro_batches):
+            unpadded = bool(attention_mask.all())  # checked on the CPU: no device sync
             input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+            # a batch without padding needs no explicit mask: the model then uses SDPA's causal kernel
+            padding_mask = None if unpadded else attention_mask
             targets = labels[:, 1:]  # position t predicts token t + 1
             task_mask = targets != -100
             # the M valid tokens of Eq. 9-12: positions predicting a response token, or with
             # --reg-tokens all, positions predicting any real (non-padded) token
             valid_mask = task_mask if args.reg_tokens == "task" else attention_mask[:, 1:].bool()
+            # the positions whose logits the losses see (the last position predicts nothing): the model
+            # runs its LM head on these M rows only and returns (M, V), not (B, T, V)
+            output_mask = F.pad(valid_mask, (0, 1), value=False)
             last_micro_step = micro_step == grad_accum - 1
             micro_lambdas = step_lambdas
             if not task_mask.any():
@@ -495,15 +501,13 @@ def main(argv=None):
             if ddp:
                 model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
             with autocast_context(device, dtype):
-                logits = model(input_ids, attention_mask)  # (B, T, V)
-            # the (M, V) rows the losses see; indexing copies them, so the full logits can go
-            student_logits = logits[:, :-1][valid_mask].float()
-            del logits
+                student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
             task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
             teacher_logits = None
             if micro_lambdas[0] > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
                 with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
-                    teacher_logits = raw_model(input_ids, attention_mask)[:, :-1][valid_mask].float()
+                    # kept in the autocast dtype (bf16: half the memory); the KL reads it chunk by chunk in float32
+                    teacher_logits = raw_model(input_ids, padding_mask, output_mask=output_mask)
             # Scaled so that the sum over the global batch's micro-batches of total / num_micro_batches
             # is (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13.
             task_loss = task_sum * num_micro_batches / task_tokens.clamp(min=1)

@@ -14,9 +14,10 @@ round robin in one process (one step of each in turn), so that a busy machine sl
   pissa+consistency / +diversity / +svd   one regularizer alone on top of PiSSA
   peft-lora                        the peer baseline: transformers LlamaForCausalLM (sdpa) + peft LoRA
 A step is the one of train_nlg.py (whose loop is inline, so it is written once more here, line for
-line): student forward (bf16 autocast for bf16 shapes) -> task loss on the (M, V) valid-token logits in
-float32 -> teacher forward under balora.pretrained_mode (only when lambda1 > 0) -> balora.nlg_objective
--> backward -> gradient clipping -> AdamW. Adapters are float32 for bf16 models, in peft as in ours.
+line): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
+LM head on the M valid rows only) -> task loss on the (M, V) valid-token logits in float32 -> teacher
+forward under balora.pretrained_mode (only when lambda1 > 0) -> balora.nlg_objective -> backward ->
+gradient clipping -> AdamW. Adapters are float32 for bf16 models, in peft as in ours.
 Inside the balora steps we also time the teacher forward, and after them each regularizer's forward +
 backward on the (M, V) valid-token logits, round robin, so their shares come from the same minutes.
 
@@ -199,20 +200,19 @@ def balora_loss(llama, batch, lambdas, dtype, stopwatch):
     logits (pretrained_mode, no_grad; only when lambda1 > 0) -> nlg_objective (Eq. 13).
     Returns (loss, (start, end) marks of the teacher forward or None).
     """
-    input_ids, attention_mask, labels = batch
+    input_ids, _, labels = batch  # no padding: train_nlg.py then passes no mask (SDPA's causal kernel)
     device = input_ids.device
     targets = labels[:, 1:]  # position t predicts token t + 1
     valid_mask = targets != IGNORE_INDEX
+    output_mask = F.pad(valid_mask, (0, 1), value=False)  # the LM head runs on the M valid rows only
     with autocast_context(device, dtype):
-        logits = llama(input_ids, attention_mask)
-    student_logits = logits[:, :-1][valid_mask].float()  # (M, V)
-    del logits
+        student_logits = llama(input_ids, output_mask=output_mask).float()  # (M, V)
     task_loss = F.cross_entropy(student_logits, targets[valid_mask])
     teacher_logits, teacher_marks = None, None
     if lambdas[0] > 0:
         start = stopwatch.mark()
         with torch.no_grad(), balora.pretrained_mode(llama), autocast_context(device, dtype):
-            teacher_logits = llama(input_ids, attention_mask)[:, :-1][valid_mask].float()
+            teacher_logits = llama(input_ids, output_mask=output_mask)  # autocast dtype, as train_nlg.py
         teacher_marks = (start, stopwatch.mark())
     generator = torch.Generator(device=device).manual_seed(0)  # the randomized SVD's sketch
     loss, _ = balora.nlg_objective(task_loss, student_logits, teacher_logits, lambdas, TEMPERATURE, SVD_K, TOP_K,
@@ -246,12 +246,13 @@ def time_regularizers(llama, batch, dtype, steps, stopwatch):
     round robin over the terms so machine noise hits all alike. Task cross-entropy as the reference.
     Returns {term: median seconds}.
     """
-    input_ids, attention_mask, labels = batch
+    input_ids, _, labels = batch
     valid_mask = labels[:, 1:] != IGNORE_INDEX
+    output_mask = F.pad(valid_mask, (0, 1), value=False)
     with torch.no_grad(), autocast_context(input_ids.device, dtype):
-        student_logits = llama(input_ids, attention_mask)[:, :-1][valid_mask].float()
+        student_logits = llama(input_ids, output_mask=output_mask).float()
         with balora.pretrained_mode(llama):
-            teacher_logits = llama(input_ids, attention_mask)[:, :-1][valid_mask].float()
+            teacher_logits = llama(input_ids, output_mask=output_mask).float()
     targets = labels[:, 1:][valid_mask]
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
     terms = {
