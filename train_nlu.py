@@ -26,7 +26,8 @@ from tqdm import tqdm
 import balora
 from model import DebertaClassifier, DebertaTokenizer
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
-from train_nlg import METHODS, load_checkpoint, lr_schedule_with_warmup, save_checkpoint, setup_distributed
+from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
+from train_nlg import setup_distributed
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):
@@ -575,3 +576,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:  # launched by torchrun
+        exit_torchrun_worker()
