@@ -26,13 +26,15 @@ built (so it counts weights, adapters, optimizer state, activations and logits):
   GPU: torch.cuda.max_memory_allocated, reset after the model is built (the PiSSA SVD is not a step).
   CPU: the process RSS high-water mark (VmHWM, reset after the build by writing 5 to
        /proc/self/clear_refs, Linux) minus the RSS before the build, each variant alone in a child
-       process of its own (two steps), so that no variant inherits another's allocator pool.
+       process of its own (two steps), so that no variant inherits another's allocator pool, and
+       with glibc serving every block of 64 KiB or more by mmap, so that freed memory leaves RSS.
 Timing: CUDA events with a synchronize at the end of each step on GPU; time.perf_counter on CPU.
 
 tools/ may use transformers and peft, but only here, only for the peer baseline, and only on demand.
 """
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -353,8 +355,21 @@ def peak_bytes_in_child(context, variant, shape_name, device, gradient_checkpoin
     return payload[variant]["peak_bytes"]
 
 
+def _map_large_allocations():
+    """
+    Serve every allocation of 64 KiB or more by its own mmap (glibc mallopt M_MMAP_THRESHOLD), which
+    free() unmaps at once. glibc otherwise keeps freed blocks in its heap, so RSS also counts whatever
+    the build freed (PiSSA's SVD work buffers: tens of MiB that `lora` never allocates) and pool slack
+    that differs between runs; with this the RSS high-water mark follows the tensors that are alive.
+    """
+    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+    if ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: CPU peak memory needs glibc")
+
+
 def _child_main(send, *measure_args):
     try:
+        _map_large_allocations()
         send.send((True, measure(*measure_args)))
     except BaseException:
         send.send((False, traceback.format_exc()))
