@@ -254,7 +254,7 @@ def time_regularizers(llama, batch, dtype, steps, stopwatch):
     with torch.no_grad(), autocast_context(input_ids.device, dtype):
         student_logits = llama(input_ids, output_mask=output_mask).float()
         with balora.pretrained_mode(llama):
-            teacher_logits = llama(input_ids, output_mask=output_mask).float()
+            teacher_logits = llama(input_ids, output_mask=output_mask)  # autocast dtype, as train_nlg.py
     targets = labels[:, 1:][valid_mask]
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
     terms = {
