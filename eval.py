@@ -502,10 +502,12 @@ def perplexity(model, token_ids, max_length, stride):
     nll_sum, num_scored = 0.0, 0
     windows = list(sliding_windows(len(ids), max_length, stride))
     for begin, end, first_target in tqdm(windows, desc="ppl", leave=False):
-        logits = model(ids[begin:end][None])[0].float()
-        # logits at position t predict token t + 1
+        # logits at position t predict token t + 1: only the positions before the scored targets are
+        # needed, so the LM head runs on those (stride rows, not the whole window)
+        scored = torch.zeros(1, end - begin, dtype=torch.bool, device=device)
+        scored[0, first_target - begin - 1:end - begin - 1] = True
+        predicted = model(ids[begin:end][None], output_mask=scored).float()
         targets = ids[first_target:end]
-        predicted = logits[first_target - begin - 1:end - begin - 1]
         nll_sum += F.cross_entropy(predicted, targets, reduction="sum").double().item()
         num_scored += len(targets)
     if num_scored == 0:

@@ -327,8 +327,9 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Embedding(vocab_size, vocab_size)
 
-    def forward(self, input_ids):
-        return self.table(input_ids)
+    def forward(self, input_ids, output_mask=None):
+        logits = self.table(input_ids)
+        return logits if output_mask is None else logits[output_mask]  # Llama.forward's output_mask
 
 
 @pytest.mark.parametrize("max_length, stride", [(8, 3), (8, 1), (5, 4), (64, 64)])
