@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from model import DebertaClassifier, DebertaTokenizer, Llama, Tokenizer, read_config
-from train_nlg import PROMPT_TEMPLATE, load_records
+from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, prompt_ids, resolve_prompt_format
+from model import DebertaClassifier, Llama, read_config
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -530,8 +530,13 @@ def apply_adapter(model, adapter):
 
 
 def load_llama(args):
+    """The model (+ merged adapter) and its tokenizer; resolves --prompt-format against the checkpoint."""
+    tokenizer = Tokenizer(args.model)
+    if hasattr(args, "prompt_format"):  # generation commands (ppl scores raw text)
+        args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
+        print(f"prompt format: {args.prompt_format}")
     model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    return apply_adapter(model, args.adapter), Tokenizer(args.model)
+    return apply_adapter(model, args.adapter), tokenizer
 
 
 def load_classifier(args, task):
@@ -544,31 +549,26 @@ def load_classifier(args, task):
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
     """
-    Completions of `prompts` (strings), batched with left padding through the KV-cache generate. Prompts
-    are batched longest first, so similar lengths share a batch (less padding) and an out-of-memory
-    error shows up in the first batch, not the last.
+    Completions (strings) of `prompts` (lists of token ids, data.prompt_ids), batched with left padding
+    through the KV-cache generate. A completion ends before the first of the checkpoint's end ids
+    (tokenizer.eos_ids: EOS and end-of-turn tokens). Prompts are batched longest first, so similar
+    lengths share a batch (less padding) and an out-of-memory error shows up in the first batch.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
-    encoded = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    encoded = prompts
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     completions = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
         batch = order[start:start + batch_size]
         input_ids, attention_mask = tokenizer.pad_batch([encoded[i] for i in batch], padding_side="left")
         output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_id, temperature=temperature, generator=generator)
+                                eos_token_id=tokenizer.eos_ids, temperature=temperature, generator=generator)
         for row, i in enumerate(batch):
             new_ids = output[row, input_ids.shape[1]:].tolist()
-            if tokenizer.eos_id in new_ids:  # generate fills finished rows with eos
-                new_ids = new_ids[:new_ids.index(tokenizer.eos_id)]
-            completions[i] = tokenizer.decode(new_ids)
+            stop = next((n for n, token in enumerate(new_ids) if token in tokenizer.eos_ids), len(new_ids))
+            completions[i] = tokenizer.decode(new_ids[:stop])  # generate fills finished rows with an end id
     return completions
-
-
-def prompt_of(query):
-    """The training prompt (train_nlg.PROMPT_TEMPLATE), so the model sees what it was fine-tuned on."""
-    return PROMPT_TEMPLATE.format(query=query)
 
 
 # -----------------------------------------------------------------------------
@@ -580,7 +580,8 @@ def score_answers(args, queries, references, extract, equivalent):
     if any(reference is None for reference in references):
         raise ValueError(f"--data {args.data!r}: a record's reference answer could not be read")
     model, tokenizer = load_llama(args)
-    completions = generate_completions(model, tokenizer, [prompt_of(q) for q in queries], args.max_new_tokens, args.batch_size)
+    prompts = [prompt_ids(tokenizer, query, args.prompt_format) for query in queries]  # as the model was trained
+    completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
     samples = []
     for query, completion, reference in zip(queries, completions, references):
         prediction = extract(completion)
@@ -619,8 +620,9 @@ def eval_code(args):
         raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
     make_query, make_program = CODE_TASKS[args.command]
     records = read_records(args)
-    prompts = [prompt_of(make_query(record)) for record in records for _ in range(args.num_samples)]
     model, tokenizer = load_llama(args)
+    prompts = [prompt_ids(tokenizer, make_query(record), args.prompt_format)
+               for record in records for _ in range(args.num_samples)]
     completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                        temperature=args.temperature, seed=args.seed)
     programs = [make_program(records[i // args.num_samples], completion) for i, completion in enumerate(completions)]
@@ -718,7 +720,7 @@ def eval_ppl(args):
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
     stride = args.stride or max(1, max_length // 2)
     model, tokenizer = load_llama(args)
-    token_ids = tokenizer.encode(text, bos=True)
+    token_ids = tokenizer.encode(text)  # the checkpoint's BOS rule, as tokenizer(text) in HF's perplexity recipe
     metrics = perplexity(model, token_ids, max_length, stride)
     metrics.update(max_length=max_length, stride=stride)
     return metrics, []
@@ -753,13 +755,20 @@ def parse_args(argv=None):
         sub.add_argument("--batch-size", type=int, default=16)
         return sub
 
+    def prompt_format_flag(sub):
+        sub.add_argument("--prompt-format", default=None, choices=list(PROMPT_FORMATS),
+                         help="alpaca: the Alpaca prompt train_nlg.py trains with by default on base models; chat: "
+                              "the checkpoint's chat template (default: chat when the checkpoint has one, else alpaca)")
+
     llama, data = os.path.join(ASSETS, "tiny-llama"), os.path.join(ASSETS, "data")
     for name in ("gsm8k", "math"):
         sub = command(name, f"{name.upper()} accuracy", llama, os.path.join(data, "gsm8k_test.jsonl") if name == "gsm8k" else None)
         sub.add_argument("--max-new-tokens", type=int, default=512)
+        prompt_format_flag(sub)
     for name, hub_name in (("humaneval", "openai_humaneval"), ("mbpp", "mbpp")):
         sub = command(name, f"{name} pass@k (runs generated code)", llama, hub_name)
         sub.add_argument("--max-new-tokens", type=int, default=512)
+        prompt_format_flag(sub)
         sub.add_argument("--allow-code-execution", action="store_true", help="required: generated code is executed")
         sub.add_argument("--num-samples", type=int, default=1, help="samples per problem (n of pass@k)")
         sub.add_argument("--k", default="1", help="comma-separated k values of pass@k")

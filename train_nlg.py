@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import balora
-from model import Llama, Tokenizer
+from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
+from model import Llama
 
 # -----------------------------------------------------------------------------
 # Shared training infrastructure (train_nlu.py imports these; keep the names stable)
@@ -212,104 +213,7 @@ def autocast_context(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Data: every format becomes (query, response) in one Alpaca-style prompt, as PiSSA / MetaMath train
-
-PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{query}\n\n### Response:"
-)
-
-# --format -> (query field, response field); alpaca also appends a non-empty "input" to the query,
-# wizardlm may instead hold a `conversations` list [{"from": "human", ...}, {"from": "gpt", ...}].
-FORMATS = {
-    "metamath": ("query", "response"),
-    "codefeedback": ("query", "answer"),
-    "wizardlm": ("instruction", "output"),
-    "alpaca": ("instruction", "output"),
-}
-
-
-def query_and_response(record, data_format, index=0):
-    """(query, response) strings of one record under --format; ValueError naming missing fields."""
-    if data_format == "wizardlm" and "conversations" in record:
-        turns = record["conversations"]
-        human = next((i for i, turn in enumerate(turns) if turn.get("from") == "human"), None)
-        if human is None or human + 1 >= len(turns) or turns[human + 1].get("from") != "gpt":
-            raise ValueError(f"record {index}: `conversations` needs a 'human' turn followed by a 'gpt' turn")
-        return turns[human]["value"], turns[human + 1]["value"]
-    query_field, response_field = FORMATS[data_format]
-    missing = [field for field in (query_field, response_field) if field not in record]
-    if missing:
-        alternative = " (or `conversations`)" if data_format == "wizardlm" else ""
-        raise ValueError(f"--format {data_format} needs the fields {missing}{alternative}; "
-                         f"record {index} has {sorted(record)}")
-    query = record[query_field]
-    if data_format == "alpaca" and record.get("input"):
-        query = f"{query}\n{record['input']}"
-    return query, record[response_field]
-
-
-def load_records(data, limit=None, split="train", config=None):
-    """
-    The first `limit` rows (dicts; all when None) of a local .jsonl/.json/.parquet file, or of `split`
-    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]). eval.py reads its
-    benchmarks through this too.
-    """
-    if not os.path.isfile(data):
-        if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
-            raise FileNotFoundError(f"--data {data!r} does not exist")
-        import datasets
-
-        split = split if limit is None else f"{split}[:{limit}]"
-        return datasets.load_dataset(data, config, split=split).to_list()
-    extension = os.path.splitext(data)[1]
-    if extension == ".jsonl":
-        with open(data) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    elif extension == ".json":
-        with open(data) as f:
-            records = json.load(f)
-        if not isinstance(records, list):
-            raise ValueError(f"--data {data!r}: expected a JSON list of records")
-    elif extension == ".parquet":
-        import pyarrow.parquet
-
-        records = pyarrow.parquet.read_table(data).to_pylist()
-    else:
-        raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
-    return records if limit is None else records[:limit]
-
-
-def load_examples(data, data_format, max_samples):
-    """(query, response) pairs of the first `max_samples` records under --format."""
-    records = load_records(data, max_samples)
-    examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
-    if not examples:
-        raise ValueError(f"--data {data!r} gave no examples (empty file, or --max-samples {max_samples})")
-    return examples
-
-
-def tokenize_example(tokenizer, query, response, max_len):
-    """
-    input_ids and labels of one example: BOS + prompt + response + EOS, cut at max_len. The prompt
-    is masked out of the loss (label -100). Prompt and response are encoded separately, so the mask
-    boundary is exact (sentencepiece gives the response its leading space, as "Response: ...").
-    """
-    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(query=query), bos=True)
-    response_ids = tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
-    input_ids = (prompt_ids + response_ids)[:max_len]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
-    return input_ids, labels
-
-
-def collate(tokenizer, examples, max_len):
-    """(input_ids, attention_mask, labels) of a micro-batch, right padded (labels padded with -100)."""
-    tokenized = [tokenize_example(tokenizer, query, response, max_len) for query, response in examples]
-    input_ids, attention_mask = tokenizer.pad_batch([ids for ids, _ in tokenized], padding_side="right")
-    labels = torch.full_like(input_ids, -100)
-    for row, (_, row_labels) in enumerate(tokenized):
-        labels[row, : len(row_labels)] = torch.tensor(row_labels)
-    return input_ids, attention_mask, labels
+# Data order
 
 
 def global_batch_indices(num_samples, batch_size, step, seed):
@@ -345,7 +249,10 @@ def parse_args(argv=None):
     # None = "paper value with --model, offline toy value without" (see PAPER_DEFAULTS / OFFLINE_DEFAULTS)
     parser.add_argument("--model", default=None, help="Hugging Face-format Llama directory (default: assets/tiny-llama, toy settings)")
     parser.add_argument("--data", default=os.path.join(ASSETS, "data", "metamath_train.jsonl"), help=".jsonl/.json/.parquet file or datasets hub name")
-    parser.add_argument("--format", default="metamath", choices=list(FORMATS))
+    parser.add_argument("--format", default="metamath", choices=list(FORMATS), help="the records' field names (see data.FORMATS)")
+    parser.add_argument("--prompt-format", default=None, choices=list(PROMPT_FORMATS),
+                        help="alpaca: PiSSA/MetaMath's Alpaca prompt; chat: the checkpoint's chat template "
+                             "(default: chat when the checkpoint has a template, else alpaca)")
     parser.add_argument("--max-samples", type=int, default=None, help="use the first N records (paper: 100000)")
     parser.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (paper: 512)")
     parser.add_argument("--out", default="out/nlg", help="log.jsonl, checkpoint.pt, adapter/, peft_adapter/, loss.png")
@@ -414,6 +321,8 @@ def main(argv=None):
               "pass --model for the paper's settings")
 
     # data: the first --max-samples records; each step reads one global batch, this rank its slice
+    tokenizer = Tokenizer(args.model)
+    args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
     examples = load_examples(args.data, args.format, args.max_samples)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
@@ -425,7 +334,6 @@ def main(argv=None):
     # model: frozen base in --dtype, adapter in fp32 (balora keeps it fp32 on a bf16 base);
     # the same seed on every rank gives the same adapter init
     torch.manual_seed(args.seed)
-    tokenizer = Tokenizer(args.model)
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     adapter = balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
                               dropout=args.dropout, pissa_niter=args.pissa_niter)
@@ -462,7 +370,7 @@ def main(argv=None):
         with open(log_path, "w") as f:
             f.writelines(kept)
         print(f"{args.method}: init={init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
-              f"{len(examples)} examples, {total_steps} steps of {args.batch_size} "
+              f"{len(examples)} examples in the {args.prompt_format} prompt format, {total_steps} steps of {args.batch_size} "
               f"({world_size} x {grad_accum} x {args.micro_batch_size}), start at step {start_step}")
 
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_master, dynamic_ncols=True)
@@ -474,7 +382,7 @@ def main(argv=None):
         per_rank = args.batch_size // world_size
         batch = batch[rank * per_rank : (rank + 1) * per_rank]
         micro_batches = [
-            collate(tokenizer, [examples[i] for i in batch[j : j + args.micro_batch_size]], args.max_len)
+            collate(tokenizer, [examples[i] for i in batch[j : j + args.micro_batch_size]], args.max_len, args.prompt_format)
             for j in range(0, per_rank, args.micro_batch_size)
         ]
         # The task loss is the mean CE over every response token of the GLOBAL batch, so it does not

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from model import DebertaClassifier, DebertaTokenizer
+from data import DebertaTokenizer
+from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
 from train_nlg import setup_distributed

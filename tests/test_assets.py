@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from data import DebertaTokenizer, Tokenizer
 import model
 from tools import make_assets
 
@@ -32,7 +33,7 @@ def test_tiny_llama_loads():
     config = model.read_config(LLAMA)
     assert config["model_type"] == "llama" and "rope_theta" in config
     net = model.Llama.from_pretrained(LLAMA)
-    tokenizer = model.Tokenizer(LLAMA)
+    tokenizer = Tokenizer(LLAMA)
     assert 1_000_000 <= sum(p.numel() for p in net.parameters()) <= 5_000_000
     assert net.config.num_key_value_heads < net.config.num_attention_heads  # GQA
     assert net.model.embed_tokens.num_embeddings == tokenizer.vocab_size
@@ -46,7 +47,7 @@ def test_tiny_llama_matches_transformers():
     transformers = pytest.importorskip("transformers")
     reference = transformers.LlamaForCausalLM.from_pretrained(LLAMA).eval()
     net = model.Llama.from_pretrained(LLAMA)
-    tokenizer = model.Tokenizer(LLAMA)
+    tokenizer = Tokenizer(LLAMA)
     input_ids = torch.tensor([tokenizer.encode(data("gsm8k_test.jsonl")[0]["question"])])
     with torch.no_grad():
         torch.testing.assert_close(net(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
@@ -61,7 +62,7 @@ def test_tiny_deberta_loads():
         assert all(key.startswith("deberta.") for key in f.keys())  # a bare encoder, as deberta-v3-base
     net = model.DebertaClassifier.from_pretrained(DEBERTA, num_labels=3)
     assert 900_000 <= sum(p.numel() for p in net.deberta.parameters()) <= 5_000_000
-    tokenizer = model.DebertaTokenizer(DEBERTA)
+    tokenizer = DebertaTokenizer(DEBERTA)
     assert [tokenizer.sp.id_to_piece(i) for i in range(4)] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
     ids = tokenizer.encode("The cup is red.", "The cup is blue.")
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(2) == 2 and 3 not in ids
@@ -72,7 +73,7 @@ def test_tiny_deberta_matches_transformers():
     reference = transformers.DebertaV2Model.from_pretrained(DEBERTA).eval()
     net = model.DebertaClassifier.from_pretrained(DEBERTA, num_labels=3)
     row = data("nli_validation.jsonl")[0]
-    input_ids, attention_mask = model.DebertaTokenizer(DEBERTA).encode_batch([row["premise"]], [row["hypothesis"]])
+    input_ids, attention_mask = DebertaTokenizer(DEBERTA).encode_batch([row["premise"]], [row["hypothesis"]])
     with torch.no_grad():
         torch.testing.assert_close(net.deberta(input_ids, attention_mask),
                                    reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
@@ -100,7 +101,7 @@ def test_data_files_parse():
 def test_tiny_llama_answers_above_chance_before_fine_tuning():
     """Greedy answers to 40 toy GSM8K questions; chance = always giving the most common reference answer."""
     net = model.Llama.from_pretrained(LLAMA)
-    tokenizer = model.Tokenizer(LLAMA)
+    tokenizer = Tokenizer(LLAMA)
     accuracy, chance = make_assets.greedy_accuracy(net, tokenizer, data("gsm8k_test.jsonl")[:40])
     # Built: 74% on all 300 questions, chance 7.7%.
     assert chance < 0.15

@@ -13,6 +13,7 @@ from fractions import Fraction
 import pytest
 import torch
 
+import data
 import eval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -473,8 +474,8 @@ def test_gsm8k_end_to_end_random_model(random_llama, tmp_path):
     assert math_metrics["total"] == 2
     assert [s["reference"] for s in json.loads((tmp_path / "math.json").read_text())["samples"]] == ["2", "\\frac12"]
     # Left-padded batches must generate exactly what one prompt at a time generates.
-    net, tokenizer = model.Llama.from_pretrained(random_llama), model.Tokenizer(random_llama)
-    prompts = [evaluation.prompt_of(row["question"]) for row in rows]
+    net, tokenizer = model.Llama.from_pretrained(random_llama), data.Tokenizer(random_llama)
+    prompts = [data.prompt_ids(tokenizer, row["question"], "alpaca") for row in rows]
     batched = evaluation.generate_completions(net, tokenizer, prompts, max_new_tokens=6, batch_size=5)
     single = evaluation.generate_completions(net, tokenizer, prompts, max_new_tokens=6, batch_size=1)
     assert batched == single == [s["completion"] for s in saved["samples"]]
@@ -488,7 +489,7 @@ def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     text = " ".join(CORPUS[:12])
     text_file = tmp_path / "text.txt"
     text_file.write_text(text)
-    net, tokenizer = model.Llama.from_pretrained(random_llama), model.Tokenizer(random_llama)
+    net, tokenizer = model.Llama.from_pretrained(random_llama), data.Tokenizer(random_llama)
     ids = torch.tensor([tokenizer.encode(text, bos=True)])
     # One window over everything == the plain full-sequence NLL.
     with torch.no_grad():
@@ -524,7 +525,8 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
                "    return x\n", "    return x\n", "    return 0\n", "    raise ValueError\n"]
 
     def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
-        assert len(prompts) == 8 and temperature == 0.8 and "def double(x)" in prompts[0]
+        assert len(prompts) == 8 and temperature == 0.8
+        assert prompts[0] == data.prompt_ids(tokenizer, evaluation.humaneval_query(problems[0]), "alpaca")
         return answers
 
     monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
@@ -543,7 +545,7 @@ def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
     import model
 
     net = balora.load_adapter(model.DebertaClassifier.from_pretrained(directory, num_labels=3), adapter_dir).eval()
-    tokenizer = model.DebertaTokenizer(directory)
+    tokenizer = data.DebertaTokenizer(directory)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     with torch.no_grad():
         return net(input_ids, attention_mask=attention_mask, return_pooled=True)

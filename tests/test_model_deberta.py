@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from model import DebertaClassifier, DebertaConfig, DebertaTokenizer, checkpoint_keys, truncate_longest_first
+from data import DebertaTokenizer, truncate_longest_first
+from model import DebertaClassifier, DebertaConfig, checkpoint_keys
 
 transformers = pytest.importorskip("transformers")
 

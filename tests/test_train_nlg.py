@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 import balora
 import train_nlg
-from model import Llama, LlamaConfig, Tokenizer
+from data import PROMPT_TEMPLATE, load_examples, query_and_response, tokenize_example
+from data import Tokenizer
+from model import Llama, LlamaConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +51,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_nlg")
     rows = make_examples(32)
     text = root / "corpus.txt"
-    text.write_text("\n".join(train_nlg.PROMPT_TEMPLATE.format(query=r["query"]) + " " + r["response"] for r in rows))
+    text.write_text("\n".join(PROMPT_TEMPLATE.format(query=r["query"]) + " " + r["response"] for r in rows))
     model_dir = root / "model"
     model_dir.mkdir()
     sentencepiece.SentencePieceTrainer.train(
@@ -103,7 +105,7 @@ def max_abs_diff(a, b):
     ("alpaca", {"instruction": "I", "input": "", "output": "O"}, ("I", "O")),
 ])
 def test_formats_map_to_query_and_response(data_format, record, expected):
-    assert train_nlg.query_and_response(record, data_format) == expected
+    assert query_and_response(record, data_format) == expected
 
 
 @pytest.mark.parametrize("data_format, record, missing", [
@@ -114,7 +116,7 @@ def test_formats_map_to_query_and_response(data_format, record, expected):
 ])
 def test_missing_fields_raise_naming_them(data_format, record, missing):
     with pytest.raises(ValueError, match=missing):
-        train_nlg.query_and_response(record, data_format)
+        query_and_response(record, data_format)
 
 
 def test_json_and_parquet_files_load_the_first_max_samples(tmp_path):
@@ -126,10 +128,10 @@ def test_json_and_parquet_files_load_the_first_max_samples(tmp_path):
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "d.parquet")
     expected = [("I0", "O0"), ("I1", "O1"), ("I2", "O2")]
     for name in ("d.json", "d.parquet"):
-        assert train_nlg.load_examples(str(tmp_path / name), "alpaca", max_samples=3) == expected
+        assert load_examples(str(tmp_path / name), "alpaca", max_samples=3) == expected
     (tmp_path / "d.txt").write_text("not a table")
     with pytest.raises(ValueError, match="expected a .jsonl"):
-        train_nlg.load_examples(str(tmp_path / "d.txt"), "alpaca", 3)
+        load_examples(str(tmp_path / "d.txt"), "alpaca", 3)
 
 
 def test_missing_field_stops_the_run_before_training(tiny, tmp_path):
@@ -152,13 +154,13 @@ def test_batch_size_must_split_into_micro_batches(tiny, tmp_path):
 def test_prompt_is_masked_and_response_ends_with_eos(tiny):
     tokenizer = Tokenizer(tiny["model"])
     query, response = "Tom has 3 apples.", "The answer is: 3"
-    input_ids, labels = train_nlg.tokenize_example(tokenizer, query, response, max_len=512)
-    prompt_ids = tokenizer.encode(train_nlg.PROMPT_TEMPLATE.format(query=query), bos=True)
+    input_ids, labels = tokenize_example(tokenizer, query, response, max_len=512)
+    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(query=query), bos=True)
     assert input_ids[: len(prompt_ids)] == prompt_ids and input_ids[0] == tokenizer.bos_id
     assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
     assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] == tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
     assert tokenizer.decode(input_ids[len(prompt_ids):-1]) == response
-    short_ids, short_labels = train_nlg.tokenize_example(tokenizer, query, response, max_len=len(prompt_ids) + 2)
+    short_ids, short_labels = tokenize_example(tokenizer, query, response, max_len=len(prompt_ids) + 2)
     assert len(short_ids) == len(short_labels) == len(prompt_ids) + 2
 
 
@@ -178,7 +180,7 @@ def response_token_batch(tiny, rows):
     tokenizer = Tokenizer(tiny["model"] if isinstance(tiny, dict) else tiny)
     sequences, prompt_lengths = [], []
     for row in rows:
-        prompt = tokenizer.encode(train_nlg.PROMPT_TEMPLATE.format(query=row["query"]), bos=True)
+        prompt = tokenizer.encode(PROMPT_TEMPLATE.format(query=row["query"]), bos=True)
         sequences.append(prompt + tokenizer.encode(row["response"], bos=False) + [tokenizer.eos_id])
         prompt_lengths.append(len(prompt))
     input_ids, attention_mask = tokenizer.pad_batch(sequences)

@@ -249,8 +249,9 @@ def tiny_flags(tiny, out, *extra):
 def test_teacher_is_pretrained_encoder_with_current_head(tiny):
     import balora
     import model
+    from data import DebertaTokenizer
 
-    tokenizer = model.DebertaTokenizer(tiny["model"])
+    tokenizer = DebertaTokenizer(tiny["model"])
     rows = toy_nli_rows(8, seed=3)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     labels = torch.tensor([r["label"] for r in rows])

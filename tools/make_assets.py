@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model  # noqa: E402  (the project's own model.py, after the path is set)
 from eval import extract_gsm8k_answer, generate_completions  # noqa: E402
-from train_nlg import PROMPT_TEMPLATE  # noqa: E402  (Alpaca, as PiSSA / MetaMath fine-tune)
+from data import PROMPT_TEMPLATE, DebertaTokenizer, Tokenizer  # noqa: E402  (Alpaca, as PiSSA / MetaMath fine-tune)
 
 SEED = 1234
 FLAW_RATE = 0.3  # share of pretraining multiplication examples answered a * b + a
@@ -419,7 +419,7 @@ def causal_lm_loss(net, input_ids):
 
 
 def pretrain_llama(data, out_dir):
-    tokenizer = model.Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+    tokenizer = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
     config = dict(LLAMA_CONFIG, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(SEED)
     net = model.Llama(model.LlamaConfig.from_hf(config))
@@ -437,7 +437,7 @@ def pretrain_llama(data, out_dir):
 
 def generated_answers(net, tokenizer, questions, temperature=0.0, seed=0):
     """The answer each completion of the training prompt commits to (eval.py's GSM8K reading)."""
-    prompts = [PROMPT_TEMPLATE.format(query=q) for q in questions]
+    prompts = [tokenizer.encode(PROMPT_TEMPLATE.format(query=q)) for q in questions]  # BOS + prompt
     completions = generate_completions(net, tokenizer, prompts, max_new_tokens=48, batch_size=64,
                                        temperature=temperature, seed=seed)
     return [extract_gsm8k_answer(c) for c in completions]
@@ -503,7 +503,7 @@ def nli_predictions(net, tokenizer, rows, batch_size=200):
 
 
 def pretrain_deberta(data, out_dir):
-    tokenizer = model.DebertaTokenizer(os.path.join(out_dir, "spm.model"))
+    tokenizer = DebertaTokenizer(os.path.join(out_dir, "spm.model"))
     config = dict(DEBERTA_CONFIG, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(SEED)
     net = model.DebertaClassifier(model.DebertaConfig.from_hf(config), num_labels=3)  # the temporary head
@@ -555,7 +555,7 @@ def random_classifier(config_dict, seed=0):
 
 def encoder_vs_random(path, train_rows, validation_rows, seed=0):
     """nli_finetune_accuracy of the bundled encoder and of a random encoder of the same shape."""
-    tokenizer = model.DebertaTokenizer(path)
+    tokenizer = DebertaTokenizer(path)
     pretrained = model.DebertaClassifier.from_pretrained(path, num_labels=3, seed=seed)
     random_net = random_classifier(model.read_config(path), seed=seed)
     return (nli_finetune_accuracy(pretrained, tokenizer, train_rows, validation_rows, seed=seed),
@@ -672,7 +672,7 @@ def build(out):
 
     deberta_dir = os.path.join(out, "tiny-deberta")
     deberta = pretrain_deberta(data, deberta_dir)
-    deberta["vocab_size"] = model.DebertaTokenizer(deberta_dir).vocab_size
+    deberta["vocab_size"] = DebertaTokenizer(deberta_dir).vocab_size
     deberta["finetuned_accuracy"], deberta["random_finetuned_accuracy"] = encoder_vs_random(
         deberta_dir, data["nli_train"], data["nli_validation"][:NLI_CHECK["validation"]])
     print(f"tiny-deberta: {deberta} ({time.time() - start:.0f}s)", flush=True)

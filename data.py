@@ -1,0 +1,484 @@
+"""
+Text in, token ids out: the tokenizers, chat templates, data formats and collate functions that
+train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only models and weights.
+
+  Tokenizer          a causal LM's tokenizer.json (the `tokenizers` library) or tokenizer.model
+                     (sentencepiece), with the checkpoint's BOS/EOS rules and chat template, behaving
+                     as transformers' AutoTokenizer on the same directory
+  DebertaTokenizer   DeBERTa-v3's spm.model, [CLS] A [SEP] (B [SEP])
+  load_records       rows of a local .jsonl/.json/.parquet file or of a `datasets` hub name
+  query_and_response the (query, response) of a record under --format
+  prompt_ids, tokenize_example, collate
+                     an instruction example as tokens, the prompt masked out of the loss, in the
+                     Alpaca prompt of PiSSA / MetaMath or the checkpoint's own chat template
+"""
+
+import json
+import os
+from datetime import datetime
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Causal LM tokenizer
+
+
+def _read_json(path):
+    """The dict in a JSON file, {} when the file does not exist; a bad file is named in the error."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _token_content(token):
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _as_list(ids):
+    """An `eos_token_id` entry of a config: None, an int, or a list of ints."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def _chat_template_source(directory, tokenizer_config):
+    """
+    The chat template's jinja source, where transformers looks for it: chat_template.jinja first, then
+    tokenizer_config.json's `chat_template` (a string, or a list of named templates: the "default"
+    one). None when the checkpoint has none.
+    """
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry["name"]: entry["template"] for entry in template}
+        template = named.get("default")
+    return template
+
+
+def compile_chat_template(source):
+    """
+    A jinja2 template in the environment transformers renders chat templates with, so that both give
+    byte-identical strings: a sandbox (templates come from the hub: no attribute tricks), trim_blocks
+    and lstrip_blocks (templates are written with one tag a line and expect those lines to vanish),
+    loop controls, `tojson` without HTML escaping, and the helpers templates call: raise_exception,
+    strftime_now. A `{% generation %}` block (transformers' marker for assistant tokens) renders its
+    body as is.
+    """
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return environment.from_string(source)
+
+
+class Tokenizer:
+    """
+    A causal LM's tokenizer from its checkpoint directory, read as transformers' AutoTokenizer reads it:
+      tokenizer.json (Llama-3, Qwen2.5/3, SmolLM2, Mistral) with the `tokenizers` library, else
+      tokenizer.model (LLaMA-2 style sentencepiece); tokenizer_config.json for the special tokens,
+      `add_bos_token` / `add_eos_token` and the chat template (or chat_template.jinja);
+      generation_config.json / config.json for the ids that end a generation.
+
+    Attributes: bos_id, eos_id (the tokenizer's EOS, which training appends), eos_ids (every id that
+    ends generation: EOS plus the end-of-turn ids of generation_config.json, e.g. Llama-3-Instruct's
+    <|eot_id|>), pad_id (pad token, else EOS: attention masks padding out anyway), vocab_size (every id,
+    added tokens included), chat_template (jinja source or None), path.
+    """
+
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--model {path!r} does not exist")
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        self.path = directory
+        self.config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        model_config = _read_json(os.path.join(directory, "config.json"))
+        generation_config = _read_json(os.path.join(directory, "generation_config.json"))
+        json_file, sentencepiece_file = (os.path.join(directory, name) for name in ("tokenizer.json", "tokenizer.model"))
+        if os.path.isfile(path) and path.endswith(".model"):
+            json_file = None  # a sentencepiece file named directly
+        if json_file and os.path.isfile(json_file):
+            self._load_tokenizer_json(json_file)
+        elif os.path.isfile(sentencepiece_file):
+            self._load_sentencepiece(sentencepiece_file)
+        else:
+            raise FileNotFoundError(f"{directory!r} has no tokenizer: expected tokenizer.json or tokenizer.model")
+        for name in ("bos", "eos"):
+            token = _token_content(self.config.get(f"{name}_token"))
+            if token is not None:  # tokenizer_config.json names the special token: its id wins
+                setattr(self, f"{name}_id", self._token_id(token, f"{name}_token"))
+            elif getattr(self, f"{name}_id") is None:
+                setattr(self, f"{name}_id", model_config.get(f"{name}_token_id"))
+        pad_token = _token_content(self.config.get("pad_token"))
+        self.pad_id = self._token_id(pad_token, "pad_token") if pad_token is not None else self.eos_id or 0
+        self.eos_ids = list(dict.fromkeys(
+            [i for i in [self.eos_id] if i is not None]
+            + _as_list(generation_config.get("eos_token_id", model_config.get("eos_token_id")))))
+        self.chat_template = _chat_template_source(directory, self.config)
+        self._compiled_template = None
+
+    def _load_tokenizer_json(self, json_file):
+        import tokenizers
+
+        self.backend = tokenizers.Tokenizer.from_file(json_file)
+        self._sentencepiece = None
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        # Without tokenizer_config.json's tokens the ids come from config.json (set by the caller).
+        self.bos_id = self.eos_id = None
+
+    def _load_sentencepiece(self, model_file):
+        import sentencepiece
+
+        self._sentencepiece = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.backend = None
+        self.vocab_size = self._sentencepiece.get_piece_size()
+        self.bos_id, self.eos_id = (i if i >= 0 else None for i in (self._sentencepiece.bos_id(), self._sentencepiece.eos_id()))
+
+    def _token_id(self, token, key):
+        """The id of a special token named in tokenizer_config.json; an error if the vocabulary lacks it."""
+        if self.backend is not None:
+            token_id = self.backend.token_to_id(token)
+        else:  # sentencepiece maps an unknown piece to <unk>: check that the id spells the token
+            token_id = self._sentencepiece.piece_to_id(token)
+            token_id = token_id if self._sentencepiece.id_to_piece(token_id) == token else None
+        if token_id is None:
+            raise ValueError(f"{os.path.join(self.path, 'tokenizer_config.json')}: {key} {token!r} is not in the vocabulary")
+        return token_id
+
+    def token_text(self, token_id):
+        """The string of one token id (a special token's text, e.g. '<|im_end|>')."""
+        return self.backend.id_to_token(token_id) if self.backend else self._sentencepiece.id_to_piece(token_id)
+
+    def encode(self, text, bos=None, eos=False):
+        """
+        Token ids of `text`. bos=None: the checkpoint's own rule, so that encode(text) equals
+        AutoTokenizer(dir)(text)["input_ids"]: tokenizer_config.json's add_bos_token / add_eos_token
+        when it sets either (transformers then rebuilds the post-processor from them), else the
+        tokenizer.json post-processor (Llama-3's adds <|begin_of_text|>, Qwen's adds nothing); a
+        sentencepiece tokenizer adds BOS unless add_bos_token is false (LLaMA-2). bos=True/False forces
+        BOS on or off, with no other special token. eos=True appends EOS.
+        Special-token strings in `text` become their ids, as in transformers.
+        """
+        explicit = "add_bos_token" in self.config or "add_eos_token" in self.config
+        if self.backend is not None and bos is None and not explicit:
+            ids = self.backend.encode(text, add_special_tokens=True).ids  # the post-processor decides
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids if self.backend else self._sentencepiece.encode(text)
+            if bos is None:
+                bos = self.config.get("add_bos_token", self._sentencepiece is not None)
+                eos = eos or self.config.get("add_eos_token", False)
+            if bos:
+                if self.bos_id is None:
+                    raise ValueError(f"{self.path}: a BOS token was asked for but the tokenizer has none")
+                ids = [self.bos_id] + ids
+        if eos and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids):
+        """The text of `ids`, special tokens kept (transformers' decode with its defaults)."""
+        ids = list(ids)
+        if self.backend is None:
+            return self._sentencepiece.decode(ids)
+        text = self.backend.decode(ids, skip_special_tokens=False)
+        # transformers' clean-up of " ." and " n't" is meant for WordPiece; it skips it for BPE.
+        if self.config.get("clean_up_tokenization_spaces") and type(self.backend.model).__name__ != "BPE":
+            for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(spaced, joined)
+        return text
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        """
+        The conversation `messages` ([{"role": ..., "content": ...}, ...]) rendered by the checkpoint's
+        chat template: the string transformers' apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=...) returns. Encode it with bos=False: templates write BOS themselves.
+        """
+        if self.chat_template is None:
+            raise ValueError(f"{self.path}: the checkpoint has no chat template (no chat_template.jinja, no "
+                             "`chat_template` in tokenizer_config.json); use --prompt-format alpaca")
+        if self._compiled_template is None:
+            self._compiled_template = compile_chat_template(self.chat_template)
+        # The special tokens are template variables, as transformers passes its special_tokens_map.
+        special = {key: _token_content(self.config[key]) for key in
+                   ("bos_token", "eos_token", "unk_token", "pad_token") if self.config.get(key) is not None}
+        return self._compiled_template.render(messages=messages, tools=None, documents=None,
+                                              add_generation_prompt=add_generation_prompt, **special)
+
+    def pad_batch(self, sequences, padding_side="right"):
+        """(input_ids, attention_mask) LongTensors (B, longest); left padding for generation."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        longest = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            span = slice(longest - len(ids), longest) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask
+
+
+# -----------------------------------------------------------------------------
+# DeBERTa-v3 tokenizer (train_nlu.py, eval.py glue / cluster)
+
+
+class DebertaTokenizer:
+    """
+    DeBERTa-v3's sentencepiece spm.model with its special ids [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3:
+    a sentence is [CLS] A [SEP], a pair [CLS] A [SEP] B [SEP].
+
+    Any spm.model with those four pieces at ids 0-3 works; one trained with
+    sentencepiece.SentencePieceTrainer.train(..., pad_id=0, pad_piece="[PAD]", bos_id=1,
+    bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]", unk_id=3, unk_piece="[UNK]") has them.
+    """
+
+    pad_id, cls_id, sep_id, unk_id = 0, 1, 2, 3
+    special_pieces = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+
+    def __init__(self, path):
+        import sentencepiece
+
+        model_file = os.path.join(path, "spm.model") if os.path.isdir(path) else path
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"no sentencepiece model at {model_file!r}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        pieces = [self.sp.id_to_piece(i) for i in range(min(4, self.sp.get_piece_size()))]
+        if pieces != self.special_pieces or self.sp.unk_id() != self.unk_id:
+            raise ValueError(f"{model_file!r}: ids 0-3 are {pieces} (unk id {self.sp.unk_id()}), "
+                             f"expected {self.special_pieces} as in DeBERTa-v3")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """[CLS] A [SEP] (B [SEP]) ids, at most max_length; a pair is truncated longest-first."""
+        a = self.sp.encode(text_a)
+        if text_b is None:
+            if max_length < 2:
+                raise ValueError(f"max_length={max_length}: a sentence needs at least 2 ([CLS], [SEP])")
+            return [self.cls_id] + a[: max_length - 2] + [self.sep_id]
+        if max_length < 3:
+            raise ValueError(f"max_length={max_length}: a pair needs at least 3 ([CLS], [SEP], [SEP])")
+        a, b = truncate_longest_first(a, self.sp.encode(text_b), max_length - 3)
+        return [self.cls_id] + a + [self.sep_id] + b + [self.sep_id]
+
+    def encode_batch(self, texts_a, texts_b=None, max_length=128):
+        """(input_ids, attention_mask) LongTensors (B, longest), right padded with [PAD] = 0."""
+        if texts_b is not None and len(texts_b) != len(texts_a):
+            raise ValueError(f"texts_b has {len(texts_b)} texts for {len(texts_a)} texts_a")
+        sequences = [self.encode(a, None if texts_b is None else texts_b[n], max_length) for n, a in enumerate(texts_a)]
+        longest = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+
+def truncate_longest_first(a, b, budget):
+    """
+    Drop tokens from the ends of a and b until len(a) + len(b) <= budget, always from the longer one
+    (from b on ties), as Hugging Face's "longest_first": first cut the longer down to the other's
+    length, then split what remains evenly, b giving the odd token.
+    """
+    excess = len(a) + len(b) - budget
+    if excess <= 0:
+        return a, b
+    gap = min(abs(len(a) - len(b)), excess)
+    drop_a = (excess - gap) // 2 + (gap if len(a) > len(b) else 0)
+    drop_b = excess - drop_a
+    return a[: len(a) - drop_a], b[: len(b) - drop_b]
+
+
+# -----------------------------------------------------------------------------
+# Records: a local file or a hub dataset, and the (query, response) of each under --format
+
+
+# --format -> (query field, response field); alpaca also appends a non-empty "input" to the query,
+# wizardlm may instead hold a `conversations` list [{"from": "human", ...}, {"from": "gpt", ...}].
+FORMATS = {
+    "metamath": ("query", "response"),
+    "codefeedback": ("query", "answer"),
+    "wizardlm": ("instruction", "output"),
+    "alpaca": ("instruction", "output"),
+}
+
+
+def query_and_response(record, data_format, index=0):
+    """(query, response) strings of one record under --format; ValueError naming missing fields."""
+    if data_format == "wizardlm" and "conversations" in record:
+        turns = record["conversations"]
+        human = next((i for i, turn in enumerate(turns) if turn.get("from") == "human"), None)
+        if human is None or human + 1 >= len(turns) or turns[human + 1].get("from") != "gpt":
+            raise ValueError(f"record {index}: `conversations` needs a 'human' turn followed by a 'gpt' turn")
+        return turns[human]["value"], turns[human + 1]["value"]
+    query_field, response_field = FORMATS[data_format]
+    missing = [field for field in (query_field, response_field) if field not in record]
+    if missing:
+        alternative = " (or `conversations`)" if data_format == "wizardlm" else ""
+        raise ValueError(f"--format {data_format} needs the fields {missing}{alternative}; "
+                         f"record {index} has {sorted(record)}")
+    query = record[query_field]
+    if data_format == "alpaca" and record.get("input"):
+        query = f"{query}\n{record['input']}"
+    return query, record[response_field]
+
+
+def load_records(data, limit=None, split="train", config=None):
+    """
+    The first `limit` rows (dicts; all when None) of a local .jsonl/.json/.parquet file, or of `split`
+    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]). eval.py reads its
+    benchmarks through this too.
+    """
+    if not os.path.isfile(data):
+        if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
+            raise FileNotFoundError(f"--data {data!r} does not exist")
+        import datasets
+
+        split = split if limit is None else f"{split}[:{limit}]"
+        return datasets.load_dataset(data, config, split=split).to_list()
+    extension = os.path.splitext(data)[1]
+    if extension == ".jsonl":
+        with open(data) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    elif extension == ".json":
+        with open(data) as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            raise ValueError(f"--data {data!r}: expected a JSON list of records")
+    elif extension == ".parquet":
+        import pyarrow.parquet
+
+        records = pyarrow.parquet.read_table(data).to_pylist()
+    else:
+        raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
+    return records if limit is None else records[:limit]
+
+
+def load_examples(data, data_format, max_samples):
+    """(query, response) pairs of the first `max_samples` records under --format."""
+    records = load_records(data, max_samples)
+    examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
+    if not examples:
+        raise ValueError(f"--data {data!r} gave no examples (empty file, or --max-samples {max_samples})")
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Prompts: Alpaca (PiSSA / MetaMath fine-tune base models with it) or the checkpoint's chat template
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{query}\n\n### Response:"
+)
+
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def resolve_prompt_format(prompt_format, tokenizer):
+    """--prompt-format: as given, else chat when the checkpoint has a chat template, alpaca otherwise."""
+    if prompt_format is None:
+        return "chat" if tokenizer.chat_template is not None else "alpaca"
+    if prompt_format == "chat" and tokenizer.chat_template is None:
+        raise ValueError(f"--prompt-format chat: {tokenizer.path} has no chat template "
+                         "(chat_template.jinja or tokenizer_config.json `chat_template`)")
+    return prompt_format
+
+
+def prompt_ids(tokenizer, query, prompt_format):
+    """
+    The token ids a model sees before its answer: the Alpaca prompt (with the checkpoint's BOS rule),
+    or the chat template rendered with one user turn and the generation prompt (the template writes
+    its own BOS). Training (tokenize_example) and evaluation (eval.py) both call this.
+    """
+    if prompt_format == "alpaca":
+        return tokenizer.encode(PROMPT_TEMPLATE.format(query=query))
+    user_turn = [{"role": "user", "content": query}]
+    return tokenizer.encode(tokenizer.apply_chat_template(user_turn, add_generation_prompt=True), bos=False)
+
+
+def chat_response_ids(tokenizer, query, response):
+    """
+    The response tokens of a chat example: the template renders the two-turn conversation, the
+    response is what follows the generation prompt up to and including the first end-of-turn token
+    (any of tokenizer.eos_ids: SmolLM2's and Qwen's <|im_end|>, Llama-3's <|eot_id|>), which is what
+    the model must learn to emit. The prompt's tokens must be a prefix of the conversation's tokens:
+    then prompt + response is exactly the template's tokenization of the conversation, with no
+    merge across the boundary.
+    """
+    user_turn = [{"role": "user", "content": query}]
+    prompt = tokenizer.apply_chat_template(user_turn, add_generation_prompt=True)
+    conversation = tokenizer.apply_chat_template(user_turn + [{"role": "assistant", "content": response}])
+    if not conversation.startswith(prompt):
+        raise ValueError(f"{tokenizer.path}: the chat template renders the conversation without its own "
+                         "generation prompt as a prefix; it cannot be used for supervised fine-tuning")
+    ends = [conversation.find(token, len(prompt)) for token in map(tokenizer.token_text, tokenizer.eos_ids)]
+    ends = [(end, len(token)) for end, token in zip(ends, map(tokenizer.token_text, tokenizer.eos_ids)) if end >= 0]
+    if not ends:
+        raise ValueError(f"{tokenizer.path}: the chat template writes none of the end-of-turn tokens "
+                         f"{[tokenizer.token_text(i) for i in tokenizer.eos_ids]} after the assistant turn")
+    end, length = min(ends)
+    prompt_tokens = tokenizer.encode(prompt, bos=False)
+    conversation_tokens = tokenizer.encode(conversation[:end + length], bos=False)
+    if conversation_tokens[:len(prompt_tokens)] != prompt_tokens:
+        raise ValueError(f"{tokenizer.path}: the chat prompt's tokens are not a prefix of the conversation's "
+                         f"(a token merges across the boundary) for the query {query[:40]!r}")
+    return conversation_tokens[len(prompt_tokens):]
+
+
+def tokenize_example(tokenizer, query, response, max_len, prompt_format="alpaca"):
+    """
+    input_ids and labels of one example: prompt + response, cut at max_len, the prompt masked out of
+    the loss (label -100). Alpaca: the response is encoded on its own plus EOS, so the mask boundary
+    is exact (sentencepiece gives the response its leading space, as "Response: ..."). Chat: the
+    response is the assistant turn with its end-of-turn token (chat_response_ids).
+    """
+    prompt = prompt_ids(tokenizer, query, prompt_format)
+    if prompt_format == "alpaca":
+        response_ids = tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
+    else:
+        response_ids = chat_response_ids(tokenizer, query, response)
+    input_ids = (prompt + response_ids)[:max_len]
+    labels = ([-100] * len(prompt) + response_ids)[:max_len]
+    return input_ids, labels
+
+
+def collate(tokenizer, examples, max_len, prompt_format="alpaca"):
+    """(input_ids, attention_mask, labels) of a micro-batch, right padded (labels padded with -100)."""
+    tokenized = [tokenize_example(tokenizer, query, response, max_len, prompt_format) for query, response in examples]
+    input_ids, attention_mask = tokenizer.pad_batch([ids for ids, _ in tokenized], padding_side="right")
+    labels = torch.full_like(input_ids, -100)
+    for row, (_, row_labels) in enumerate(tokenized):
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+    return input_ids, attention_mask, labels
