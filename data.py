@@ -183,20 +183,18 @@ class Tokenizer:
     def encode(self, text, bos=None, eos=False):
         """
         Token ids of `text`. bos=None: the checkpoint's own rule, so that encode(text) equals
-        AutoTokenizer(dir)(text)["input_ids"]: tokenizer_config.json's add_bos_token / add_eos_token
-        when it sets either (transformers then rebuilds the post-processor from them), else the
-        tokenizer.json post-processor (Llama-3's adds <|begin_of_text|>, Qwen's adds nothing); a
-        sentencepiece tokenizer adds BOS unless add_bos_token is false (LLaMA-2). bos=True/False forces
-        BOS on or off, with no other special token. eos=True appends EOS.
-        Special-token strings in `text` become their ids, as in transformers.
+        AutoTokenizer(dir)(text)["input_ids"]: for tokenizer.json its post-processor (Llama-3's adds
+        <|begin_of_text|>, Qwen's adds nothing; transformers 5 ignores add_bos_token next to a
+        tokenizer.json), for sentencepiece tokenizer_config.json's add_bos_token / add_eos_token
+        (LLaMA-2: BOS, no EOS). bos=True/False forces BOS on or off, with no other special token.
+        eos=True appends EOS. Special-token strings in `text` become their ids, as in transformers.
         """
-        explicit = "add_bos_token" in self.config or "add_eos_token" in self.config
-        if self.backend is not None and bos is None and not explicit:
+        if bos is None and self.backend is not None:
             ids = self.backend.encode(text, add_special_tokens=True).ids  # the post-processor decides
         else:
             ids = self.backend.encode(text, add_special_tokens=False).ids if self.backend else self._sentencepiece.encode(text)
             if bos is None:
-                bos = self.config.get("add_bos_token", self._sentencepiece is not None)
+                bos = self.config.get("add_bos_token", True)
                 eos = eos or self.config.get("add_eos_token", False)
             if bos:
                 if self.bos_id is None:
