@@ -141,8 +141,8 @@ def _is_computed_buffer(model, key):
 # -----------------------------------------------------------------------------
 # LLaMA-style decoder
 #
-# Hugging Face key layout (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM); our module
-# names are the same, so a checkpoint key is a parameter name:
+# Hugging Face key layout (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM);
+# our module names are the same, so a checkpoint key is a parameter name:
 #
 #   model.embed_tokens.weight                          (vocab, hidden)
 #   model.layers.{i}.input_layernorm.weight            (hidden,)
@@ -150,6 +150,8 @@ def _is_computed_buffer(model, key):
 #   model.layers.{i}.self_attn.k_proj.weight / .bias   (kv_heads * head_dim, hidden)   bias: qwen2, attention_bias
 #   model.layers.{i}.self_attn.v_proj.weight / .bias   (kv_heads * head_dim, hidden)   bias: qwen2, attention_bias
 #   model.layers.{i}.self_attn.o_proj.weight / .bias   (hidden, heads * head_dim)      bias: attention_bias (not qwen2)
+#   model.layers.{i}.self_attn.q_norm.weight           (head_dim,)                     qwen3 (qk_norm)
+#   model.layers.{i}.self_attn.k_norm.weight           (head_dim,)                     qwen3 (qk_norm)
 #   model.layers.{i}.post_attention_layernorm.weight   (hidden,)
 #   model.layers.{i}.mlp.gate_proj.weight / .bias      (intermediate, hidden)          bias: mlp_bias
 #   model.layers.{i}.mlp.up_proj.weight / .bias        (intermediate, hidden)          bias: mlp_bias
@@ -178,20 +180,23 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
 
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict (model_type llama, mistral or qwen2)."""
+        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3)."""
         model_type = config.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral or qwen2")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu (SwiGLU)")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2 or qwen3")
+        # transformers maps "swish" and "silu" to the same function.
+        if config.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
         heads = config["num_attention_heads"]
         rope = _rope_parameters(config)
-        # qwen2 has biases on q, k, v only; llama's attention_bias covers q, k, v and o; mistral has none.
-        qkv_bias = model_type == "qwen2" or (model_type == "llama" and config.get("attention_bias", False))
-        o_bias = model_type == "llama" and config.get("attention_bias", False)
+        # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
+        attention_bias = model_type in ("llama", "qwen3") and config.get("attention_bias", False)
+        qkv_bias = model_type == "qwen2" or attention_bias
+        o_bias = attention_bias
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -209,6 +214,7 @@ class LlamaConfig:
             mlp_bias=model_type == "llama" and config.get("mlp_bias", False),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             sliding_window=_sliding_window(config),
+            qk_norm=model_type == "qwen3",
         )
 
 
@@ -240,7 +246,7 @@ def _rope_parameters(config):
 
 
 def _sliding_window(config):
-    """The attention window, or None when no layer uses one (qwen2 switches it on with use_sliding_window)."""
+    """The attention window, or None when no layer uses one (qwen2, qwen3 switch it on with use_sliding_window)."""
     if "layer_types" in config and config["layer_types"] is not None:
         uses_window = "sliding_attention" in config["layer_types"]
     else:
@@ -330,12 +336,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all query (key) heads
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # per head, before RoPE (as transformers' Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
@@ -482,7 +494,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face llama/mistral/qwen2 directory, one tensor at a time into dtype/device."""
+        """Load a Hugging Face llama/mistral/qwen2/qwen3 directory, one tensor at a time into dtype/device."""
         config = LlamaConfig.from_hf(read_config(path))
         with torch.device("meta"):
             model = cls(config)

@@ -38,6 +38,12 @@ CONFIGS = {
     "qwen2_mqa_bias": ("Qwen2Config", dict(num_key_value_heads=1, rope_theta=1000.0), {}),
     # Mistral: GQA, a sliding window longer than our inputs.
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64), {}),
+    # Qwen3: q_norm/k_norm per head before RoPE; GQA, tied embeddings, head_dim 24 != hidden / heads.
+    "qwen3_gqa_tied": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+                                           rope_theta=1000.0), {}),
+    # Qwen3 with attention_bias (q, k, v and o, unlike qwen2), MHA, head_dim 32, untied.
+    "qwen3_mha_bias": ("Qwen3Config", dict(num_key_value_heads=4, head_dim=32, attention_bias=True,
+                                           tie_word_embeddings=False), {}),
 }
 
 
@@ -48,7 +54,8 @@ def rescale_(hf_model, seed):
         for name, p in hf_model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
+                # Qwen3's q_norm/k_norm set the size of q and k (q_proj/k_proj no longer do): larger too.
+                p.copy_((1.0 + 0.2 * noise) * (2.0 if ("q_norm" in name or "k_norm" in name) else 1.0))
             elif "embed_tokens" in name:
                 # Tied: the input embedding is also the output one, and at std 1 it dominates the residual
                 # stream, so every model would just predict its input token (greedy tests then test nothing).
@@ -133,7 +140,7 @@ def test_padding_does_not_change_the_real_positions(checkpoints):
         torch.testing.assert_close(plain_hf, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["llama2_mha", "llama3_gqa"])
+@pytest.mark.parametrize("name", ["llama2_mha", "llama3_gqa", "qwen3_gqa_tied"])
 def test_unpadded_causal_path_and_output_mask(checkpoints, name):
     """attention_mask=None (SDPA's is_causal, no explicit mask) matches transformers, and output_mask
     returns exactly the chosen rows of the full logits, in row-major order."""
@@ -158,17 +165,19 @@ def test_rope_frequencies_match_transformers(checkpoints):
     torch.testing.assert_close(ours.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
 
 
-def test_classic_config_dialect_parses_to_the_same_model(checkpoints, tmp_path):
-    """Hub checkpoints carry rope_theta + rope_scaling at the top level, not transformers 5's rope_parameters."""
-    path, _ = checkpoints["llama3_gqa"]
+@pytest.mark.parametrize("name, rope_type", [("llama3_gqa", "llama3"), ("qwen3_gqa_tied", "default")])
+def test_classic_config_dialect_parses_to_the_same_model(checkpoints, tmp_path, name, rope_type):
+    """Hub checkpoints carry rope_theta + rope_scaling at the top level, not transformers 5's rope_parameters
+    (rope_scaling null for default RoPE, as in released Qwen3 configs)."""
+    path, _ = checkpoints[name]
     config = M.read_config(path)
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
-    config["rope_scaling"] = rope
+    config["rope_scaling"] = rope if rope["rope_type"] != "default" else None
     shutil.copy(os.path.join(path, "model.safetensors"), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert M.LlamaConfig.from_hf(config) == M.LlamaConfig.from_hf(M.read_config(path))
-    assert M.LlamaConfig.from_hf(config).rope_type == "llama3"
+    assert M.LlamaConfig.from_hf(config).rope_type == rope_type
     input_ids, attention_mask = padded_batch([20, 9], "right")
     with torch.no_grad():
         torch.testing.assert_close(M.Llama.from_pretrained(str(tmp_path))(input_ids, attention_mask),
@@ -197,7 +206,7 @@ def greedy_by_full_forward(model, input_ids, attention_mask, max_new_tokens, eos
     return input_ids
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa", "qwen2_mqa_bias"])
+@pytest.mark.parametrize("name", ["llama3_gqa", "qwen2_mqa_bias", "qwen3_gqa_tied"])
 def test_greedy_generate_matches_transformers_and_full_forward(checkpoints, name):
     path, hf = checkpoints[name]
     ours = M.Llama.from_pretrained(path)
@@ -242,7 +251,7 @@ def test_sampling_is_reproducible_with_a_generator(checkpoints):
     assert not torch.equal(sample(0), sample(1))
 
 
-@pytest.mark.parametrize("name", ["llama2_mha", "qwen2_mqa_bias", "mistral"])
+@pytest.mark.parametrize("name", ["llama2_mha", "qwen2_mqa_bias", "mistral", "qwen3_mha_bias"])
 def test_bf16_load_is_close_to_float32(checkpoints, name):
     """Relative error ||bf16 - fp32|| / ||fp32|| over the real positions. These O(1), peaked models are
     hard on bf16 (transformers' own bf16 is ~1-2% off too; ~2% for the tied llama3_gqa, left out), so
@@ -313,8 +322,21 @@ def test_input_longer_than_sliding_window_raises():
     config = M.LlamaConfig.from_hf(hf_dict(model_type="mistral", sliding_window=8))
     with pytest.raises(ValueError, match="sliding_window"):
         M.Llama(config)(torch.zeros(1, 9, dtype=torch.long))
-    # qwen2 only uses its window with use_sliding_window (off in released checkpoints).
-    assert M.LlamaConfig.from_hf(hf_dict(model_type="qwen2", sliding_window=8)).sliding_window is None
+    # qwen2 and qwen3 only use their window with use_sliding_window (off in released checkpoints).
+    for model_type in ("qwen2", "qwen3"):
+        assert M.LlamaConfig.from_hf(hf_dict(model_type=model_type, sliding_window=8)).sliding_window is None
+        window = M.LlamaConfig.from_hf(hf_dict(model_type=model_type, sliding_window=8, use_sliding_window=True))
+        assert window.sliding_window == 8
+
+
+def test_qwen3_flags_and_swish_alias():
+    qwen3 = M.LlamaConfig.from_hf(hf_dict(model_type="qwen3", head_dim=24, attention_bias=True))
+    assert qwen3.qk_norm and qwen3.qkv_bias and qwen3.o_bias and qwen3.head_dim == 24
+    assert not M.LlamaConfig.from_hf(hf_dict(model_type="qwen2")).qk_norm
+    names = {name for name, _ in M.Llama(qwen3).named_parameters()}
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= names
+    # transformers' ACT2FN maps "swish" to the same SiLU as "silu".
+    assert M.LlamaConfig.from_hf(hf_dict(hidden_act="swish")) == M.LlamaConfig.from_hf(hf_dict())
 
 
 def broken_checkpoint(path, tmp_path, edit):
@@ -358,7 +380,9 @@ def tokenizer(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_prefix=str(path / "tokenizer"), vocab_size=60,
         model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    return M.Tokenizer(str(path))  # a directory with tokenizer.model, as a model directory
+    from data import Tokenizer  # moved from model.py to data.py
+
+    return Tokenizer(str(path))  # a directory with tokenizer.model, as a model directory
 
 
 def test_tokenizer_round_trip_and_special_ids(tokenizer):
