@@ -4,6 +4,7 @@ Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (p
     python train_nlg.py                                   # offline toy run on assets/tiny-llama (< 3 min on CPU)
     python train_nlg.py --model /path/to/Llama-2-7b-hf --data meta-math/MetaMathQA   # paper settings (B.4)
     torchrun --standalone --nproc_per_node=4 train_nlg.py --model ... --data ...    # DDP, same global batch
+    python train_nlg.py --model ~/.cache/balora/smollm2-135m-instruct ...          # an instruct model, in its chat template
 
 One loop, read top to bottom: parse flags -> load model -> add LoRA -> data -> for each optimizer step:
 micro-batches (student logits -> task loss -> teacher logits -> BA-LoRA regularizers -> backward) ->

@@ -219,3 +219,13 @@ def test_unknown_special_token_is_named(llama3_style, tmp_path):
     (broken / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not_a_token|>"}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|not_a_token\|>' is not in the vocabulary"):
         Tokenizer(str(broken))
+
+
+def test_train_nlg_refuses_chat_on_a_checkpoint_without_template(tmp_path):
+    """The bundled tiny LLaMA has no chat template: --prompt-format chat stops before --out exists."""
+    import train_nlg
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--prompt-format chat: .*tiny-llama has no chat template"):
+        train_nlg.main(["--prompt-format", "chat", "--max-steps", "1", "--out", str(out)])
+    assert not out.exists()
