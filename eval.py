@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from functools import cache
@@ -663,6 +664,9 @@ def classifier_outputs(model, tokenizer, task, args):
 
 def eval_glue(args):
     task = TASKS[args.task]
+    if args.adapter is None:
+        warnings.warn("eval.py glue without --adapter scores a randomly initialised classification head "
+                      "(pooler + classifier are trained by train_nlu.py): expect chance-level metrics")
     model, tokenizer = load_classifier(args, task)
     logits, _, labels = classifier_outputs(model, tokenizer, task, args)
     metrics = compute_metrics(task, logits, labels)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -104,15 +105,21 @@ def atomic_torch_save(obj, path):
 
 
 def rng_state():
-    """The RNG states of this process (python, torch CPU, and CUDA when present)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """
+    The RNG states of this process (python, torch CPU, and CUDA when present) as tensors and plain
+    numbers, so that a checkpoint loads with torch.load(weights_only=True): Python's Mersenne Twister
+    state is its 625 words (each < 2**32) plus the cached Gaussian, not a pickled tuple.
+    """
+    version, words, gauss_next = random.getstate()
+    state = {"python": torch.tensor(words, dtype=torch.int64), "python_version": version,
+             "python_gauss_next": gauss_next, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss_next"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -125,6 +132,7 @@ def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, co
     states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
     rank 0 writes `path` atomically. `model` is the unwrapped module (not the DDP wrapper).
     """
+    check_finite_parameters(model, path)  # identical on every rank, so all ranks raise together
     rng = [rng_state()]
     if dist.is_available() and dist.is_initialized():
         rng = [None] * dist.get_world_size()
@@ -150,7 +158,11 @@ def load_checkpoint(path, model, optimizer, scheduler):
     this rank's RNG state. Returns the checkpoint dict (step, data_state, config, ...).
     The model must already carry the same adapter structure (add_lora with the same settings).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"--resume: {path} holds more than tensors and plain data and was not read "
+                         f"(a balora checkpoint never does): {str(error).splitlines()[0]}") from None
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(trainable) - set(checkpoint["trainable"]))
     unexpected = sorted(set(checkpoint["trainable"]) - set(trainable))
@@ -171,6 +183,38 @@ def load_checkpoint(path, model, optimizer, scheduler):
         )
     set_rng_state(checkpoint["rng"][rank])
     return checkpoint
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temp files atomic_torch_save leaves when a run is killed mid-save (".tmp-<name>...")."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(directory, name))
+
+
+def rewind_log(log_path, last_step):
+    """
+    The lines of log.jsonl up to `last_step` (the checkpoint a run resumes from), so the log matches it.
+    A torn last line (the run was killed while writing it) is dropped, and said so; a broken line
+    anywhere else is an error naming the file and line.
+    """
+    if not os.path.isfile(log_path):
+        return []
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"{log_path}: dropped the torn last line {number} (the run was killed while writing it)")
+                continue
+            raise ValueError(f"{log_path}, line {number}: not a JSON record; cannot resume with this log") from None
+        if record["step"] <= last_step:
+            kept.append(line)
+    return kept
 
 
 def append_jsonl(path, record):
@@ -199,11 +243,33 @@ def lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, decay="cosine"
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def check_finite(loss, step):
-    """Stop the run at the first NaN/inf loss, naming the step (the last checkpoint stays untouched)."""
-    value = float(loss)
-    if not math.isfinite(value):
-        raise RuntimeError(f"non-finite loss ({value}) at step {step}; stopping, the last saved checkpoint is intact")
+def check_finite(value, step, quantity="loss", checkpoint_path=None):
+    """
+    Stop the run before optimizer step `step` applies a NaN/inf `quantity` (the loss, the gradient
+    norm, a logit matrix: a tensor is checked whole). Under DDP the ranks agree first (one all-reduce),
+    so every rank stops at the same step. Since no non-finite update is ever applied, the last
+    checkpoint holds finite values only: the error names it, so the run can resume with other flags.
+    """
+    finite = torch.isfinite(torch.as_tensor(value)).all().to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        finite = finite.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 1.0:
+        return
+    shown = f" ({float(value)})" if torch.as_tensor(value).numel() == 1 else ""
+    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
+        last = f"the last checkpoint, {checkpoint_path}, holds only finite values"
+    else:
+        last = "no checkpoint was written before it"
+    raise FloatingPointError(f"non-finite {quantity}{shown} at step {step}; stopped before the optimizer step "
+                             f"(lower --lr?): {last}")
+
+
+def check_finite_parameters(model, what):
+    """Refuse to write `what` (a checkpoint, an adapter) when a trainable tensor holds NaN/inf."""
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:
+        raise FloatingPointError(f"not writing {what}: {len(broken)} trainable tensors are non-finite, e.g. {broken[0]}")
 
 
 def autocast_context(device, dtype):
@@ -362,12 +428,11 @@ def main(argv=None):
         if changed:
             raise ValueError(f"--resume: flags differ from the checkpointed run: {changed}")
         start_step, skipped_batches = checkpoint["step"], checkpoint["data_state"]["skipped_batches"]
+    skipped_at_start = skipped_batches
     if is_master:
         # keep the log consistent with the checkpoint: drop steps logged after it was written
-        kept = []
-        if args.resume and os.path.isfile(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        kept = rewind_log(log_path, start_step) if args.resume else []
+        remove_stale_temp_files(args.out)
         with open(log_path, "w") as f:
             f.writelines(kept)
         print(f"{args.method}: init={init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
@@ -451,8 +516,9 @@ def main(argv=None):
         if ddp:
             dist.all_reduce(reduced)
         sums = dict(zip(sums, reduced.tolist()))
-        check_finite(sums["total"], step + 1)  # same value on every rank, so every rank stops together
+        check_finite(sums["total"], step + 1, "loss", checkpoint_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)  # a finite loss can still have one
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -477,7 +543,16 @@ def main(argv=None):
                             data_state={"step": step + 1, "skipped_batches": skipped_batches}, config=config)
     progress.close()
 
+    # A run that never trained must not end "saved": its adapter would equal the initial one.
+    micro_batches_run = (total_steps - start_step) * num_micro_batches
+    if total_steps == 0 or (micro_batches_run and skipped_batches - skipped_at_start >= micro_batches_run):
+        raise RuntimeError(f"nothing was trained: {skipped_batches - skipped_at_start} of {micro_batches_run} micro-batches "
+                           f"had every label masked (prompts longer than --max-len {args.max_len}?) or there were no "
+                           f"steps (--max-steps {args.max_steps}); no adapter written")
+    if is_master and skipped_batches:
+        print(f"skipped {skipped_batches} micro-batches with every label masked (raise --max-len {args.max_len}?)")
     if is_master:
+        check_finite_parameters(raw_model, os.path.join(args.out, "adapter"))
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
         balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), base_model_name_or_path=args.model)
         plot_losses(log_path, os.path.join(args.out, "loss.png"))

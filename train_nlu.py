@@ -13,7 +13,6 @@ backward -> AdamW -> linear learning-rate decay. Evaluation every epoch keeps th
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -28,7 +27,7 @@ from data import DebertaTokenizer
 from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
-from train_nlg import setup_distributed
+from train_nlg import remove_stale_temp_files, rewind_log, setup_distributed
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):
@@ -474,10 +473,9 @@ def main(argv=None):
         step, best = checkpoint["step"], checkpoint["data_state"]["best"]
     if is_master:
         os.makedirs(args.out, exist_ok=True)
-        kept = []  # keep the log consistent with the checkpoint: drop what was logged after it was written
-        if args.resume and os.path.isfile(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
+        # keep the log consistent with the checkpoint: drop what was logged after it was written
+        kept = rewind_log(log_path, step) if args.resume else []
+        remove_stale_temp_files(args.out)
         with open(log_path, "w") as f:
             f.writelines(kept)
         if args.offline_default:
@@ -528,6 +526,8 @@ def main(argv=None):
             with autocast_context(device, dtype):
                 student = model(input_ids, attention_mask=attention_mask)
                 teacher = teacher_logits(raw_model, input_ids, attention_mask) if l1 > 0 else None
+            # the SVD term cannot take a NaN/inf logit (linalg.svd fails): stop here, naming the step
+            check_finite(student.detach(), step + 1, "student logits", checkpoint_path)
             loss, components = objective(task, student, teacher, labels, (l1, l2, l3), args.temperature, args.svd_k)
             (loss / accumulation_steps).backward()
             for name, value in {"loss": loss.detach(), **components}.items():
@@ -538,9 +538,10 @@ def main(argv=None):
         if world_size > 1:
             torch.distributed.all_reduce(reduced)
         totals = dict(zip(names, (reduced / world_size).tolist()))
-        check_finite(totals["loss"], step + 1)  # every rank sees the same value, so every rank stops together
+        check_finite(totals["loss"], step + 1, "loss", checkpoint_path)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
+            check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -561,7 +562,7 @@ def main(argv=None):
     if is_master:
         # export the best adapter (LoRA factors + pooler + classifier) as ours and in peft's format
         with torch.no_grad():
-            for name, value in torch.load(best_path, map_location="cpu").items():
+            for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
                 raw_model.get_parameter(name).copy_(value)
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
         balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model)

@@ -84,3 +84,40 @@ def smollm2_dir(tmp_path_factory):
     spec.loader.exec_module(import_gguf)
     import_gguf.convert(gguf_path, directory, progress=False, overwrite=True)
     return directory
+
+
+def _non_finite_tensors(directory):
+    """(file, key) of every tensor holding NaN/inf in the .pt and .safetensors files below `directory`."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors_of(value, prefix):
+        if isinstance(value, torch.Tensor):
+            yield prefix, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from tensors_of(item, f"{prefix}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                yield from tensors_of(item, f"{prefix}[{index}]")
+
+    found, files = [], 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if name.endswith(".pt"):
+                content = torch.load(path, map_location="cpu", weights_only=True)
+            elif name.endswith(".safetensors"):
+                content = load_file(path)
+            else:
+                continue
+            files += 1
+            found += [(path, key) for key, tensor in tensors_of(content, "")
+                      if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    return found, files
+
+
+@pytest.fixture
+def non_finite_tensors():
+    """A function: directory -> ([(file, key) of non-finite tensors], number of tensor files read)."""
+    return _non_finite_tensors

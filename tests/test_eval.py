@@ -573,6 +573,8 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
                             "--batch-size", "5", "--out", str(tmp_path / "glue.json")])
     assert glue["total"] == 24
     assert glue["accuracy"] == pytest.approx((predictions == labels).double().mean().item())
+    with pytest.warns(UserWarning, match="without --adapter scores a randomly initialised classification head"):
+        evaluation.main(["glue", "--model", random_deberta, "--data", data, "--out", str(tmp_path / "bare.json")])
 
     cluster = evaluation.main(["cluster", "--model", random_deberta, "--adapter", str(tmp_path / "adapter"), "--data", data,
                                "--batch-size", "5", "--plot", str(tmp_path / "cluster.png"), "--projection", "pca",

@@ -83,7 +83,7 @@ def read_log(out):
 
 
 def trainable_after(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["trainable"]
 
 
 def max_abs_diff(a, b):
@@ -305,12 +305,57 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path, m
     assert [r["total"] for r in full] == [r["total"] for r in resumed]
 
 
+def test_resume_drops_a_torn_last_log_line_and_stale_temp_files(tiny, tmp_path, capsys, monkeypatch):
+    common = ["--method", "lora", "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "3"]
+    train_nlg.main(tiny_args(tiny, tmp_path / "full", *common))
+    run = tmp_path / "killed"
+    crash_after_saving(monkeypatch, at_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_nlg.main(tiny_args(tiny, run, *common, "--save-every", "2"))
+    monkeypatch.undo()
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lr": 0.0')  # killed while writing step 3's line
+    (run / ".tmp-checkpoint.pt_crash").write_bytes(b"half a checkpoint")
+    train_nlg.main(tiny_args(tiny, run, *common, "--save-every", "2", "--resume"))
+    assert "dropped the torn last line 3" in capsys.readouterr().out
+    assert not (run / ".tmp-checkpoint.pt_crash").exists()
+    assert [r["total"] for r in read_log(run)] == [r["total"] for r in read_log(tmp_path / "full")]
+    with open(run / "log.jsonl") as f:
+        lines = f.readlines()
+    (run / "log.jsonl").write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
+        train_nlg.main(tiny_args(tiny, run, *common, "--save-every", "2", "--resume"))
+
+
 def test_resume_refuses_changed_flags(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
                      "--max-steps", "1", "--save-every", "1")
     train_nlg.main(args)
     with pytest.raises(ValueError, match="lr"):
         train_nlg.main(args + ["--resume", "--lr", "0.5"])
+
+
+class WritesMarkerWhenUnpickled:
+    """An object whose unpickling calls open(path, "w"): what a crafted checkpoint.pt could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
+                     "--max-steps", "1", "--save-every", "1")
+    train_nlg.main(args)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # a real one loads safely
+    marker = tmp_path / "marker"
+    checkpoint["rng"] = [WritesMarkerWhenUnpickled(str(marker))]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt holds more than tensors and plain data"):
+        train_nlg.main(args + ["--resume"])
+    assert not marker.exists()
 
 
 def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path, monkeypatch):
@@ -346,13 +391,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_pa
         return (total * float("nan") if len(calls) == 3 else total), components
 
     monkeypatch.setattr(balora, "nlg_objective", nan_on_third_step)
-    with pytest.raises(RuntimeError, match="at step 3"):
+    with pytest.raises(FloatingPointError, match="at step 3"):
         train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
                                  "--save-every", "1"))
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+def test_huge_learning_rate_stops_before_any_non_finite_value_is_saved(tiny, tmp_path, non_finite_tensors):
+    """lr 1e6: step 1 is finite, later a finite loss comes with a NaN gradient norm (or a NaN loss);
+    the run stops before applying it, and no file under --out holds a NaN."""
+    args = tiny_args(tiny, tmp_path, "--method", "balora", "--lr", "1e6", "--warmup-ratio", "0", "--batch-size", "4",
+                     "--micro-batch-size", "4", "--max-steps", "6", "--save-every", "1", "--lambda-warmup-ratio", "0")
+    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient norm).* at step \d+; .*checkpoint\.pt, holds only finite"):
+        train_nlg.main(args)
+    found, files = non_finite_tensors(tmp_path)
+    assert files >= 1 and found == []
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_micro_batch_with_every_label_masked_is_skipped_and_counted(tiny, tmp_path):
@@ -364,6 +421,14 @@ def test_micro_batch_with_every_label_masked_is_skipped_and_counted(tiny, tmp_pa
     logged = read_log(tmp_path)[0]
     assert logged["skipped_batches"] == 1
     assert logged["task_tokens"] > 0 and torch.isfinite(torch.tensor(logged["total"]))
+
+
+def test_run_with_every_label_masked_fails_and_writes_no_adapter(tiny, tmp_path):
+    """--max-len 8 cuts every example inside its prompt: no response token is left to train on."""
+    with pytest.warns(UserWarning, match="every label masked"), pytest.raises(RuntimeError, match="nothing was trained: 4 of 4"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--max-len", "8", "--batch-size", "4",
+                                 "--micro-batch-size", "2", "--max-steps", "2"))
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "peft_adapter").exists()
 
 
 # -----------------------------------------------------------------------------

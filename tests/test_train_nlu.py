@@ -299,8 +299,16 @@ def test_teacher_is_pretrained_encoder_with_current_head(tiny):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_huge_learning_rate_stops_before_the_svd_sees_a_non_finite_logit(tiny, tmp_path, non_finite_tensors):
+    with pytest.raises(FloatingPointError, match=r"non-finite (student logits|loss|gradient norm).* at step \d+"):
+        train_nlu.main(tiny_flags(tiny, tmp_path, "--lr", "1e6", "--batch-size", "8", "--max-steps", "8",
+                                  "--save-every", "1", "--eval-every", "1", "--warmup-ratio", "0"))
+    assert non_finite_tensors(tmp_path)[0] == []
+    assert not (tmp_path / "adapter").exists()
+
+
 def trainable_of(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)["trainable"]
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)["trainable"]
 
 
 @pytest.mark.slow
@@ -335,10 +343,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
     check_finite = train_nlu.check_finite
 
-    def crash_in_step_3(loss, step):  # after the step-2 checkpoint, before step 3's update
+    def crash_in_step_3(value, step, *args):  # after the step-2 checkpoint, before step 3's update
         if step == 3:
             raise KeyboardInterrupt
-        check_finite(loss, step)
+        check_finite(value, step, *args)
 
     monkeypatch.setattr(train_nlu, "check_finite", crash_in_step_3)
     with pytest.raises(KeyboardInterrupt):
