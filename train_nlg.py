@@ -362,8 +362,33 @@ def parse_args(argv=None):
     return args
 
 
-# Flags that may change between a run and its --resume without changing the result.
-RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing")
+# Flags that may change between a run and its --resume without changing the result (both trainers);
+# every other flag must match the checkpoint. --out is where the run lives, so it may move.
+RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out")
+
+
+def run_config(args):
+    """
+    The flags that decide a run's result, as its checkpoint records them. Paths that exist are
+    resolved (realpath), so `DIR/` and `DIR`, or a relative and an absolute spelling, are one value.
+    """
+    def normalized(value):
+        if isinstance(value, str) and os.path.exists(value):
+            return os.path.realpath(value)
+        if isinstance(value, list):
+            return [normalized(item) for item in value]
+        return value
+
+    return {key: normalized(value) for key, value in vars(args).items() if key not in RESUME_MAY_CHANGE}
+
+
+def check_resume_config(saved, config, path):
+    """One resume rule for both trainers: refuse when a result-changing flag differs, listing each."""
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
+               for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other flags ({'; '.join(changed)}); "
+                         "resume with the checkpoint's values, or start a new --out")
 
 
 # -----------------------------------------------------------------------------
@@ -418,15 +443,13 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")
-    config = {key: value for key, value in vars(args).items() if key not in RESUME_MAY_CHANGE}
+    config = run_config(args)
     start_step, skipped_batches = 0, 0
     if args.resume:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r}")
         checkpoint = load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
-        changed = sorted(key for key in config if checkpoint["config"].get(key) != config[key])
-        if changed:
-            raise ValueError(f"--resume: flags differ from the checkpointed run: {changed}")
+        check_resume_config(checkpoint["config"], config, checkpoint_path)
         start_step, skipped_batches = checkpoint["step"], checkpoint["data_state"]["skipped_batches"]
     skipped_at_start = skipped_batches
     if is_master:

@@ -27,7 +27,7 @@ from data import DebertaTokenizer
 from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
-from train_nlg import remove_stale_temp_files, rewind_log, setup_distributed
+from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):
@@ -470,6 +470,7 @@ def main(argv=None):
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r} (the interrupted run's --out?)")
         checkpoint = load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
+        check_resume_config(checkpoint["config"], run_config(args), checkpoint_path)
         step, best = checkpoint["step"], checkpoint["data_state"]["best"]
     if is_master:
         os.makedirs(args.out, exist_ok=True)
@@ -490,7 +491,7 @@ def main(argv=None):
               f"{accumulation_steps} micro-batches of {micro_batch_size}), λ = {lambdas}")
 
     def save(step):
-        save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step, data_state={"best": best}, config=vars(args))
+        save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step, data_state={"best": best}, config=run_config(args))
 
     def run_evaluation(step):
         if not is_master:  # rank 0 evaluates alone with the unwrapped model; the others go on to the next collective

@@ -352,7 +352,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_nlu.main(tiny_flags(tiny, interrupted, *flags))
     monkeypatch.setattr(train_nlu, "check_finite", check_finite)
-    results = train_nlu.main(tiny_flags(tiny, interrupted, *flags, "--resume"))
+    with pytest.raises(ValueError, match=r"--resume: .*checkpoint.pt was written with other flags \(--lr 0.005 -> 0.5\)"):
+        train_nlu.main(tiny_flags(tiny, interrupted, *flags, "--resume", "--lr", "0.5"))
+    # --save-every only says when to write checkpoints: changing it continues the same run
+    results = train_nlu.main(tiny_flags(tiny, interrupted, *flags, "--resume", "--save-every", "1"))
     assert results["steps"] == 4
     a, b = trainable_of(straight), trainable_of(interrupted)
     for name in a:
