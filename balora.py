@@ -619,25 +619,73 @@ def save_adapter(model, directory):
         json.dump(config, f, indent=2)
 
 
+_ADAPTER_CONFIG_KEYS = ("r", "alpha", "init", "dropout", "targets", "trainable")
+
+
+def adapter_problems(model, config, tensors):
+    """
+    What keeps an adapter (its balora_config.json dict and tensors) from fitting `model`, as a list of
+    strings (empty: it fits): targets that are not linear layers of the model, missing or unexpected
+    tensors, shapes other than lora_A (r, in) / lora_B (out, r) / the trainable modules' own, and
+    tensors holding NaN or inf. Checked before the model is touched.
+    """
+    problems, expected = [], {}
+    modules = dict(model.named_modules())
+    for name in config["targets"]:
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            problems.append(f"target {name!r} is not a linear layer of the model")
+            continue
+        factors = ("lora_A", "lora_B") + (("lora_A0", "lora_B0") if config["init"] == "pissa" else ())
+        for factor in factors:
+            expected[f"{name}.{factor}"] = ((config["r"], layer.in_features) if factor.startswith("lora_A")
+                                            else (layer.out_features, config["r"]))
+    for module_name in config["trainable"]:
+        if module_name not in modules:
+            problems.append(f"trainable module {module_name!r} is not in the model")
+            continue
+        for param_name, p in modules[module_name].named_parameters():
+            expected[f"{module_name}.{param_name}"] = tuple(p.shape)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    problems += [f"{key} has shape {tuple(tensors[key].shape)}, expected {expected[key]}"
+                 for key in sorted(set(expected) & set(tensors)) if tuple(tensors[key].shape) != expected[key]]
+    problems += [f"{key} holds NaN/inf" for key, t in sorted(tensors.items())
+                 if t.is_floating_point() and not torch.isfinite(t).all()]
+    return problems
+
+
 def load_adapter(model, directory):
     """
-    Apply a save_adapter() directory to a model holding the ORIGINAL base weights: wrap the saved
-    targets, rebuild PiSSA residuals from the saved A0, B0, then load every saved tensor.
+    Apply a save_adapter() directory to a model holding the ORIGINAL base weights: check that it fits
+    (adapter_problems: one ValueError listing everything wrong, before the model is changed), wrap the
+    saved targets, rebuild PiSSA residuals from the saved A0, B0, then load every saved tensor.
     """
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_adapter: no {os.path.basename(path)} in {directory!r} (a save_adapter directory?)")
+    with open(config_path) as f:
         config = json.load(f)
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    missing_keys = [key for key in _ADAPTER_CONFIG_KEYS if key not in config]
+    if missing_keys:
+        raise ValueError(f"load_adapter: {config_path} lacks the keys {missing_keys}")
+    tensors = load_file(weights_path)
+    problems = adapter_problems(model, config, tensors)
+    if problems:
+        raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
     # init="lora" wraps the layers without an SVD; PiSSA layers then start from their saved factors
     add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
              dropout=config["dropout"], trainable=config["trainable"])
     if config["init"] == "pissa":
         for name, layer in lora_layers(model):
             layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
-    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"load_adapter: {directory} has tensors the model does not: {unexpected[:5]}")
+    model.load_state_dict(tensors, strict=False)  # every key was checked by adapter_problems
     return model
 
 

@@ -481,6 +481,51 @@ def test_gsm8k_end_to_end_random_model(random_llama, tmp_path):
     assert batched == single == [s["completion"] for s in saved["samples"]]
 
 
+def corrupt_adapter(directory, damage):
+    """Rewrite a save_adapter directory with one kind of damage (the cases load_adapter must refuse)."""
+    from safetensors.torch import load_file, save_file
+
+    import balora
+
+    weights, config_path = os.path.join(directory, balora.WEIGHTS_NAME), os.path.join(directory, balora.CONFIG_NAME)
+    tensors, config = load_file(weights), json.loads(open(config_path).read())
+    first = sorted(key for key in tensors if key.endswith(".lora_A"))[0]
+    if damage == "missing lora_A":
+        del tensors[first]
+    elif damage == "missing lora_A0":
+        del tensors[first + "0"]
+    elif damage == "extra tensor":
+        tensors["model.layers.0.mlp.extra.lora_A"] = torch.zeros(2, 2)
+    elif damage == "NaN":
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+    elif damage == "wrong shape":
+        tensors[first] = tensors[first][:, :-1].contiguous()
+    elif damage == "unknown target":
+        config["targets"].append("model.layers.0.self_attn.nonexistent")
+    save_file(tensors, weights)
+    open(config_path, "w").write(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing lora_A", r"missing tensors \['model\.layers\.0\.mlp\.down_proj\.lora_A'\]"),
+    ("missing lora_A0", r"missing tensors \['model\.layers\.0\.mlp\.down_proj\.lora_A0'\]"),
+    ("extra tensor", r"unexpected tensors \['model\.layers\.0\.mlp\.extra\.lora_A'\]"),
+    ("NaN", r"model\.layers\.0\.mlp\.down_proj\.lora_A holds NaN/inf"),
+    ("wrong shape", r"down_proj\.lora_A has shape \(4, 63\), expected \(4, 64\)"),
+    ("unknown target", r"target 'model\.layers\.0\.self_attn\.nonexistent' is not a linear layer"),
+])
+def test_eval_refuses_a_broken_adapter(random_llama, tmp_path, damage, message):
+    import balora
+    import model
+
+    balora.save_adapter(perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear"), str(tmp_path / "adapter"))
+    corrupt_adapter(str(tmp_path / "adapter"), damage)
+    with pytest.raises(ValueError, match="load_adapter: .*adapter does not fit the model: .*" + message):
+        evaluation.main(["ppl", "--model", random_llama, "--adapter", str(tmp_path / "adapter"),
+                         "--out", str(tmp_path / "ppl.json")])
+    assert not (tmp_path / "ppl.json").exists()
+
+
 @pytest.mark.slow
 def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     import balora
