@@ -202,6 +202,13 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
     ]
     if not targets:
         raise ValueError(f"add_lora: no nn.Linear matches target_modules={target_modules!r}")
+    for name in targets:  # checked before the model changes
+        linear = model.get_submodule(name)
+        if r > min(linear.in_features, linear.out_features):
+            raise ValueError(f"add_lora: rank r={r} (--rank) exceeds the dimensions of {name!r} "
+                             f"({linear.out_features} x {linear.in_features})")
+        if not torch.isfinite(linear.weight).all():  # the SVD of PiSSA, and any output, would be NaN
+            raise ValueError(f"add_lora: the base weight {name}.weight holds NaN/inf (a broken checkpoint?)")
     model.requires_grad_(False)
     for name in trainable:
         modules = [m for n, m in model.named_modules() if _name_matches(n, [name])]

@@ -347,6 +347,9 @@ def query_and_response(record, data_format, index=0):
         alternative = " (or `conversations`)" if data_format == "wizardlm" else ""
         raise ValueError(f"--format {data_format} needs the fields {missing}{alternative}; "
                          f"record {index} has {sorted(record)}")
+    for field in (query_field, response_field):
+        if not isinstance(record[field], str):
+            raise ValueError(f"record {index}: field {field!r} is {record[field]!r}, expected a string")
     query = record[query_field]
     if data_format == "alpaca" and record.get("input"):
         query = f"{query}\n{record['input']}"
@@ -368,11 +371,15 @@ def load_records(data, limit=None, split="train", config=None):
         return datasets.load_dataset(data, config, split=split).to_list()
     extension = os.path.splitext(data)[1]
     if extension == ".jsonl":
-        with open(data) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_jsonl(data)
     elif extension == ".json":
-        with open(data) as f:
-            records = json.load(f)
+        with open(data, "rb") as f:
+            try:
+                records = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"--data {data}: not UTF-8 text (byte {error.start})") from None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--data {data}: not valid JSON ({error})") from None
         if not isinstance(records, list):
             raise ValueError(f"--data {data!r}: expected a JSON list of records")
     elif extension == ".parquet":
@@ -384,10 +391,35 @@ def load_records(data, limit=None, split="train", config=None):
     return records if limit is None else records[:limit]
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file; a line that is not UTF-8 or not a JSON object is named by its
+    line number in the file (blank lines count, as an editor counts them)."""
+    records = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"--data {path}, line {number}: not UTF-8 text (byte {error.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--data {path}, line {number}: not a JSON record ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"--data {path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
 def load_examples(data, data_format, max_samples):
     """(query, response) pairs of the first `max_samples` records under --format."""
     records = load_records(data, max_samples)
-    examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
+    try:
+        examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
+    except ValueError as error:
+        raise ValueError(f"--data {data}: {error}") from None
     if not examples:
         raise ValueError(f"--data {data!r} gave no examples (empty file, or --max-samples {max_samples})")
     return examples

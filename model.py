@@ -28,8 +28,23 @@ def read_config(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: expected a Hugging Face model directory")
-    with open(config_path) as f:
-        return json.load(f)
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def config_from(config_class, path):
+    """(config_class.from_hf of path/config.json, the raw dict); a missing key is named with its file."""
+    config = read_config(path)
+    try:
+        return config_class.from_hf(config), config
+    except KeyError as error:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: missing key {error.args[0]!r}") from None
 
 
 def checkpoint_files(path):
@@ -58,7 +73,11 @@ def iter_checkpoint_tensors(path):
 
     for file in checkpoint_files(path):
         if file.endswith(".safetensors"):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            try:
+                handle = safe_open(file, framework="pt", device="cpu")
+            except Exception as error:  # SafetensorError: a truncated or corrupt file
+                raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
+            with handle as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
@@ -495,7 +514,7 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face llama/mistral/qwen2/qwen3 directory, one tensor at a time into dtype/device."""
-        config = LlamaConfig.from_hf(read_config(path))
+        config, _ = config_from(LlamaConfig, path)
         with torch.device("meta"):
             model = cls(config)
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): skip it.
@@ -805,8 +824,7 @@ class DebertaClassifier(nn.Module):
         (id2label / num_labels, else 2 as in transformers); a checkpoint's classifier of another
         size is refused as a shape mismatch.
         """
-        hf_config = read_config(path)
-        config = DebertaConfig.from_hf(hf_config)
+        config, hf_config = config_from(DebertaConfig, path)
         if num_labels is None:  # transformers leaves id2label out of config.json for its default of 2 labels
             num_labels = len(hf_config["id2label"]) if "id2label" in hf_config else hf_config.get("num_labels", 2)
         with torch.device("meta"):

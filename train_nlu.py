@@ -202,6 +202,9 @@ def load_split(task_name, split, data_file):
         raise ValueError(f"data file {data_file!r}: unsupported extension {extension!r}, expected one of {sorted(builders)}")
     if not os.path.isfile(data_file):
         raise FileNotFoundError(f"data file {data_file!r} does not exist")
+    with open(data_file, "rb") as f:
+        if not f.read(1 << 16).strip():
+            raise ValueError(f"data file {data_file}: no examples (the file is empty)")
     return datasets.load_dataset(builders[extension], data_files=data_file, split="train")
 
 
@@ -214,19 +217,32 @@ def encode_split(dataset, task_name, tokenizer, max_length, where):
         raise ValueError(f"{where}: missing column(s) {missing}; task {task_name!r} needs {list(needed)}, "
                          f"the data has {dataset.column_names}")
     texts = [dataset[column] for column in task.text_columns]
+    for column, values in zip(task.text_columns, texts):
+        row = next((row for row, text in enumerate(values) if not isinstance(text, str)), None)
+        if row is not None:
+            raise ValueError(f"{where}: column {column!r} has {values[row]!r} at row {row}, expected a string")
     input_ids = [tokenizer.encode(*pair, max_length=max_length) for pair in zip(*texts)]
+    return input_ids, label_tensor(dataset["label"], task, task_name, where)
+
+
+def label_tensor(values, task, task_name, where):
+    """
+    The labels of a split: integers 0..D-1 for classification (1.0 counts as 1, 1.5 is refused rather
+    than truncated), finite numbers for regression (STS-B); anything else is named with its row.
+    """
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
     if task.num_labels == 1:
-        labels = torch.tensor(dataset["label"], dtype=torch.float32)
+        bad = next((row for row, value in enumerate(values) if not is_number(value)), None)
+        expected = "a finite number (regression)"
     else:
-        labels = torch.tensor(dataset["label"], dtype=torch.long)
-        outside = ((labels < 0) | (labels >= task.num_labels)).nonzero().flatten()
-        if len(outside):
-            row = outside[0].item()
-            raise ValueError(
-                f"{where}: column 'label' has {labels[row].item()} at row {row}, outside the head's range "
-                f"0..{task.num_labels - 1} of task {task_name!r} ({len(outside)} such rows)"
-            )
-    return input_ids, labels
+        bad = next((row for row, value in enumerate(values)
+                    if not (is_number(value) and float(value).is_integer() and 0 <= value < task.num_labels)), None)
+        expected = f"an integer in the head's range 0..{task.num_labels - 1} of task {task_name!r}"
+    if bad is not None:
+        raise ValueError(f"{where}: column 'label' has {values[bad]!r} at row {bad}, expected {expected}")
+    return torch.tensor(values, dtype=torch.float32 if task.num_labels == 1 else torch.long)
 
 
 def collate(input_ids, labels, indices, pad_id):
