@@ -23,18 +23,25 @@ import torch
 # Causal LM tokenizer
 
 
+def parse_json(raw, where, expected):
+    """The JSON value (of type `expected`) in `raw` bytes; anything else is a ValueError naming `where`."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg}, column {error.colno})") from None
+    if not isinstance(value, expected):
+        raise ValueError(f"{where}: expected a JSON {expected.__name__}, got {type(value).__name__}")
+    return value
+
+
 def _read_json(path):
     """The dict in a JSON file, {} when the file does not exist; a bad file is named in the error."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    with open(path, "rb") as f:
+        return parse_json(f.read(), path, dict)
 
 
 def _token_content(token):
@@ -374,14 +381,7 @@ def load_records(data, limit=None, split="train", config=None):
         records = read_jsonl(data)
     elif extension == ".json":
         with open(data, "rb") as f:
-            try:
-                records = json.loads(f.read().decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise ValueError(f"--data {data}: not UTF-8 text (byte {error.start})") from None
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--data {data}: not valid JSON ({error})") from None
-        if not isinstance(records, list):
-            raise ValueError(f"--data {data!r}: expected a JSON list of records")
+            records = parse_json(f.read(), f"--data {data}", list)
     elif extension == ".parquet":
         import pyarrow.parquet
 
@@ -397,19 +397,8 @@ def read_jsonl(path):
     records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"--data {path}, line {number}: not UTF-8 text (byte {error.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--data {path}, line {number}: not a JSON record ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"--data {path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            if raw.strip():
+                records.append(parse_json(raw, f"--data {path}, line {number}", dict))
     return records
 
 

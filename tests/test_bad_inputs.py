@@ -101,7 +101,7 @@ def nlg_case(name, tmp_path):
             r"d\.jsonl, line 3: not UTF-8 text"
     if name == "broken line after blank lines":
         return LLAMA, write_lines(tmp_path, "d.jsonl", [GOOD, "", "", GOOD, "", GOOD, "", '{"query": "unterminated'] + [GOOD] * 6), [], \
-            r"d\.jsonl, line 8: not a JSON record"
+            r"d\.jsonl, line 8: not valid JSON"
     if name == "null response":
         rows = [GOOD, json.dumps({"query": "Q", "response": None})] + [GOOD] * 6
         return LLAMA, write_lines(tmp_path, "d.jsonl", rows), [], r"d\.jsonl: record 1: field 'response' is None, expected a string"
