@@ -107,13 +107,14 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
 
     The model is expected to be built on the meta device: each parameter is materialized only when
     its tensor arrives, directly in `dtype` on `device`, so a 7B bf16 load peaks at ~1x the model.
-    Strict: missing keys, unexpected keys and shape mismatches raise one ValueError listing them.
+    Strict: missing keys, unexpected keys, shape mismatches and tensors holding NaN/inf (a corrupt
+    file: PiSSA's SVD and every output would be NaN) raise one ValueError listing them.
     `ignore(key)` skips a checkpoint key; `allow_missing(key)` excuses a model key the checkpoint
     lacks (e.g. a fresh classification head, which the caller then initializes off the meta device).
     """
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
-    loaded, unexpected, mismatched = set(), [], []
+    loaded, unexpected, mismatched, non_finite = set(), [], [], []
     for key, tensor in iter_checkpoint_tensors(path):
         if ignore(key):
             continue
@@ -124,7 +125,10 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
         if tuple(target.shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
             continue
-        _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            non_finite.append(key)
+        _assign(model, key, tensor)
         loaded.add(key)
     tied = getattr(model, "tied_keys", {})  # e.g. lm_head.weight -> model.embed_tokens.weight
     missing = [key for key in own if key not in loaded and key not in tied
@@ -136,8 +140,10 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
         problems.append(f"unexpected weights: {unexpected}")
     if mismatched:
         problems.append(f"shape mismatches: {mismatched}")
+    if non_finite:
+        problems.append(f"NaN/inf in {non_finite}")
     if problems:
-        raise ValueError(f"checkpoint {path!r} does not match the model: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {path!r} cannot be loaded: " + "; ".join(problems))
 
 
 def _assign(model, key, tensor):

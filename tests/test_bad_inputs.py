@@ -91,7 +91,7 @@ def nlg_case(name, tmp_path):
         return copy_model(LLAMA, tmp_path, truncate), NLG_DATA, [], r"model/model.safetensors: not a readable safetensors file"
     if name == "NaN in a base weight":
         return copy_model(LLAMA, tmp_path, nan_in_a_weight), NLG_DATA, [], \
-            r"model\.layers\.0\.self_attn\.q_proj\.weight holds NaN/inf"
+            r"checkpoint '.*/model' cannot be loaded: NaN/inf in \['model\.layers\.0\.self_attn\.q_proj\.weight'\]"
     if name == "model does not exist":
         return str(tmp_path / "no-such-model"), NLG_DATA, [], r"--model '.*no-such-model' does not exist"
     if name == "rank larger than the layer":
@@ -170,3 +170,16 @@ def test_swish_is_silu(tmp_path):
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.equal(Llama.from_pretrained(swish)(ids), Llama.from_pretrained(LLAMA)(ids))
+
+
+def test_add_lora_refuses_a_nan_weight_made_in_memory():
+    """The backstop for models not read from a file (load_checkpoint_into already refuses NaN files)."""
+    import balora
+    from model import Llama
+
+    net = Llama.from_pretrained(LLAMA)
+    with torch.no_grad():
+        net.model.layers[1].mlp.up_proj.weight[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"base weight model\.layers\.1\.mlp\.up_proj\.weight holds NaN/inf"):
+        balora.add_lora(net, "all-linear", r=4, alpha=8)
+    assert not any(isinstance(m, balora.LoRALinear) for m in net.modules())  # refused before any change
