@@ -447,14 +447,15 @@ def prompt_ids(tokenizer, query, prompt_format):
     return tokenizer.encode(tokenizer.apply_chat_template(user_turn, add_generation_prompt=True), bos=False)
 
 
-def chat_response_ids(tokenizer, query, response):
+def chat_example_ids(tokenizer, query, response):
     """
-    The response tokens of a chat example: the template renders the two-turn conversation, the
-    response is what follows the generation prompt up to and including the first end-of-turn token
-    (any of tokenizer.eos_ids: SmolLM2's and Qwen's <|im_end|>, Llama-3's <|eot_id|>), which is what
-    the model must learn to emit. The prompt's tokens must be a prefix of the conversation's tokens:
-    then prompt + response is exactly the template's tokenization of the conversation, with no
-    merge across the boundary.
+    (prompt tokens, response tokens) of a chat example. The template renders the user turn with the
+    generation prompt (the prompt, as prompt_ids gives it) and the two-turn conversation; the response
+    is what follows the prompt up to and including the first end-of-turn token (any of
+    tokenizer.eos_ids: SmolLM2's and Qwen's <|im_end|>, Llama-3's <|eot_id|>), which is what the model
+    must learn to emit. The prompt's tokens must be a prefix of the conversation's tokens: then
+    prompt + response is exactly the template's tokenization of the conversation, with no merge
+    across the boundary.
     """
     user_turn = [{"role": "user", "content": query}]
     prompt = tokenizer.apply_chat_template(user_turn, add_generation_prompt=True)
@@ -462,18 +463,18 @@ def chat_response_ids(tokenizer, query, response):
     if not conversation.startswith(prompt):
         raise ValueError(f"{tokenizer.path}: the chat template renders the conversation without its own "
                          "generation prompt as a prefix; it cannot be used for supervised fine-tuning")
-    ends = [conversation.find(token, len(prompt)) for token in map(tokenizer.token_text, tokenizer.eos_ids)]
-    ends = [(end, len(token)) for end, token in zip(ends, map(tokenizer.token_text, tokenizer.eos_ids)) if end >= 0]
-    if not ends:
+    end_texts = [tokenizer.token_text(i) for i in tokenizer.eos_ids]
+    found = [(start, text) for text in end_texts if (start := conversation.find(text, len(prompt))) >= 0]
+    if not found:
         raise ValueError(f"{tokenizer.path}: the chat template writes none of the end-of-turn tokens "
-                         f"{[tokenizer.token_text(i) for i in tokenizer.eos_ids]} after the assistant turn")
-    end, length = min(ends)
+                         f"{end_texts} after the assistant turn")
+    start, text = min(found, key=lambda hit: (hit[0], len(hit[1])))  # the first end of turn
     prompt_tokens = tokenizer.encode(prompt, bos=False)
-    conversation_tokens = tokenizer.encode(conversation[:end + length], bos=False)
+    conversation_tokens = tokenizer.encode(conversation[:start + len(text)], bos=False)
     if conversation_tokens[:len(prompt_tokens)] != prompt_tokens:
         raise ValueError(f"{tokenizer.path}: the chat prompt's tokens are not a prefix of the conversation's "
                          f"(a token merges across the boundary) for the query {query[:40]!r}")
-    return conversation_tokens[len(prompt_tokens):]
+    return prompt_tokens, conversation_tokens[len(prompt_tokens):]
 
 
 def tokenize_example(tokenizer, query, response, max_len, prompt_format="alpaca"):
@@ -481,13 +482,13 @@ def tokenize_example(tokenizer, query, response, max_len, prompt_format="alpaca"
     input_ids and labels of one example: prompt + response, cut at max_len, the prompt masked out of
     the loss (label -100). Alpaca: the response is encoded on its own plus EOS, so the mask boundary
     is exact (sentencepiece gives the response its leading space, as "Response: ..."). Chat: the
-    response is the assistant turn with its end-of-turn token (chat_response_ids).
+    response is the assistant turn with its end-of-turn token (chat_example_ids).
     """
-    prompt = prompt_ids(tokenizer, query, prompt_format)
     if prompt_format == "alpaca":
+        prompt = prompt_ids(tokenizer, query, prompt_format)
         response_ids = tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
     else:
-        response_ids = chat_response_ids(tokenizer, query, response)
+        prompt, response_ids = chat_example_ids(tokenizer, query, response)
     input_ids = (prompt + response_ids)[:max_len]
     labels = ([-100] * len(prompt) + response_ids)[:max_len]
     return input_ids, labels

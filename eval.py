@@ -557,12 +557,11 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
-    encoded = prompts
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
         batch = order[start:start + batch_size]
-        input_ids, attention_mask = tokenizer.pad_batch([encoded[i] for i in batch], padding_side="left")
+        input_ids, attention_mask = tokenizer.pad_batch([prompts[i] for i in batch], padding_side="left")
         output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
                                 eos_token_id=tokenizer.eos_ids, temperature=temperature, generator=generator)
         for row, i in enumerate(batch):
