@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, prompt_ids, resolve_prompt_format
+from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, resolve_prompt_format
 from model import DebertaClassifier, Llama, read_config
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
@@ -73,40 +73,53 @@ def field(record, names, flag="--data"):
 
 
 # -----------------------------------------------------------------------------
-# GSM8K: the number after "The answer is" (MetaMath) or "####" (GSM8K references), compared exactly
+# GSM8K: the number after the last "The answer is" (MetaMath) or "####" (GSM8K references), compared exactly
 
-# A number as written in word problems: "-3", "1,234", "$18.00", ".5", "7." (the period ends the
-# sentence). Not preceded by a letter, digit or point, so the "3" of "2-3 days" is not read as -3.
-NUMBER = re.compile(r"(?<![\w.])(-|\u2212)?\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?")
+# A number as written in word problems: "-3", "1,234", "$18.00", ".5", "3/4", "7." (the period ends
+# the sentence). Not preceded by a letter, digit, point or slash, so the "3" of "2-3 days" is not -3
+# and the "4" of "3/4" is no number of its own.
+NUMBER = re.compile(r"(?<![\w./])\$?(-|\u2212)?\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?(?:/(\d+))?")
 
 
-def parse_number(text):
-    """Fraction of the first number in `text` ("$1,234.50." -> 2469/2), None if there is none."""
+def numbers(text):
+    """Every number of `text`, in order, as exact Fractions: "$1,234.50." -> 2469/2, "3/4" -> 3/4."""
+    values = []
     for match in NUMBER.finditer(text):
-        sign, whole, decimals = match.groups()
+        sign, whole, decimals, denominator = match.groups()
         if whole is None and decimals is None:
-            continue
+            continue  # a bare "$" or "-", or the empty match the pattern allows
         value = Fraction((whole or "0").replace(",", "") + (decimals or ""))
-        return -value if sign else value
-    return None
+        if denominator is not None:
+            if int(denominator) == 0:
+                continue  # "1/0" is no number
+            value /= int(denominator)
+        values.append(-value if sign else value)
+    return values
 
 
 def extract_gsm8k_answer(text):
     """
     The number a GSM8K completion or reference commits to, as a Fraction (None if it commits to none).
-    The first number after the first "The answer is" (MetaMath's training format) or "####" (the GSM8K
-    reference format); without a marker, the last number of the text (a model that never learned the
-    format still gets credit for a final number).
+    The first number after the LAST "The answer is" (MetaMath's marker: its eval_gsm8k.py splits the
+    completion on it and reads the last piece; an earlier "since the answer is in dollars" is not the
+    answer), else after the last "####" (the GSM8K reference format); a marker with no number after
+    it commits to nothing. Without either marker, the last number of the text (a model that never
+    learned the format still gets credit for a final number). Unlike MetaMath, which rounds to an
+    integer, the value is exact: 18.4 is not 18.
     """
-    marker = re.search(r"the answer is|####", text, flags=re.IGNORECASE)
-    if marker:
-        return parse_number(text[marker.end():])
-    numbers = [m for m in NUMBER.finditer(text) if m.group(2) or m.group(3)]
-    return parse_number(numbers[-1].group(0)) if numbers else None
+    for marker in ("The answer is", "####"):
+        position = text.rfind(marker)
+        if position >= 0:
+            after = numbers(text[position + len(marker):])
+            return after[0] if after else None
+    found = numbers(text)
+    return found[-1] if found else None
 
 
 # -----------------------------------------------------------------------------
-# MATH: the last \boxed{...}, normalized the way the MATH grader (Hendrycks et al. 2021) does
+# MATH: the last "The answer is" (MetaMath) or else the last \boxed{}, judged two ways: the MATH
+# grader's is_equiv (Hendrycks et al. 2021; the paper's protocol, as published numbers use it) and
+# math-verify's symbolic equivalence
 
 
 def last_boxed(text):
@@ -127,71 +140,121 @@ def last_boxed(text):
 
 
 def extract_math_answer(text):
-    """A MATH completion's final answer: after "The answer is:" (MetaMath) or else its last \\boxed{}."""
-    marker = re.search(r"The answer is:?", text)
-    if marker:
-        answer = text[marker.end():].strip().split("\n")[0].strip()
-        return last_boxed(answer) or answer
-    return last_boxed(text)
-
-
-def _brace_argument(argument):
-    """'1' -> '{1}', '{12}' -> '{12}': the argument of \\frac or \\sqrt in braces."""
-    return argument if argument.startswith("{") else "{" + argument + "}"
-
-
-def strip_math(answer):
     """
-    Canonical string of a LaTeX answer, so that notational variants compare equal:
-    "\\left( \\dfrac12, 5\\text{ cm}\\right)" and "(\\frac{1}{2},5)" both become "(\\frac{1}{2},5)".
+    A MATH completion's final answer, a LaTeX string (None if it commits to none). As MetaMath's
+    eval_math.py: the text after the LAST "The answer is" (colon optional) to the end of its line,
+    one trailing period dropped (MetaMath ends it at ".\\n"; a bare newline ends it here too), a
+    \\boxed{} inside unwrapped. Without the marker: the content of the last \\boxed{} (or \\fbox{}),
+    as MATH's solutions and instruct models write the answer.
     """
-    s = answer.strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    position = text.rfind("The answer is")
+    if position < 0:
+        return last_boxed(text)
+    answer = text[position + len("The answer is"):].removeprefix(":").split("\n")[0].strip()
+    answer = answer.removesuffix(".").strip()
+    return last_boxed(answer) or answer or None
+
+
+class NotNormalizable(ValueError):
+    """The MATH grader's rules fail on this answer (its code raises): is_equiv then compares raw strings."""
+
+
+def _brace_sqrt(s):
+    """\\sqrt3 -> \\sqrt{3}: the one character after a brace-less \\sqrt becomes its argument."""
+    pieces = s.split("\\sqrt")
+    for i in range(1, len(pieces)):
+        if not pieces[i]:
+            raise NotNormalizable(s)  # a \sqrt with nothing after it
+        if pieces[i][0] != "{":
+            pieces[i] = "{" + pieces[i][0] + "}" + pieces[i][1:]
+    return "\\sqrt".join(pieces)
+
+
+def _brace_frac(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72} (a brace-less argument is one character)."""
+    pieces = s.split("\\frac")
+    for i in range(1, len(pieces)):
+        piece = pieces[i]
+        if not piece:
+            raise NotNormalizable(s)  # a \frac with nothing after it
+        if piece[0] == "{":
+            continue
+        if len(piece) < 2:
+            return s  # "\frac1": left as it is
+        numerator, rest = piece[0], piece[1:]
+        pieces[i] = "{" + numerator + "}" + (rest if rest[0] == "{" else "{" + rest[0] + "}" + rest[1:])
+    return "\\frac".join(pieces)
+
+
+def hendrycks_strip(answer):
+    """
+    The canonical string of a LaTeX answer under the MATH grader's rules (Hendrycks et al. 2021,
+    math_equivalence._strip_string), as MetaMath's util.py copies them and the BA-LoRA authors'
+    utils/test_acc.py runs them, in their order: drop newlines, "\\!", \\left/\\right, degrees
+    (^\\circ), "\\$" and "\\%"; \\tfrac/\\dfrac -> \\frac; units: everything from "\\text{ " on
+    ("24\\text{ cm}^2" -> "24"; the grader's authors found "\\text{ " with its space only before units,
+    so "3 \\text{ and } 4" -> "3", not "34"); ".5" -> "0.5"; a left-hand side of at most 2 characters
+    dropped ("x = 5" -> "5"); \\sqrt3 -> \\sqrt{3}; spaces removed; \\frac12 -> \\frac{1}{2};
+    "0.5" -> \\frac{1}{2}; "3/4" -> \\frac{3}{4}. Nothing else: "0.50", "1,000", a bare "%" or "$" stay
+    as written. Raises NotNormalizable where that code raises: two "\\text{ ", a \\sqrt or \\frac at the
+    very end, an a/b whose sides are not both integers (Hendrycks' original keeps that one as is).
+    """
+    s = answer.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
-    for degree in ("^{\\circ}", "^\\circ", "\u00b0"):
-        s = s.replace(degree, "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    # A lone \text{...} is the answer itself ("\text{(A)}"); any other \text{...} is units ("5\text{ cm}").
-    whole_text = re.fullmatch(r"\s*\\(?:text|textbf|mbox)\{([^{}]*)\}\s*", s)
-    s = whole_text.group(1) if whole_text else re.sub(r"\\(?:text|mbox)\{[^{}]*\}", "", s)
-    s = s.replace("\\textbf", "")
-    # Drop a short left-hand side, "x = 5" -> "5" (an equation with a longer one, "x+y=5", stays whole).
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in s:
+        pieces = s.split("\\text{ ")
+        if len(pieces) != 2:
+            raise NotNormalizable(answer)
+        s = pieces[0]
+    s = s.replace("\\%", "").replace("\\%", "")  # twice, as the grader: the 2nd pass takes a "\%" the 1st formed
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if s.startswith("."):
+        s = "0" + s
     sides = s.split("=")
-    if len(sides) == 2 and len(sides[0].strip()) <= 2:
+    if len(sides) == 2 and len(sides[0]) <= 2:  # the spaces still count: "x = 5" has the side "x "
         s = sides[1]
-    s = s.replace(" ", "").rstrip(".")
-    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # ".5" -> "0.5"
-    s = re.sub(r"\\sqrt(\{[^{}]*\}|\w)", lambda m: "\\sqrt" + _brace_argument(m.group(1)), s)
-    s = re.sub(r"\\frac(\{[^{}]*\}|\w)(\{[^{}]*\}|\w)",
-               lambda m: "\\frac" + _brace_argument(m.group(1)) + _brace_argument(m.group(2)), s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # "1,000" is a number, "(1,2)" is not
-        s = s.replace(",", "")
-    slash = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    if slash:
-        s = f"\\frac{{{slash.group(1)}}}{{{slash.group(2)}}}"
+    s = _brace_frac(_brace_sqrt(s).replace(" ", ""))
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    pieces = s.split("/")
+    if len(pieces) == 2:  # "3/4" -> \frac{3}{4}, when both sides are integers as Python writes them
+        try:
+            numerator, denominator = int(pieces[0]), int(pieces[1])
+        except ValueError:  # MetaMath's copy lets this escape: "x/2" is compared as written
+            raise NotNormalizable(answer) from None
+        if s == f"{numerator}/{denominator}":
+            s = f"\\frac{{{numerator}}}{{{denominator}}}"
     return s
 
 
-def math_number(s):
-    """A stripped answer that is a plain rational number ("-3", "2.50", "\\frac{1}{2}", "-\\frac{3}{4}") as a Fraction."""
-    if re.fullmatch(r"-?\d+(\.\d+)?", s):
-        return Fraction(s)
-    frac = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-    if frac and int(frac.group(3)) != 0:
-        value = Fraction(int(frac.group(2)), int(frac.group(3)))
-        return -value if frac.group(1) else value
-    return None
-
-
-def math_equiv(prediction, reference):
-    """MATH answer equivalence: equal canonical strings, or equal rational values ("0.5" == "\\frac12")."""
+def hendrycks_equiv(prediction, reference):
+    """
+    The MATH grader's is_equiv, the paper's protocol: equal hendrycks_strip strings or, where its
+    rules fail on either answer, equal raw strings. No answer (None) is never equivalent.
+    """
     if prediction is None or reference is None:
         return False
-    a, b = strip_math(prediction), strip_math(reference)
-    if a == b:
-        return True
-    x, y = math_number(a), math_number(b)
-    return x is not None and x == y
+    try:
+        return hendrycks_strip(prediction) == hendrycks_strip(reference)
+    except NotNormalizable:
+        return prediction == reference
+
+
+def math_verify_equiv(prediction, reference):
+    """
+    Symbolic equivalence by math-verify (Hugging Face's answer checker): each answer is parsed as
+    LaTeX math ("$...$") into sympy, units and \\text{} handled by its normalizer, and compared by
+    value, as sets, intervals or equations: 2\\sqrt{2} == \\sqrt{8}, \\frac{x}{2} == \\frac{1}{2}x,
+    "3 \\text{ and } 4" == {3, 4}. An answer it cannot parse equals nothing. Uses signal.alarm for its
+    timeouts, so it runs in the main thread.
+    """
+    if prediction is None or reference is None:
+        return False
+    from math_verify import parse, verify
+
+    return verify(parse(f"${reference}$"), parse(f"${prediction}$"))
 
 
 def math_reference(record):
@@ -575,36 +638,111 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
 # Commands: each returns (metrics dict, per-sample records)
 
 
-def score_answers(args, queries, references, extract, equivalent):
-    """Greedy completion of each query's prompt; accuracy of the extracted answers against the references."""
-    if any(reference is None for reference in references):
-        raise ValueError(f"--data {args.data!r}: a record's reference answer could not be read")
+def read_completions(path, queries):
+    """
+    The completion of each data record, from a JSON-lines file of {"index" or "question", "completion"}
+    rows (outputs of vLLM or any other generator): "index" is the record's 0-based position in --data
+    (after --limit), "question" its question text (compared with surrounding whitespace stripped).
+    Every record needs exactly one row; anything else is a one-line ValueError naming file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    by_question = {}
+    for index, query in enumerate(queries):
+        by_question.setdefault(query.strip(), []).append(index)
+    completions, line_of = [None] * len(queries), {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"--completions {path}, line {number}"
+            row = parse_json(raw, where, dict)
+            if not isinstance(row.get("completion"), str):
+                raise ValueError(f"{where}: needs a string \"completion\", it has {row.get('completion')!r:.60}")
+            if "index" in row:
+                index = row["index"]
+                if type(index) is not int or not 0 <= index < len(queries):
+                    raise ValueError(f"{where}: \"index\" {index!r} is not a record of --data (0 to {len(queries) - 1})")
+            elif isinstance(row.get("question"), str):
+                matches = by_question.get(row["question"].strip(), [])
+                if len(matches) != 1:
+                    raise ValueError(f"{where}: the \"question\" matches {len(matches)} records of --data, not one"
+                                     + ("; give its \"index\" instead" if matches else ""))
+                index = matches[0]
+            else:
+                raise ValueError(f"{where}: needs an integer \"index\" or a string \"question\", it has {sorted(row)}")
+            if index in line_of:
+                raise ValueError(f"{where}: record {index} already has a completion, on line {line_of[index]}")
+            line_of[index], completions[index] = number, row["completion"]
+    missing = [index for index, completion in enumerate(completions) if completion is None]
+    if missing:
+        raise ValueError(f"--completions {path}: {len(missing)} of the {len(queries)} records of --data have no "
+                         f"completion (the first: index {missing[0]})")
+    return completions
+
+
+def answer_completions(args, queries):
+    """The completions to score: those of --completions, or the model's greedy ones, in its training prompt."""
+    if args.completions is not None:
+        if args.adapter is not None:
+            raise ValueError("--adapter: nothing is generated with --completions, so no adapter is loaded")
+        return read_completions(args.completions, queries)
     model, tokenizer = load_llama(args)
     prompts = [prompt_ids(tokenizer, query, args.prompt_format) for query in queries]  # as the model was trained
-    completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    return generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+
+
+def score_answers(queries, completions, references, extract, judges):
+    """
+    The answer each completion commits to (`extract`), judged against its reference by each of
+    `judges` ({"correct": equivalence, "correct_x": another, ...}). Metrics: each judge's count and
+    accuracy ("correct_x" -> "accuracy_x"), the total, and how many completions committed to no answer.
+    """
     samples = []
     for query, completion, reference in zip(queries, completions, references):
         prediction = extract(completion)
-        samples.append({"query": query, "completion": completion, "prediction": None if prediction is None else str(prediction),
-                        "reference": str(reference), "correct": prediction is not None and equivalent(prediction, reference)})
-    correct = sum(sample["correct"] for sample in samples)
-    return {"accuracy": correct / len(samples), "correct": correct, "total": len(samples)}, samples
+        sample = {"query": query, "completion": completion, "prediction": None if prediction is None else str(prediction),
+                  "reference": str(reference)}
+        sample.update({name: prediction is not None and bool(judge(prediction, reference)) for name, judge in judges.items()})
+        samples.append(sample)
+    metrics = {}
+    for name in judges:
+        metrics[name.replace("correct", "accuracy")] = sum(sample[name] for sample in samples) / len(samples)
+        metrics[name] = sum(sample[name] for sample in samples)
+    metrics.update(total=len(samples), no_answer=sum(sample["prediction"] is None for sample in samples))
+    return metrics, samples
+
+
+def answer_records(args, query_fields, reference_of):
+    """(queries, references) of the --data records; a record without a readable reference is named."""
+    records = read_records(args)
+    if not records:
+        raise ValueError(f"--data {args.data}: no records")
+    queries = [field(record, query_fields) for record in records]
+    references = [reference_of(record) for record in records]
+    unread = [index for index, reference in enumerate(references) if reference is None]
+    if unread:
+        raise ValueError(f"--data {args.data}: the reference answer of record {unread[0]} could not be read "
+                         f"({len(unread)} records)")
+    return queries, references
 
 
 def eval_gsm8k(args):
-    records = read_records(args)
-    queries = [field(record, ("question", "query", "instruction")) for record in records]
-    references = [extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))) for record in records]
-    return score_answers(args, queries, references, extract_gsm8k_answer, lambda a, b: a == b)
+    """Exact (rational) accuracy of the numbers the completions commit to."""
+    queries, references = answer_records(
+        args, ("question", "query", "instruction"),
+        lambda record: extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))))
+    return score_answers(queries, answer_completions(args, queries), references, extract_gsm8k_answer,
+                         {"correct": lambda prediction, reference: prediction == reference})
 
 
 def eval_math(args):
+    """Two accuracies: the MATH grader's is_equiv (the paper's protocol) and math-verify's."""
     if args.data is None:
         raise ValueError("math needs --data: a MATH test file (MetaMath's MATH_test.jsonl) or a hub dataset name")
-    records = read_records(args)
-    queries = [field(record, ("problem", "instruction", "question", "query")) for record in records]
-    references = [math_reference(record) for record in records]
-    return score_answers(args, queries, references, extract_math_answer, math_equiv)
+    queries, references = answer_records(args, ("problem", "instruction", "question", "query"), math_reference)
+    return score_answers(queries, answer_completions(args, queries), references, extract_math_answer,
+                         {"correct": hendrycks_equiv, "correct_math_verify": math_verify_equiv})
 
 
 def eval_code(args):
@@ -768,6 +906,9 @@ def parse_args(argv=None):
         sub = command(name, f"{name.upper()} accuracy", llama, os.path.join(data, "gsm8k_test.jsonl") if name == "gsm8k" else None)
         sub.add_argument("--max-new-tokens", type=int, default=512)
         prompt_format_flag(sub)
+        sub.add_argument("--completions", default=None,
+                         help='JSON-lines file of {"index" (0-based record of --data) or "question", "completion"} '
+                              "rows to score instead of generating: no model is loaded (default: none, the model generates)")
     for name, hub_name in (("humaneval", "openai_humaneval"), ("mbpp", "mbpp")):
         sub = command(name, f"{name} pass@k (runs generated code)", llama, hub_name)
         sub.add_argument("--max-new-tokens", type=int, default=512)
@@ -803,7 +944,8 @@ COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbp
 def main(argv=None):
     args = parse_args(argv)
     metrics, samples = COMMANDS[args.command](args)
-    print_table(f"{args.command}: {args.model}" + (f" + {args.adapter}" if args.adapter else ""), metrics)
+    scored = getattr(args, "completions", None) or args.model + (f" + {args.adapter}" if args.adapter else "")
+    print_table(f"{args.command}: {scored}", metrics)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": args.command, "args": vars(args), "metrics": metrics, "samples": samples}, f, indent=1)

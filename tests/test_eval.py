@@ -20,21 +20,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
 
 # -----------------------------------------------------------------------------
-# GSM8K answers
+# GSM8K answers: the last "The answer is", then "####", then the last number; exact rationals
 
 
 @pytest.mark.parametrize("text, expected", [
     ("Janet sells 9 eggs at $2 each, so 9 * 2 = 18.\nThe answer is: 18", Fraction(18)),
-    ("She pays $1,234.50 in total.\nThe answer is: $1,234.50.", Fraction("1234.5")),
+    # the issue's case: the first "the answer is" is mid-sentence; the LAST marker's first number is 8
+    ("Since the answer is in dollars, 250 cents make $2.50 and 8 quarters.\nThe answer is: 8", Fraction(8)),
+    ("The answer is: 5 apples? No: 3 + 4 = 7 apples.\nThe answer is: 7", Fraction(7)),  # the last of two markers
+    ("She eats 3/4 of the pie.\nThe answer is: 3/4", Fraction(3, 4)),  # a fraction, not 3
+    ("Each friend gets 3/4", Fraction(3, 4)),  # no marker: the last number, still a fraction
+    ("The answer is: 1/2 of 10", Fraction(1, 2)),  # the first number after the marker is "1/2"
+    ("She pays $1,234.50 in total.\nThe answer is: $1,234.50.", Fraction(2469, 2)),  # 1234.5 = 2469/2
     ("Natalia sold 48 + 24 = 72 clips.\n#### 72", Fraction(72)),
+    ("The answer is: 7\n\n#### 9", Fraction(7)),  # "The answer is" is looked for before "####"
     ("The temperature drops by 7 degrees. The answer is: -7", Fraction(-7)),
-    ("The answer is: 0.25 of the pie, i.e. 1 piece of 4", Fraction(1, 4)),  # first number after the marker
-    ("so the total is 5.\nThe answer is: 5.", Fraction(5)),  # trailing period is punctuation
-    ("The answer is 1,000,000", Fraction(1_000_000)),  # marker without the colon
-    ("the answer is: 18.00", Fraction(18)),  # decimals compare by value
+    ("It costs -$5, a refund. The answer is: -$5", Fraction(-5)),  # sign before the dollar sign
+    ("so the total is 5.\nThe answer is: 5.", Fraction(5)),  # the trailing period ends the sentence
+    ("The answer is 1,000,000", Fraction(1_000_000)),  # marker without the colon; thousands separators
+    ("the answer is: 18.00", Fraction(18)),  # lower case is no marker: the last number, 18.00 = 18
+    ("The answer is: 8.5%", Fraction(17, 2)),  # 8.5 = 17/2, the percent sign is not part of it
     ("We have 12 apples and 7 pears, so 19 fruits", Fraction(19)),  # no marker: last number
     ("There is no number here", None),
-    ("The answer is: unknown", None),  # a marker without a number commits to nothing
+    ("3 + 4 = 7.\nThe answer is: unknown", None),  # the last marker has no number after it: it commits to none
     ("He owes \u221215 dollars. The answer is: \u221215", Fraction(-15)),  # unicode minus
     ("It takes 2-3 days", Fraction(3)),  # a range's hyphen is not a minus sign
 ])
@@ -42,9 +50,11 @@ def test_extract_gsm8k_answer(text, expected):
     assert evaluation.extract_gsm8k_answer(text) == expected
 
 
-def test_gsm8k_compares_numerically():
-    assert evaluation.extract_gsm8k_answer("The answer is: 18.0") == evaluation.extract_gsm8k_answer("#### 18")
-    assert evaluation.extract_gsm8k_answer("The answer is: 18.01") != evaluation.extract_gsm8k_answer("#### 18")
+def test_gsm8k_compares_exact_rationals():
+    reference = evaluation.extract_gsm8k_answer("#### 18")
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.0") == reference
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.4") != reference  # MetaMath would round it to 18
+    assert evaluation.extract_gsm8k_answer("The answer is: 0.75") == evaluation.extract_gsm8k_answer("#### 3/4")
 
 
 # -----------------------------------------------------------------------------
@@ -52,56 +62,89 @@ def test_gsm8k_compares_numerically():
 
 
 @pytest.mark.parametrize("text, expected", [
-    (r"so the answer is $\boxed{5}$.", "5"),
+    (r"so the answer is $\boxed{5}$.", "5"),  # lower-case "the answer is" is no marker: the box
     (r"first \boxed{1}, corrected: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}"),  # last box, nested braces
     (r"$\boxed{\{1, 2\}}$", r"\{1, 2\}"),  # escaped set braces stay inside
     (r"the result is \fbox{x+1}", "x+1"),
     (r"hence $\boxed 7$", "7"),  # \boxed without braces
     (r"truncated \boxed{\frac{1}{2}", None),  # unbalanced: cut off mid-box
     ("no box at all", None),
-    ("The answer is: \\frac{3}{4}\nextra", "\\frac{3}{4}"),  # MetaMath's format wins over boxes
-    (r"The answer is: $\boxed{12}$", "12"),
+    ("The answer is: \\frac{3}{4}.\nextra", "\\frac{3}{4}"),  # MetaMath: up to ".\n", the period dropped
+    ("The answer is: 5 \\text{ cm}\nThe unit is cm.", "5 \\text{ cm}"),  # a bare newline ends it too
+    ("The answer is: 2. Wait, no.\nThe answer is: 3", "3"),  # the last marker
+    ("\\boxed{1} is wrong. The answer is: 2", "2"),  # the marker is looked for before boxes
+    (r"The answer is: $\boxed{12}$", "12"),  # a box after the marker is unwrapped
+    ("The answer is:\n", None),  # a marker with nothing after it
 ])
 def test_extract_math_answer(text, expected):
     assert evaluation.extract_math_answer(text) == expected
 
 
-@pytest.mark.parametrize("prediction, reference", [
-    (r"\dfrac{1}{2}", r"\frac{1}{2}"),
-    (r"\tfrac12", r"\frac{1}{2}"),  # \frac12 shorthand
-    (r"\frac1{2}", r"\frac{1}{2}"),
-    ("0.5", r"\frac{1}{2}"),  # decimal vs fraction by value
-    ("1/2", r"\frac12"),  # a/b vs \frac
-    (".75", r"\frac{3}{4}"),  # leading-dot decimal
-    (r"\left( 3, \frac{1}{2} \right)", r"(3,\frac12)"),
-    (r"5\text{ cm}", "5"),  # units
-    (r"10 \text{inches}", "10"),
-    (r"90^\circ", "90"),  # degrees
-    (r"90^{\circ}", "90"),
-    (r"\$18.00", "18"),  # dollars and trailing .00
-    ("10.0", "10"),
-    (r"x = \sqrt{2}", r"\sqrt2"),  # leading "x =" and \sqrt2 shorthand
-    (r"\text{(B)}", "(B)"),  # a lone \text is the answer
-    ("1,000", "1000"),  # thousands separator
-    (r"50\%", "50"),
-    (r"-\frac{3}{4}", "-0.75"),
-    (r"\!12", "12"),
-    ("7.", "7"),  # trailing period
-])
-def test_math_equiv(prediction, reference):
-    assert evaluation.math_equiv(prediction, reference)
+# (prediction, reference, paper protocol: the MATH grader's is_equiv as MetaMath / BA-LoRA run it,
+#  math-verify). The paper-protocol verdicts follow hendrycks_strip's rules step by step (derivation in
+# each comment); math-verify's are sympy comparisons of the parsed values.
+MATH_VERDICTS = [
+    # the issue's cases
+    (r"3 \text{ and } 4", "34", False, False),  # units rule cuts at "\text{ ": "3 " -> "3" != "34"; {3, 4} != 34
+    (r"24\text{ cm}^2", "24", True, True),  # "\text{ cm}^2" is units: "24" == "24"; math-verify drops units too
+    (r"2\sqrt{2}", r"\sqrt{8}", False, True),  # different strings; 2*sqrt(2) == sqrt(8)
+    (r"\frac{x}{2}", r"\frac{1}{2}x", False, True),  # different strings; x/2 == x/2
+    # the grader's rules, one at a time
+    (r"3 \text{ and } 4", "3", True, False),  # its known blind spot, reproduced: "3 " -> "3"; {3, 4} != 3
+    (r"\dfrac{1}{2}", r"\frac{1}{2}", True, True),  # dfrac -> frac
+    (r"\tfrac12", r"\frac{1}{2}", True, True),  # tfrac -> frac, then \frac12 -> \frac{1}{2}
+    (r"\frac1{72}", r"\frac{1}{72}", True, True),  # one brace-less argument
+    ("0.5", r"\frac{1}{2}", True, True),  # the one decimal the grader rewrites
+    (".5", r"\frac12", True, True),  # ".5" -> "0.5" -> \frac{1}{2}; \frac12 -> \frac{1}{2}
+    ("0.25", r"\frac{1}{4}", False, True),  # no other decimal is rewritten; 1/4 == 0.25
+    ("1/2", r"\frac12", True, True),  # a/b of integers -> \frac{a}{b}
+    ("-3/4", r"\frac{-3}{4}", True, True),
+    ("x/2", r"\frac{x}{2}", False, True),  # int("x") fails: raw strings compared, "x/2" != "\frac{x}{2}"
+    (r"\left( 3, \frac{1}{2} \right)", r"(3,\frac12)", True, True),  # \left/\right and spaces dropped
+    (r"90^\circ", "90", True, True),  # degrees dropped
+    (r"\$18", "18", True, True),  # "\$" dropped
+    ("18.00", "18", False, True),  # trailing zeros stay; 18.00 == 18
+    ("1,000", "1000", False, True),  # separators stay; 1000 == 1000
+    (r"50\%", "50", True, True),  # "\%" dropped; math-verify takes a percentage as 50 or as 1/2
+    ("50%", "50", False, True),  # a bare "%" stays
+    (r"x = \sqrt{2}", r"\sqrt2", True, True),  # left side "x " (2 characters) dropped; \sqrt2 -> \sqrt{2}
+    ("x+y=5", "5", False, True),  # left side "x+y" is 3 characters: kept; math-verify compares the right side
+    (r"10\sqrt{3} + \sqrt4", r"10\sqrt3 + \sqrt{4}", True, True),  # Hendrycks' own test case
+    (r"\text{(B)}", "(B)", False, True),  # "\text{" without the space is no unit: kept
+    (r"5\text{ cm} + 2\text{ m}", "5", False, True),  # two "\text{ ": the rules fail, raw strings differ;
+    # math-verify, dropping units, reads the first term only (its quirk)
+    (r"x^2+2x+1", "(x+1)^2", False, True),  # different strings; equal polynomials
+    (r"\frac{1}{3}", "0.33", False, False),
+    ("-5", "5", False, False),
+    (r"\sqrt{2}", "2", False, False),
+    ("(1,2)", "12", False, False),  # a tuple (an interval to math-verify) is not 12
+    (None, "5", False, False),  # no answer extracted
+]
 
 
-@pytest.mark.parametrize("prediction, reference", [
-    ("(1,2)", "12"),  # a tuple is not a number with separators
-    (r"\frac{1}{3}", "0.33"),
-    ("x+y=5", "5"),  # a long left-hand side is part of the answer
-    (r"\sqrt{2}", "2"),
-    ("-5", "5"),
-    (None, "5"),  # no answer extracted
+@pytest.mark.parametrize("prediction, reference, paper, math_verify", MATH_VERDICTS)
+def test_math_verdicts(prediction, reference, paper, math_verify):
+    assert evaluation.hendrycks_equiv(prediction, reference) is paper
+    assert evaluation.math_verify_equiv(prediction, reference) is math_verify
+
+
+@pytest.mark.parametrize("answer, stripped", [
+    (r"24\text{ cm}^2", "24"),
+    (r"\left( 3, \dfrac12 \right)", r"(3,\frac{1}{2})"),
+    (r"k = \sqrt 3", r"\sqrt{}3"),  # \sqrt takes the next character, here the space (the grader's rule)
+    (r"10\%", "10"),
+    ("\\\\\\%%", ""),  # "\\" -> "\", leaving "\%%": the first pass removes "\%", the second the "\%" it formed
+    ("", ""),
 ])
-def test_math_not_equiv(prediction, reference):
-    assert not evaluation.math_equiv(prediction, reference)
+def test_hendrycks_strip(answer, stripped):
+    assert evaluation.hendrycks_strip(answer) == stripped
+
+
+@pytest.mark.parametrize("answer", [r"5\text{ cm} + 2\text{ m}", r"2\sqrt", r"1+\frac", "x/2"])
+def test_hendrycks_strip_fails_where_the_grader_raises(answer):
+    with pytest.raises(evaluation.NotNormalizable):
+        evaluation.hendrycks_strip(answer)
+    assert evaluation.hendrycks_equiv(answer, answer)  # then the raw strings are compared
 
 
 def test_math_reference_fields():
@@ -453,6 +496,79 @@ def perturbed_adapter(net, target_modules, trainable=()):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return net
+
+
+# -----------------------------------------------------------------------------
+# --completions: given model outputs scored by the same code, no model loaded
+
+GSM8K_ROWS = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"},
+              {"question": "A pie is cut in 4. Ann eats 3 pieces. What share?", "answer": "#### 3/4"},
+              {"question": "Sam has 10 cents and spends 4. How many left?", "answer": "10 - 4 = 6\n#### 6"}]
+
+
+def test_gsm8k_scores_given_completions(tmp_path):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    completions = write_jsonl(tmp_path / "completions.jsonl", [
+        {"index": 2, "completion": "Since the answer is in cents: 10 - 4 = 6.\nThe answer is: 6"},  # 6 == 6
+        {"question": "  " + GSM8K_ROWS[0]["question"], "completion": "The answer is: 5.0"},  # 5.0 == 5
+        {"index": 1, "completion": "She eats 3 of 4 pieces.\nThe answer is: 0.7"},  # 0.7 != 3/4
+    ])
+    out = tmp_path / "r.json"
+    # --model does not exist: nothing may load it
+    metrics = evaluation.main(["gsm8k", "--model", str(tmp_path / "no-model"), "--data", data_file,
+                               "--completions", completions, "--out", str(out)])
+    assert (metrics["correct"], metrics["total"], metrics["no_answer"]) == (2, 3, 0)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    samples = json.loads(out.read_text())["samples"]
+    assert [s["correct"] for s in samples] == [True, False, True]  # in --data order
+    assert [s["prediction"] for s in samples] == ["5", "7/10", "6"]
+
+
+def test_math_scores_given_completions_both_ways(tmp_path):
+    rows = [{"problem": "Simplify sqrt(8).", "solution": r"It is $\boxed{\sqrt{8}}$."},
+            {"problem": "Area?", "answer": "24"},
+            {"problem": "Which numbers?", "answer": "34"},
+            {"problem": "Half of x?", "answer": r"\frac{1}{2}x"}]
+    completions = write_jsonl(tmp_path / "c.jsonl", [
+        {"index": 0, "completion": "The answer is: 2\\sqrt{2}"},  # paper: strings differ; math-verify: equal
+        {"index": 1, "completion": r"So $\boxed{24\text{ cm}^2}$."},  # both: units dropped, 24
+        {"index": 2, "completion": "The answer is: 3 \\text{ and } 4."},  # both: "3" != "34"; {3, 4} != 34
+        {"index": 3, "completion": "I do not know."},  # no marker, no box: no answer
+    ])
+    metrics = evaluation.main(["math", "--model", str(tmp_path / "no-model"), "--data", write_jsonl(tmp_path / "m.jsonl", rows),
+                               "--completions", completions, "--out", str(tmp_path / "r.json")])
+    assert (metrics["correct"], metrics["correct_math_verify"], metrics["total"], metrics["no_answer"]) == (1, 2, 4, 1)
+    assert (metrics["accuracy"], metrics["accuracy_math_verify"]) == (0.25, 0.5)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"index": 0}'], r"line 1: needs a string \"completion\""),
+    (['{"index": 0, "completion": "6"}', '{"index": 3, "completion": "6"}'],
+     r"line 2: \"index\" 3 is not a record of --data \(0 to 2\)"),
+    (['{"index": true, "completion": "6"}'], r"line 1: \"index\" True is not a record"),
+    (['{"question": "What is 1 + 1?", "completion": "2"}'], r"line 1: the \"question\" matches 0 records of --data"),
+    (['{"completion": "2"}'], r"line 1: needs an integer \"index\" or a string \"question\", it has \['completion'\]"),
+    (['{"index": 0, "completion": "5"}', '', '{"index": 0, "completion": "5"}'],
+     r"line 3: record 0 already has a completion, on line 1"),
+    (['{"index": 0, "completion": "5"', ], r"line 1: not valid JSON"),
+    (['{"index": 0, "completion": "5"}', '{"index": 1, "completion": "5"}'],
+     r"c\.jsonl: 1 of the 3 records of --data have no completion \(the first: index 2\)"),
+])
+def test_bad_completions_are_named_by_file_and_line(tmp_path, lines, message):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"^--completions .*" + message):
+        evaluation.main(["gsm8k", "--data", data_file, "--completions", str(tmp_path / "c.jsonl"),
+                         "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_completions_refuse_an_adapter(tmp_path):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"index": i, "completion": "5"} for i in range(3)])
+    with pytest.raises(ValueError, match="--adapter: nothing is generated with --completions"):
+        evaluation.main(["gsm8k", "--data", data_file, "--completions", completions, "--adapter", str(tmp_path),
+                         "--out", str(tmp_path / "r.json")])
 
 
 @pytest.mark.slow
