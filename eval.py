@@ -32,6 +32,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, resolve_prompt_format
+from data import (PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
+                  resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
@@ -580,6 +584,159 @@ def perplexity(model, token_ids, max_length, stride):
 
 
 # -----------------------------------------------------------------------------
+# MT-Bench (Zheng et al. 2023): answers rated 1-10 by an LLM judge, FastChat's single-answer grading
+
+MT_BENCH = os.path.join(ASSETS, "mt_bench")  # FastChat's files, copied verbatim (assets/README.md)
+# FastChat's llm_judge: the categories graded against GPT-4's reference answer (common.py NEED_REF_CATS)
+# and each category's sampling temperature for the answers (common.py temperature_config; 0.7 otherwise).
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+CATEGORY_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+# The judge's rating as FastChat reads it: the first "[[N]]" (the format its prompt demands), else "[N]".
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint gave no usable reply for one judgment (after the retries)."""
+
+
+def read_mt_bench(directory):
+    """(questions, judge prompts by name, reference answer turns by question id) from FastChat's files."""
+    questions = read_jsonl(os.path.join(directory, "question.jsonl"))
+    prompts = {prompt["name"]: prompt for prompt in read_jsonl(os.path.join(directory, "judge_prompts.jsonl"))}
+    references = {row["question_id"]: row["choices"][0]["turns"]
+                  for row in read_jsonl(os.path.join(directory, "reference_answer", "gpt-4.jsonl"))}
+    return questions, prompts, references
+
+
+def judge_messages(prompts, references, question, answers, turn):
+    """
+    (prompt name, chat messages) asking the judge to rate the model's answer at `turn` (1 or 2), as
+    FastChat's gen_judgment.py --mode single builds them: "single-v1", or "single-math-v1" with GPT-4's
+    reference answer for the math, reasoning and coding questions; the "-multi-turn" prompts show the
+    whole conversation and rate the second answer. `answers` are the model's turns, in order.
+    """
+    category = question["category"]
+    name = ("single-math-v1" if category in REFERENCE_CATEGORIES else "single-v1") + ("-multi-turn" if turn == 2 else "")
+    fields = {"question": question["turns"][0], "answer": answers[0], "question_1": question["turns"][0],
+              "answer_1": answers[0]}
+    if turn == 2:
+        fields.update(question_2=question["turns"][1], answer_2=answers[1])
+    if category in REFERENCE_CATEGORIES:
+        if question["question_id"] not in references:
+            raise ValueError(f"MT-Bench: no reference answer for question {question['question_id']} ({category})")
+        reference = references[question["question_id"]]
+        fields.update(ref_answer_1=reference[0], ref_answer_2=reference[-1])
+    prompt = prompts[name]
+    return name, [{"role": "system", "content": prompt["system_prompt"]},
+                  {"role": "user", "content": prompt["prompt_template"].format(**fields)}]
+
+
+def parse_rating(judgment):
+    """The rating in a judge's reply ("... Rating: [[7]]" -> 7.0), None when it holds none (a malformed judgment)."""
+    match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
+    return float(match.group(1)) if match else None
+
+
+def chat_completion(url, model, messages, api_key=None, timeout=120.0, retries=3):
+    """
+    The reply text of an OpenAI-compatible chat endpoint: POST {url}/chat/completions with FastChat's
+    judge settings (temperature 0, max_tokens 2048). A network error, HTTP 429 or 5xx is retried
+    `retries` times, waiting 2, 4, 8, ... s, and then raises JudgeError; any other HTTP error
+    (a wrong key, model or URL) would fail every judgment alike, so it is a ValueError at once.
+    """
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 2048}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    for attempt in range(retries + 1):
+        try:
+            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read().decode("utf-8"))
+            return reply["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as error:  # before URLError: it is one
+            problem = f"--judge-url {endpoint}: HTTP {error.code} {error.reason}"
+            if error.code != 429 and error.code < 500:
+                raise ValueError(problem + " (check --judge-url, --judge-model and the API key)") from None
+        except (urllib.error.URLError, OSError) as error:  # refused, unreachable, timed out
+            problem = f"--judge-url {endpoint}: {getattr(error, 'reason', error)}"
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"--judge-url {endpoint}: the reply is not an OpenAI chat completion") from None
+        if attempt < retries:
+            time.sleep(2 ** (attempt + 1))
+    raise JudgeError(problem)
+
+
+def read_mt_bench_answers(path, questions, turns):
+    """
+    {question_id: [answer, ...]} from a JSON-lines file of {"question_id", "completion"} rows
+    ("completion": the first turn's answer, or a list of the turns' answers) or of FastChat's
+    model_answer rows ({"question_id", "choices": [{"turns": [...]}]}). Every question needs one row with
+    at least `turns` answers; anything else is a one-line ValueError naming file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    wanted, answers, line_of = {q["question_id"] for q in questions}, {}, {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"--completions {path}, line {number}"
+            row = parse_json(raw, where, dict)
+            question_id = row.get("question_id")
+            if question_id not in wanted:
+                raise ValueError(f"{where}: \"question_id\" {question_id!r} is not an evaluated MT-Bench question")
+            if question_id in line_of:
+                raise ValueError(f"{where}: question {question_id} already has answers, on line {line_of[question_id]}")
+            given = row["choices"][0].get("turns") if row.get("choices") else row.get("completion")
+            given = [given] if isinstance(given, str) else given
+            if not isinstance(given, list) or len(given) < turns or not all(isinstance(a, str) for a in given[:turns]):
+                raise ValueError(f"{where}: needs {turns} answer string(s) in \"completion\" (or FastChat's "
+                                 "\"choices\"[0][\"turns\"])")
+            line_of[question_id], answers[question_id] = number, given[:turns]
+    missing = sorted(wanted - set(answers))
+    if missing:
+        raise ValueError(f"--completions {path}: {len(missing)} of the {len(wanted)} questions have no answers "
+                         f"(the first: question_id {missing[0]})")
+    return answers
+
+
+def generate_mt_bench_answers(args, questions, turns):
+    """
+    {question_id: [answer, ...]}: the model answers turn 1 in its training prompt (data.prompt_ids), and
+    turn 2, with --second-turn, in its chat template after its own first answer. Each category is
+    sampled at FastChat's temperature (greedy where it is 0), or all at --temperature.
+    """
+    model, tokenizer = load_llama(args)
+    if turns == 2 and args.prompt_format != "chat":
+        raise ValueError("--second-turn needs --prompt-format chat (the Alpaca prompt has no second turn)")
+    answers = {question["question_id"]: [] for question in questions}
+    for turn in range(turns):
+        conversations = {}
+        for question in questions:
+            if turn == 0:
+                conversations[question["question_id"]] = prompt_ids(tokenizer, question["turns"][0], args.prompt_format)
+            else:
+                messages = [{"role": "user", "content": question["turns"][0]},
+                            {"role": "assistant", "content": answers[question["question_id"]][0]},
+                            {"role": "user", "content": question["turns"][1]}]
+                conversations[question["question_id"]] = tokenizer.encode(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=True), bos=False)
+        temperature_of = {q["question_id"]: CATEGORY_TEMPERATURES.get(q["category"], 0.7) if args.temperature is None
+                          else args.temperature for q in questions}
+        for temperature in sorted(set(temperature_of.values())):
+            ids = [question_id for question_id in conversations if temperature_of[question_id] == temperature]
+            completions = generate_completions(model, tokenizer, [conversations[i] for i in ids], args.max_new_tokens,
+                                               args.batch_size, temperature=temperature, seed=args.seed)
+            for question_id, completion in zip(ids, completions):
+                answers[question_id].append(completion.strip())
+    return answers
+
+
+# -----------------------------------------------------------------------------
 # Models: base weights (+ adapter, merged so evaluation runs at base-model speed)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -867,6 +1024,63 @@ def eval_ppl(args):
     return metrics, []
 
 
+def eval_mtbench(args):
+    """
+    MT-Bench with FastChat's single-answer grading: every answer rated 1-10 by the judge; the mean per
+    category and over all rated answers, per turn (Table 1 reports turn 1). A reply without a rating
+    counts as "malformed", a judgment the endpoint never gave as a "judge error"; neither enters a
+    mean (FastChat's show_result.py drops them too, as score -1).
+    """
+    questions, prompts, references = read_mt_bench(args.data)
+    questions = questions[:args.limit]
+    turns = 2 if args.second_turn else 1
+    api_key = os.environ.get(args.judge_api_key_env)
+    if not api_key:
+        print(f"${args.judge_api_key_env} is not set: the judge is called without an API key")
+    if args.completions is not None:
+        if args.adapter is not None:
+            raise ValueError("--adapter: nothing is generated with --completions, so no adapter is loaded")
+        answers = read_mt_bench_answers(args.completions, questions, turns)
+    else:
+        answers = generate_mt_bench_answers(args, questions, turns)
+
+    def judge(job):
+        question, turn = job
+        question_answers = answers[question["question_id"]]
+        name, messages = judge_messages(prompts, references, question, question_answers, turn)
+        sample = {"question_id": question["question_id"], "category": question["category"], "turn": turn,
+                  "answer": question_answers[turn - 1], "judge_prompt": name}
+        try:
+            judgment = chat_completion(args.judge_url, args.judge_model, messages, api_key, args.judge_timeout,
+                                       args.judge_retries)
+        except JudgeError as error:
+            return sample | {"status": "judge error", "error": str(error), "judgment": None, "rating": None}
+        rating = parse_rating(judgment)
+        return sample | {"status": "malformed" if rating is None else "rated", "judgment": judgment, "rating": rating}
+
+    jobs = [(question, turn) for turn in range(1, turns + 1) for question in questions]
+    with ThreadPoolExecutor(args.judge_parallel) as pool:  # each job waits on the network
+        samples = list(tqdm(pool.map(judge, jobs), total=len(jobs), desc="judge", leave=False))
+    if all(sample["status"] == "judge error" for sample in samples):
+        raise JudgeError(f"no judgment came back: {samples[0]['error']}")
+
+    def mean(ratings):
+        return sum(ratings) / len(ratings) if ratings else None
+
+    metrics = {}
+    for turn in range(1, turns + 1):
+        rated = [sample for sample in samples if sample["turn"] == turn and sample["rating"] is not None]
+        metrics[f"turn{turn}"] = mean([sample["rating"] for sample in rated])
+        for category in dict.fromkeys(question["category"] for question in questions):
+            metrics[f"turn{turn}_{category}"] = mean([sample["rating"] for sample in rated if sample["category"] == category])
+        metrics[f"turn{turn}_rated"] = len(rated)
+    if turns == 2:
+        metrics["average"] = mean([sample["rating"] for sample in samples if sample["rating"] is not None])
+    metrics.update(malformed=sum(sample["status"] == "malformed" for sample in samples),
+                   judge_errors=sum(sample["status"] == "judge error" for sample in samples), judge=args.judge_model)
+    return metrics, samples
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -934,11 +1148,45 @@ def parse_args(argv=None):
             sub.add_argument("--minority-label", type=int, default=None, help="default: the rarest label in --data")
             sub.add_argument("--plot", default=os.path.join("out", "eval", "cluster.png"), help="2-D projection PNG")
             sub.add_argument("--projection", default="tsne", choices=["tsne", "pca"], help="tsne needs scikit-learn (else pca)")
+    sub = commands.add_parser("mtbench", help="MT-Bench score: answers rated by an LLM judge (FastChat's single grading)")
+    sub.add_argument("--model", default=llama, help="Hugging Face-format model directory (default: assets/tiny-llama)")
+    sub.add_argument("--adapter", default=None, help="balora adapter directory (save_adapter), merged into the "
+                                                     "weights before generating (default: none)")
+    sub.add_argument("--data", default=MT_BENCH, help="directory in FastChat's layout: question.jsonl, "
+                     "judge_prompts.jsonl, reference_answer/gpt-4.jsonl (default: the bundled copy, assets/mt_bench)")
+    sub.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only (default: all 80)")
+    sub.add_argument("--out", default=os.path.join("out", "eval", "mtbench.json"),
+                     help="results JSON (default out/eval/mtbench.json)")
+    sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="default: cuda when available, else cpu")
+    sub.add_argument("--batch-size", type=int, default=16, help="answers generated at once (default 16)")
+    prompt_format_flag(sub)
+    sub.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per answer (default 1024, FastChat's)")
+    sub.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature of every answer, 0 greedy (default: FastChat's per category: 0.7 "
+                          "writing and roleplay, 0.1 stem and humanities, greedy for the others)")
+    sub.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sub.add_argument("--second-turn", action="store_true",
+                     help="also answer and rate turn 2, in the chat template (default: turn 1 only, as the paper reports)")
+    sub.add_argument("--completions", default=None,
+                     help='JSON-lines file of {"question_id", "completion"} rows (or FastChat\'s model_answer rows) '
+                          "to rate instead of generating: no model is loaded (default: none, the model answers)")
+    sub.add_argument("--judge-url", required=True,
+                     help="base URL of an OpenAI-compatible chat API, e.g. https://api.openai.com/v1 or a local "
+                          "server's http://127.0.0.1:8000/v1 (required)")
+    sub.add_argument("--judge-model", default="gpt-4", help="judge model name (default gpt-4, FastChat's and the paper's)")
+    sub.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the judge's API key (default OPENAI_API_KEY; unset: no key sent)")
+    sub.add_argument("--judge-parallel", type=int, default=4, help="judge requests in flight at once (default 4)")
+    sub.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    sub.add_argument("--judge-retries", type=int, default=3,
+                     help="retries of a request that failed on the network, HTTP 429 or 5xx (default 3)")
     return parser.parse_args(argv)
 
 
 COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbpp": eval_code,
-            "glue": eval_glue, "cluster": eval_cluster, "ppl": eval_ppl}
+            "glue": eval_glue, "cluster": eval_cluster, "ppl": eval_ppl, "mtbench": eval_mtbench}
 
 
 def main(argv=None):

@@ -571,6 +571,223 @@ def test_completions_refuse_an_adapter(tmp_path):
                          "--out", str(tmp_path / "r.json")])
 
 
+# -----------------------------------------------------------------------------
+# MT-Bench: FastChat's single-answer grading against a stub judge on 127.0.0.1
+
+
+@pytest.mark.parametrize("judgment, rating", [
+    ("The answer is fine.\n\nRating: [[7]]", 7.0),
+    ("Rating: [[8.5]]", 8.5),
+    ("Rating: [6]", 6.0),  # FastChat's fallback pattern
+    ("[[7]] at first, then [[3]]", 7.0),  # the first match
+    ("[5] for style, overall [[9]]", 9.0),  # "[[N]]" is looked for before "[N]"
+    ("I cannot rate this.", None),
+    ("Rating: [[ten]]", None),
+    ("Rating: [[7/10]]", None),  # neither pattern matches "7/10" (FastChat reads it as no rating too)
+])
+def test_parse_rating(judgment, rating):
+    assert evaluation.parse_rating(judgment) == rating
+
+
+class StubJudge:
+    """
+    An OpenAI-compatible chat endpoint on 127.0.0.1 (threading + http.server): it records every request
+    and replies with the canned text whose key (a substring) the user prompt contains, else `default`;
+    an int reply is sent as that HTTP error status.
+    """
+
+    def __init__(self, default="Rating: [[6]]"):
+        import http.server
+        import threading
+
+        self.requests, self.replies, self.default = [], {}, default
+        judge = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+                user = body["messages"][-1]["content"]
+                reply = next((text for key, text in judge.replies.items() if key in user), judge.default)
+                if isinstance(reply, int):
+                    self.send_error(reply)
+                    return
+                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub_judge():
+    judge = StubJudge()
+    yield judge
+    judge.close()
+
+
+def mt_bench_questions():
+    return [json.loads(line) for line in open(os.path.join(ASSETS, "mt_bench", "question.jsonl"))]
+
+
+def turn1_key(question):
+    """A substring of exactly this question's first-turn judge prompt (both single-v1 and single-math-v1)."""
+    return f"[Question]\n{question['turns'][0]}\n\n[The Start of"
+
+
+def test_mtbench_reports_the_judges_ratings(stub_judge, tmp_path, monkeypatch):
+    questions = mt_bench_questions()
+    categories = list(dict.fromkeys(q["category"] for q in questions))
+    assert categories == ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+    # Canned ratings: category k (in file order) gets k + 2, so writing 2 ... humanities 9; the first
+    # writing judgment is malformed, the first roleplay one uses the "[N]" fallback with 4, the first
+    # math one is an HTTP 500 (a judge error, with no retries).
+    for question in questions:
+        stub_judge.replies[turn1_key(question)] = f"Fine.\nRating: [[{categories.index(question['category']) + 2}]]"
+    first = {category: next(q for q in questions if q["category"] == category) for category in categories}
+    stub_judge.replies[turn1_key(first["writing"])] = "I will not rate this answer."
+    stub_judge.replies[turn1_key(first["roleplay"])] = "Rating: [4]"
+    stub_judge.replies[turn1_key(first["math"])] = 500
+    # Answers given as rows of both accepted forms: ours and FastChat's model_answer rows.
+    rows = [{"question_id": q["question_id"], "completion": f"my answer to {q['question_id']}"} if i % 2 else
+            {"question_id": q["question_id"], "choices": [{"index": 0, "turns": [f"my answer to {q['question_id']}"]}]}
+            for i, q in enumerate(questions)]
+    monkeypatch.setenv("BALORA_TEST_JUDGE_KEY", "sk-test")
+    out = tmp_path / "mtbench.json"
+    metrics = evaluation.main(["mtbench", "--completions", write_jsonl(tmp_path / "answers.jsonl", rows),
+                               "--judge-url", stub_judge.url, "--judge-model", "stub-judge",
+                               "--judge-api-key-env", "BALORA_TEST_JUDGE_KEY", "--judge-retries", "0",
+                               "--out", str(out)])
+    # writing: 9 rated answers of 2 -> 2; roleplay: (9 * 3 + 4) / 10 = 3.1; math: 9 rated of 5 -> 5;
+    # every other category k + 2 over its 10 answers.
+    expected = {"writing": 2.0, "roleplay": 3.1, "reasoning": 4.0, "math": 5.0, "coding": 6.0, "extraction": 7.0,
+                "stem": 8.0, "humanities": 9.0}
+    for category, score in expected.items():
+        assert metrics[f"turn1_{category}"] == pytest.approx(score, abs=1e-12), category
+    # the mean over the 78 rated answers: (9*2 + 31 + 40 + 9*5 + 60 + 70 + 80 + 90) / 78 = 434 / 78
+    assert metrics["turn1"] == pytest.approx(434 / 78, abs=1e-12)
+    assert (metrics["turn1_rated"], metrics["malformed"], metrics["judge_errors"]) == (78, 1, 1)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == metrics and len(saved["samples"]) == 80
+    assert {s["status"] for s in saved["samples"]} == {"rated", "malformed", "judge error"}
+
+    # What the judge was sent: FastChat's prompts, the given answers, GPT-4's references where FastChat uses them.
+    references = {json.loads(line)["question_id"]: json.loads(line)["choices"][0]["turns"][0]
+                  for line in open(os.path.join(ASSETS, "mt_bench", "reference_answer", "gpt-4.jsonl"))}
+    assert len(stub_judge.requests) == 80
+    by_question = {}
+    for request in stub_judge.requests:
+        question = next(q for q in questions if turn1_key(q) in request["body"]["messages"][1]["content"])
+        by_question[question["question_id"]] = request
+    assert sorted(by_question) == sorted(q["question_id"] for q in questions)
+    for question in questions:
+        request = by_question[question["question_id"]]
+        assert request["path"] == "/v1/chat/completions" and request["authorization"] == "Bearer sk-test"
+        body = request["body"]
+        assert (body["model"], body["temperature"], body["max_tokens"]) == ("stub-judge", 0, 2048)
+        system, user = body["messages"][0], body["messages"][1]["content"]
+        assert system == {"role": "system", "content": "You are a helpful assistant."}
+        assert f"[The Start of Assistant's Answer]\nmy answer to {question['question_id']}\n" in user
+        with_reference = question["category"] in ("math", "reasoning", "coding")
+        assert ("[The Start of Reference Answer]" in user) == with_reference
+        if with_reference:
+            assert f"[The Start of Reference Answer]\n{references[question['question_id']]}\n" in user
+
+
+def chat_llama(random_llama, directory):
+    """A copy of the random Llama with a small chat template (the random model itself has none)."""
+    import shutil
+
+    shutil.copytree(random_llama, directory)
+    template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return str(directory)
+
+
+@pytest.mark.slow
+def test_mtbench_generates_both_turns_in_the_chat_template(random_llama, stub_judge, tmp_path):
+    import model
+
+    directory = chat_llama(random_llama, tmp_path / "chat-llama")
+    stub_judge.default = "Good.\nRating: [[6]]"
+    out = tmp_path / "mtbench.json"
+    metrics = evaluation.main(["mtbench", "--model", directory, "--limit", "2", "--second-turn", "--temperature", "0",
+                               "--max-new-tokens", "5", "--judge-url", stub_judge.url, "--out", str(out)])
+    assert (metrics["turn1"], metrics["turn2"], metrics["average"]) == (6.0, 6.0, 6.0)
+    assert (metrics["turn1_rated"], metrics["turn2_rated"], metrics["malformed"]) == (2, 2, 0)
+    # The answers are the model's greedy continuations of the chat template: turn 1 alone, turn 2
+    # after its own first answer.
+    net, tokenizer = model.Llama.from_pretrained(directory), data.Tokenizer(directory)
+    questions = mt_bench_questions()[:2]
+    samples = json.loads(out.read_text())["samples"]
+    for question in questions:
+        first, second = (s["answer"] for s in sorted((s for s in samples if s["question_id"] == question["question_id"]),
+                                                     key=lambda s: s["turn"]))
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}],
+                                                                add_generation_prompt=True), bos=False)
+        assert first == evaluation.generate_completions(net, tokenizer, [prompt], 5, 1)[0].strip()
+        conversation = [{"role": "user", "content": question["turns"][0]}, {"role": "assistant", "content": first},
+                        {"role": "user", "content": question["turns"][1]}]
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True), bos=False)
+        assert second == evaluation.generate_completions(net, tokenizer, [prompt], 5, 1)[0].strip()
+        # the turn-2 judge prompt (single-v1-multi-turn) shows the whole conversation
+        turn2 = [r["body"]["messages"][1]["content"] for r in stub_judge.requests
+                 if question["turns"][1] in r["body"]["messages"][1]["content"]]
+        assert len(turn2) == 1 and first in turn2[0] and second in turn2[0] and question["turns"][0] in turn2[0]
+    assert sum(r["body"]["messages"][0]["content"] != "You are a helpful assistant." for r in stub_judge.requests) == 2
+
+
+def test_mtbench_second_turn_needs_a_chat_template(stub_judge, tmp_path):
+    with pytest.raises(ValueError, match="--second-turn needs --prompt-format chat"):
+        evaluation.main(["mtbench", "--limit", "1", "--second-turn", "--judge-url", stub_judge.url,
+                         "--out", str(tmp_path / "r.json")])  # assets/tiny-llama: no chat template
+
+
+def test_mtbench_judge_failures(stub_judge, tmp_path):
+    import socket
+
+    rows = [{"question_id": q["question_id"], "completion": "x"} for q in mt_bench_questions()[:2]]
+    completions = write_jsonl(tmp_path / "a.jsonl", rows)
+    stub_judge.default = 401  # a wrong key fails every judgment alike: stop at once
+    with pytest.raises(ValueError, match=r"--judge-url .*/v1/chat/completions: HTTP 401"):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", completions, "--judge-url", stub_judge.url,
+                         "--out", str(tmp_path / "r.json")])
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with pytest.raises(evaluation.JudgeError, match="no judgment came back: --judge-url .*: .*refused"):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", completions, "--judge-url", closed,
+                         "--judge-retries", "0", "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question_id": 81, "completion": "a"}], r"1 of the 2 questions have no answers \(the first: question_id 82\)"),
+    ([{"question_id": 81, "completion": "a"}, {"question_id": 81, "completion": "b"}],
+     r"line 2: question 81 already has answers, on line 1"),
+    ([{"question_id": 7, "completion": "a"}], r"line 1: \"question_id\" 7 is not an evaluated MT-Bench question"),
+    ([{"question_id": 81, "completion": 3}], r"line 1: needs 1 answer string\(s\)"),
+])
+def test_mtbench_bad_completions(stub_judge, tmp_path, rows, message):
+    with pytest.raises(ValueError, match="^--completions .*" + message):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", write_jsonl(tmp_path / "a.jsonl", rows),
+                         "--judge-url", stub_judge.url, "--out", str(tmp_path / "r.json")])
+    assert not stub_judge.requests
+
+
 @pytest.mark.slow
 def test_gsm8k_end_to_end_random_model(random_llama, tmp_path):
     import model
