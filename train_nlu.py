@@ -582,7 +582,7 @@ def main(argv=None):
             for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
                 raw_model.get_parameter(name).copy_(value)
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
-        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model)
+        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="SEQ_CLS")
         results = {"best": best["metrics"], "baseline": baseline, "steps": step, "seconds": time.time() - start_time}
         print(f"trained {step} steps in {results['seconds']:.1f}s; adapter in {os.path.join(args.out, 'adapter')}")
         for split, metrics in best["metrics"].items():
