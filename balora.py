@@ -601,9 +601,10 @@ def _uniform(layers, attribute):
 CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
 
 
-def save_adapter(model, directory):
+def save_adapter(model, directory, training=None):
     """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable) and
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable, and `training`: a dict of
+    the run's settings its users need, e.g. train_nlu.py's task and max_length) and
     balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0 and the trainable modules' params).
     Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
     PiSSA used a randomized SVD that cannot be recomputed.
@@ -614,7 +615,7 @@ def save_adapter(model, directory):
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
         dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model),
+        trainable=_trainable_modules(model), **({"training": training} if training else {}),
     )
     tensors = dict(trainable_state_dict(model))
     for name, layer in layers:

@@ -5,14 +5,14 @@ C.6, C.7):
   gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format)
   humaneval, mbpp    pass@k of generated code, each program run in a sandboxed subprocess
   glue               accuracy / Matthews / Pearson / Spearman / F1 of a classifier adapter (train_nlu.py)
-  ppl                strided sliding-window perplexity (Wikitext-2 recipe, Table 13)
+  ppl                strided sliding-window perplexity (Table 13: Wikitext-2 test, Hugging Face's recipe)
   cluster            silhouette scores (cosine) and minority-class recall of a classifier (Table 12)
 
     python eval.py gsm8k                                  # bundled tiny model + toy data, offline
     python eval.py gsm8k --model meta-llama/Llama-2-7b-hf-dir --adapter out/nlg/adapter \\
         --data openai/gsm8k --dtype bf16 --device cuda
     python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution
-    python eval.py ppl --model DIR --data wikitext --max-length 4096 --stride 512
+    python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
     python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2
 
@@ -531,7 +531,7 @@ def plot_2d(features, labels, path, method="tsne"):
     for label in sorted(set(labels.tolist())):
         chosen = labels == label
         axes.scatter(points[chosen, 0], points[chosen, 1], s=6, label=f"label {label}")
-    axes.set_title(f"{method} of classifier features")
+    axes.set_title(f"{method} of final-layer [CLS] states")
     axes.legend()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -936,24 +936,41 @@ def eval_code(args):
     return metrics, samples
 
 
+def classifier_max_length(args):
+    """
+    Tokens per example: --max-length, else the max_length the adapter was trained with (train_nlu.py
+    records it in the adapter's balora_config.json), else 128. A --max-length other than the
+    trained one is allowed, with a warning: the classifier never saw such inputs.
+    """
+    trained = None
+    if args.adapter is not None:
+        config_path = os.path.join(args.adapter, balora.CONFIG_NAME)
+        if os.path.isfile(config_path):  # a missing one is load_adapter's error to name
+            with open(config_path, "rb") as f:
+                trained = parse_json(f.read(), config_path, dict).get("training", {}).get("max_length")
+    if args.max_length is not None and trained is not None and args.max_length != trained:
+        warnings.warn(f"--max-length {args.max_length}: the adapter was trained with max_length {trained}")
+    return args.max_length or trained or 128
+
+
 @torch.no_grad()
 def classifier_outputs(model, tokenizer, task, args):
-    """(logits (N, D), pooled features (N, H), labels (N,)) of the classifier on --data."""
+    """(logits (N, D), final-layer [CLS] states (N, H), labels (N,)) of the classifier on --data."""
     split = args.split or task.validation_splits[0]
     data_file = None if args.data in ("glue", "nyu-mll/glue") else args.data  # None: train_nlu reads the hub
-    input_ids, labels = encode_split(load_split(args.task, split, data_file), args.task, tokenizer, args.max_length,
-                                     args.data)
+    input_ids, labels = encode_split(load_split(args.task, split, data_file, "--data FILE"), args.task, tokenizer,
+                                     args.max_length, args.data)
     if args.limit is not None:
         input_ids, labels = input_ids[:args.limit], labels[:args.limit]
     device = next(model.parameters()).device
-    logits, pooled = [], []
+    logits, cls_states = [], []
     for start in tqdm(range(0, len(input_ids), args.batch_size), desc="classify", leave=False):
         indices = list(range(start, min(start + args.batch_size, len(input_ids))))
         batch_ids, attention_mask, _ = collate(input_ids, labels, indices, tokenizer.pad_id)
-        batch_logits, batch_pooled = model(batch_ids.to(device), attention_mask=attention_mask.to(device), return_pooled=True)
+        batch_logits, batch_cls = model(batch_ids.to(device), attention_mask=attention_mask.to(device), return_cls=True)
         logits.append(batch_logits.float().cpu())
-        pooled.append(batch_pooled.float().cpu())
-    return torch.cat(logits), torch.cat(pooled), labels
+        cls_states.append(batch_cls.float().cpu())
+    return torch.cat(logits), torch.cat(cls_states), labels
 
 
 def eval_glue(args):
@@ -961,10 +978,11 @@ def eval_glue(args):
     if args.adapter is None:
         warnings.warn("eval.py glue without --adapter scores a randomly initialised classification head "
                       "(pooler + classifier are trained by train_nlu.py): expect chance-level metrics")
+    args.max_length = classifier_max_length(args)
     model, tokenizer = load_classifier(args, task)
     logits, _, labels = classifier_outputs(model, tokenizer, task, args)
     metrics = compute_metrics(task, logits, labels)
-    metrics["total"] = len(labels)
+    metrics.update(total=len(labels), max_length=args.max_length)
     predictions = logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)
     samples = [{"prediction": p, "label": y} for p, y in zip(predictions.tolist(), labels.tolist())]
     return metrics, samples
@@ -973,14 +991,15 @@ def eval_glue(args):
 def eval_cluster(args):
     """
     Table 12: silhouette scores (cosine distance, true labels) in the logit space (the paper computes
-    them there, before any projection) and of the pooled [CLS] features, globally and for the minority
-    class, plus the minority class's recall; a 2-D plot of the pooled features.
+    them there, before any projection), globally and for the minority class, plus the minority class's
+    recall; B.3's 2-D plot (t-SNE) of the final-layer [CLS] states, with their silhouettes too.
     """
     task = TASKS[args.task]
     if task.num_labels < 2:
         raise ValueError(f"--task {args.task}: cluster needs a classification task, not regression")
+    args.max_length = classifier_max_length(args)
     model, tokenizer = load_classifier(args, task)
-    logits, pooled, labels = classifier_outputs(model, tokenizer, task, args)
+    logits, cls_states, labels = classifier_outputs(model, tokenizer, task, args)
     minority = args.minority_label
     if minority is None:  # the rarest class of the evaluated data (on the paper's balanced MNLI, pass it)
         present, counts = torch.unique(labels, return_counts=True)
@@ -988,27 +1007,36 @@ def eval_cluster(args):
     if not (labels == minority).any():
         raise ValueError(f"--minority-label {minority}: no example of that class in --data")
     predictions = logits.argmax(-1)
-    logit_silhouette, feature_silhouette = silhouette_report(logits, labels), silhouette_report(pooled, labels)
+    logit_silhouette, cls_silhouette = silhouette_report(logits, labels), silhouette_report(cls_states, labels)
     metrics = {
         "global_silhouette": logit_silhouette["global"],
         "minority_silhouette": logit_silhouette["per_class"][minority],
         "minority_recall": (predictions[labels == minority] == minority).double().mean().item(),
         "accuracy": accuracy(predictions, labels),
         "minority_label": minority,
-        "pooled_global_silhouette": feature_silhouette["global"],
-        "pooled_minority_silhouette": feature_silhouette["per_class"][minority],
+        "cls_global_silhouette": cls_silhouette["global"],
+        "cls_minority_silhouette": cls_silhouette["per_class"][minority],
     }
     for label, value in logit_silhouette["per_class"].items():
         metrics[f"silhouette_class_{label}"] = value
-    method = plot_2d(pooled, labels, args.plot, args.projection)
+    method = plot_2d(cls_states, labels, args.plot, args.projection)
     if method is not None:
         metrics["plot"] = f"{args.plot} ({method})"
+    metrics["max_length"] = args.max_length
     samples = [{"prediction": p, "label": y} for p, y in zip(predictions.tolist(), labels.tolist())]
     return metrics, samples
 
 
+# The stride of Hugging Face's perplexity guide (its Wikitext-2 recipe, with the model's whole context
+# as the window): Table 13 names Wikitext-2 test but neither window nor stride, so its default is this.
+PPL_STRIDE = 512
+
+
 def eval_ppl(args):
-    """C.7: perplexity of a text file, or of a dataset's "text" column joined by blank lines (Wikitext-2)."""
+    """
+    C.7 / Table 13: perplexity of a text file, or of a dataset's "text" column joined by blank lines
+    (Wikitext-2, as the guide joins it), in windows of the model's context advanced by 512 tokens.
+    """
     if os.path.isfile(args.data) and args.data.endswith(".txt"):
         with open(args.data) as f:
             text = f.read()
@@ -1016,7 +1044,7 @@ def eval_ppl(args):
         records = read_records(args)
         text = "\n\n".join(str(field(record, ("text",))) for record in records)
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
-    stride = args.stride or max(1, max_length // 2)
+    stride = args.stride or max(1, min(PPL_STRIDE, max_length // 2))  # a short window still overlaps by half
     model, tokenizer = load_llama(args)
     token_ids = tokenizer.encode(text)  # the checkpoint's BOS rule, as tokenizer(text) in HF's perplexity recipe
     metrics = perplexity(model, token_ids, max_length, stride)
@@ -1136,14 +1164,20 @@ def parse_args(argv=None):
         sub.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="programs run at once")
     sub = command("ppl", "strided sliding-window perplexity", llama, os.path.join(data, "ppl.txt"))
-    sub.add_argument("--max-length", type=int, default=None, help="tokens per window (default: the model's max_position_embeddings)")
-    sub.add_argument("--stride", type=int, default=None, help="tokens the window advances by (default: --max-length / 2)")
+    sub.add_argument("--max-length", type=int, default=None,
+                     help="tokens per window (default: the model's max_position_embeddings, its whole context, "
+                          "as Hugging Face's perplexity guide; Table 13 does not state it)")
+    sub.add_argument("--stride", type=int, default=None,
+                     help=f"tokens the window advances by (default {PPL_STRIDE}, the guide's, or half the window "
+                          "when that is less); --stride = --max-length gives disjoint windows")
     for name in ("glue", "cluster"):
         sub = command(name, "GLUE metrics of a classifier" if name == "glue" else "silhouette / minority recall (Table 12)",
                       os.path.join(ASSETS, "tiny-deberta"), os.path.join(data, "nli_validation.jsonl"), split=None,
                       adapter_help="adapter directory written by train_nlu.py (LoRA + pooler + classifier)")
         sub.add_argument("--task", default="nli", choices=list(TASKS))
-        sub.add_argument("--max-length", type=int, default=128, help="tokens per example")
+        sub.add_argument("--max-length", type=int, default=None,
+                         help="tokens per example (default: the max_length the adapter was trained with, "
+                              "else 128)")
         if name == "cluster":
             sub.add_argument("--minority-label", type=int, default=None, help="default: the rarest label in --data")
             sub.add_argument("--plot", default=os.path.join("out", "eval", "cluster.png"), help="2-D projection PNG")

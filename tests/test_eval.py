@@ -411,6 +411,23 @@ def test_load_records_local_files(tmp_path):
         evaluation.field(rows[0], ("problem", "query"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["gsm8k", "--data", "balora-test/no-such-dataset"], ["glue", "--data", "glue", "--task", "rte"]])
+def test_unreachable_hub_dataset_says_pass_a_file(tmp_path, argv):
+    """Offline (HF_HUB_OFFLINE=1: what a machine without a network sees, without the retries' wait), a hub
+    name is one line that says to pass --data FILE."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv, "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("ConnectionError: ") and "hub cannot be reached" in last
+    assert last.endswith("offline, pass --data FILE, a local file")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_code_commands_refuse_without_permission(tmp_path):
     with pytest.raises(SystemExit, match="--allow-code-execution"):
         evaluation.main(["humaneval", "--data", str(tmp_path / "never-read.jsonl"), "--out", str(tmp_path / "r.json")])
@@ -877,7 +894,11 @@ def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     assert whole["tokens"] == ids.shape[1] - 1
     assert whole["perplexity"] == pytest.approx(math.exp(full_nll / (ids.shape[1] - 1)), rel=1e-5)
     strided = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--out", str(tmp_path / "s.json")])
+    # the defaults: the model's whole context (max_position_embeddings 64), stride min(512, 64 / 2) = 32
     assert strided["max_length"] == 64 and strided["stride"] == 32 and strided["tokens"] == ids.shape[1] - 1
+    long_window = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--max-length", "4096",
+                                   "--out", str(tmp_path / "l.json")])
+    assert long_window["stride"] == 512  # Hugging Face's guide's stride once the window is longer than 1024
     # An adapter is loaded, merged, and evaluates to the unmerged LoRA model's perplexity.
     lora_net = perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear")
     balora.save_adapter(lora_net, str(tmp_path / "adapter"))
@@ -918,7 +939,7 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
 
 
 def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
-    """Logits and pooled features of the unmerged LoRA classifier, computed here without eval.py."""
+    """Logits and final-layer [CLS] states of the unmerged LoRA classifier, computed here without eval.py."""
     import balora
     import model
 
@@ -926,11 +947,11 @@ def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
     tokenizer = data.DebertaTokenizer(directory)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     with torch.no_grad():
-        return net(input_ids, attention_mask=attention_mask, return_pooled=True)
+        return net(input_ids, attention_mask=attention_mask), net.deberta(input_ids, attention_mask)[:, 0]
 
 
 @pytest.mark.slow
-def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
+def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path, monkeypatch):
     import balora
     import model
     from train_nlu import TARGET_MODULES
@@ -943,7 +964,7 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     net = model.DebertaClassifier.from_pretrained(random_deberta, num_labels=3)
     perturbed_adapter(net, TARGET_MODULES.split(","), trainable=("classifier", "pooler"))
     balora.save_adapter(net, str(tmp_path / "adapter"))
-    logits, pooled = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
+    logits, cls_states = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
     labels = torch.tensor([r["label"] for r in rows])
     predictions = logits.argmax(-1)
 
@@ -954,6 +975,8 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     with pytest.warns(UserWarning, match="without --adapter scores a randomly initialised classification head"):
         evaluation.main(["glue", "--model", random_deberta, "--data", data, "--out", str(tmp_path / "bare.json")])
 
+    plotted, plot_2d = [], evaluation.plot_2d
+    monkeypatch.setattr(evaluation, "plot_2d", lambda features, *rest: plotted.append(features) or plot_2d(features, *rest))
     cluster = evaluation.main(["cluster", "--model", random_deberta, "--adapter", str(tmp_path / "adapter"), "--data", data,
                                "--batch-size", "5", "--plot", str(tmp_path / "cluster.png"), "--projection", "pca",
                                "--out", str(tmp_path / "c.json")])
@@ -961,7 +984,10 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     assert cluster["minority_label"] == 2  # the rarest class of --data
     assert cluster["global_silhouette"] == pytest.approx(reference["global"], abs=1e-4)
     assert cluster["minority_silhouette"] == pytest.approx(reference["per_class"][2], abs=1e-4)
-    assert cluster["pooled_global_silhouette"] == pytest.approx(evaluation.silhouette_report(pooled, labels)["global"], abs=1e-4)
+    # the plotted features are the final-layer [CLS] states (App. B.3), not the pooler's output
+    assert (plotted[0] - cls_states).abs().max() <= 1e-5 * cls_states.abs().max()
+    assert cluster["cls_global_silhouette"] == pytest.approx(evaluation.silhouette_report(cls_states, labels)["global"], abs=1e-4)
+    assert glue["max_length"] == cluster["max_length"] == 128  # save_adapter without `training`: the fallback
     assert cluster["minority_recall"] == pytest.approx((predictions[labels == 2] == 2).double().mean().item())
     pytest.importorskip("matplotlib")
     assert cluster["plot"].endswith("(PCA)") and (tmp_path / "cluster.png").stat().st_size > 0
@@ -1008,12 +1034,14 @@ def test_glue_and_cluster_on_bundled_tiny_deberta(tmp_path):
     validation = write_jsonl(tmp_path / "validation.jsonl", rows)
     trained = train_nlu.main(["--max-steps", "2", "--validation-file", validation, "--out", str(tmp_path / "nlu"), "--no-progress"])
     adapter = str(tmp_path / "nlu" / "adapter")
-    glue = evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--max-length", "64",
-                            "--out", str(tmp_path / "glue.json")])
-    assert glue["total"] == 150
+    glue = evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--out", str(tmp_path / "glue.json")])
+    assert glue["total"] == 150 and glue["max_length"] == 64  # the offline default's max_length, from the adapter
     assert glue["accuracy"] == pytest.approx(trained["best"]["validation"]["accuracy"], abs=1e-9)
     cluster = evaluation.main(["cluster", "--adapter", adapter, "--data", validation, "--max-length", "64",
                                "--minority-label", "2", "--projection", "pca", "--plot", str(tmp_path / "c.png"),
                                "--out", str(tmp_path / "c.json")])
     assert -1.0 <= cluster["global_silhouette"] <= 1.0 and 0.0 <= cluster["minority_recall"] <= 1.0
     assert cluster["minority_silhouette"] == cluster["silhouette_class_2"]
+    with pytest.warns(UserWarning, match="--max-length 32: the adapter was trained with max_length 64"):
+        evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--max-length", "32", "--limit", "4",
+                         "--out", str(tmp_path / "short.json")])
