@@ -2,11 +2,13 @@
 Evaluate a base model, or a base model + BA-LoRA adapter, on the paper's benchmarks (Appendix B.2,
 C.6, C.7):
 
-  gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format)
+  gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format);
+                     math twice: the MATH grader's is_equiv (the paper's protocol) and math-verify
   humaneval, mbpp    pass@k of generated code, each program run in a sandboxed subprocess
   glue               accuracy / Matthews / Pearson / Spearman / F1 of a classifier adapter (train_nlu.py)
   ppl                strided sliding-window perplexity (Table 13: Wikitext-2 test, Hugging Face's recipe)
   cluster            silhouette scores (cosine) and minority-class recall of a classifier (Table 12)
+  mtbench            MT-Bench answers rated 1-10 by an OpenAI-compatible judge (FastChat's grading, Table 1)
 
     python eval.py gsm8k                                  # bundled tiny model + toy data, offline
     python eval.py gsm8k --model meta-llama/Llama-2-7b-hf-dir --adapter out/nlg/adapter \\
@@ -15,6 +17,8 @@ C.6, C.7):
     python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
     python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2
+    python eval.py math --data MATH_test.jsonl --completions vllm_outputs.jsonl   # score given outputs
+    python eval.py mtbench --model DIR --adapter DIR --judge-url https://api.openai.com/v1 --judge-model gpt-4
 
 Results are printed as a table and written as JSON to --out (default out/eval/<command>.json).
 --data is a local .json/.jsonl/.parquet file or a Hugging Face hub dataset name (for glue and cluster:
