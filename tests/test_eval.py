@@ -1,8 +1,9 @@
 """
-eval.py: answer extraction and MATH normalization on hand-written edge cases, pass@k against its
-closed form, the code sandbox against hostile programs, the cosine silhouette against a naive double
-loop, the sliding-window perplexity's token accounting, and end-to-end runs of the CLI on the bundled
-tiny models and on tiny random models built here.
+eval.py: answer extraction on hand-written cases, MATH verdicts of the paper's grader (Hendrycks'
+is_equiv as MetaMath runs it) and of math-verify, --completions and its errors, MT-Bench against a stub
+judge on 127.0.0.1, pass@k against its closed form, the code sandbox against hostile programs, the
+cosine silhouette against a naive double loop, the sliding-window perplexity's token accounting, and
+end-to-end runs of the CLI on the bundled tiny models and on tiny random models built here.
 """
 
 import json
