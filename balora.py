@@ -601,9 +601,10 @@ def _uniform(layers, attribute):
 CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
 
 
-def save_adapter(model, directory):
+def save_adapter(model, directory, training=None):
     """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable) and
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable, and `training`: a dict of
+    the run's settings its users need, e.g. train_nlu.py's task and max_length) and
     balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0 and the trainable modules' params).
     Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
     PiSSA used a randomized SVD that cannot be recomputed.
@@ -614,7 +615,7 @@ def save_adapter(model, directory):
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
         dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model),
+        trainable=_trainable_modules(model), **({"training": training} if training else {}),
     )
     tensors = dict(trainable_state_dict(model))
     for name, layer in layers:
@@ -696,16 +697,19 @@ def load_adapter(model, directory):
     return model
 
 
-def export_peft(model, out_dir, base_model_name_or_path):
+def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
     """
     Write adapter_config.json + adapter_model.safetensors in peft's LoRA format, to be applied to the
-    ORIGINAL base weights with peft.PeftModel.from_pretrained.
+    ORIGINAL base weights with peft.PeftModel.from_pretrained, or with task_type ("CAUSAL_LM",
+    "SEQ_CLS") by peft's AutoPeftModelFor... classes, which load the base from
+    base_model_name_or_path (a local directory is written as its absolute path, so it resolves from
+    anywhere).
 
     A LoRA adapter is exported as is. A PiSSA adapter changed W by
         Delta W = s (B A - B0 A0) = s [B, -B0] @ [A; A0],
     a rank-2r LoRA (peft's own PiSSA-to-LoRA conversion). It is exported with r' = 2r and
-    alpha' = 2 alpha, so peft's scaling alpha'/r' equals s. Trainable non-LoRA modules (e.g. the
-    classifier) go to peft's modules_to_save.
+    alpha' = 2 alpha (an int when it is whole, as peft writes it), so peft's scaling alpha'/r' equals s.
+    Trainable non-LoRA modules (e.g. the classifier) go to peft's modules_to_save.
     """
     from safetensors.torch import save_file
 
@@ -724,9 +728,12 @@ def export_peft(model, out_dir, base_model_name_or_path):
         for param_name, p in model.get_submodule(module_name).named_parameters():
             tensors[f"base_model.model.{module_name}.{param_name}"] = p.detach()
     rank_factor = 2 if init == "pissa" else 1
+    lora_alpha = rank_factor * alpha
+    if os.path.isdir(base_model_name_or_path):
+        base_model_name_or_path = os.path.realpath(base_model_name_or_path)
     config = dict(
-        peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path,
-        r=rank_factor * r, lora_alpha=rank_factor * alpha,
+        peft_type="LORA", task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+        r=rank_factor * r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
         lora_dropout=_uniform(layers, "dropout_p"),
         target_modules=[name for name, _ in layers], modules_to_save=modules_to_save or None,
         init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,

@@ -372,10 +372,8 @@ def load_records(data, limit=None, split="train", config=None):
     if not os.path.isfile(data):
         if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
             raise FileNotFoundError(f"--data {data!r} does not exist")
-        import datasets
-
         split = split if limit is None else f"{split}[:{limit}]"
-        return datasets.load_dataset(data, config, split=split).to_list()
+        return load_hub_dataset(data, config, split).to_list()
     extension = os.path.splitext(data)[1]
     if extension == ".jsonl":
         records = read_jsonl(data)
@@ -389,6 +387,19 @@ def load_records(data, limit=None, split="train", config=None):
     else:
         raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
     return records if limit is None else records[:limit]
+
+
+def load_hub_dataset(name, config, split, local_flag="--data FILE"):
+    """`split` of the `datasets` hub dataset `name`; offline (the hub unreachable), a one-line error
+    that says which flag takes a local file instead."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except ConnectionError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConnectionError(f"{name!r} is not a local file and the hub cannot be reached ({reason}); "
+                              f"offline, pass {local_flag}, a local file") from None
 
 
 def read_jsonl(path):

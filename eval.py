@@ -2,20 +2,24 @@
 Evaluate a base model, or a base model + BA-LoRA adapter, on the paper's benchmarks (Appendix B.2,
 C.6, C.7):
 
-  gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format)
+  gsm8k, math        accuracy of greedy chain-of-thought answers (MetaMath's "The answer is: ..." format);
+                     math twice: the MATH grader's is_equiv (the paper's protocol) and math-verify
   humaneval, mbpp    pass@k of generated code (BigCode harness protocol), each program run in a bubblewrap sandbox
   glue               accuracy / Matthews / Pearson / Spearman / F1 of a classifier adapter (train_nlu.py)
-  ppl                strided sliding-window perplexity (Wikitext-2 recipe, Table 13)
+  ppl                strided sliding-window perplexity (Table 13: Wikitext-2 test, Hugging Face's recipe)
   cluster            silhouette scores (cosine) and minority-class recall of a classifier (Table 12)
+  mtbench            MT-Bench answers rated 1-10 by an OpenAI-compatible judge (FastChat's grading, Table 1)
 
     python eval.py gsm8k                                  # bundled tiny model + toy data, offline
     python eval.py gsm8k --model meta-llama/Llama-2-7b-hf-dir --adapter out/nlg/adapter \\
         --data openai/gsm8k --dtype bf16 --device cuda
     python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution --n-samples 5 --temperature 0.8
     python eval.py humaneval --data HumanEval.jsonl --completions samples.jsonl --allow-code-execution  # no model
-    python eval.py ppl --model DIR --data wikitext --max-length 4096 --stride 512
+    python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
     python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2
+    python eval.py math --data MATH_test.jsonl --completions vllm_outputs.jsonl   # score given outputs
+    python eval.py mtbench --model DIR --adapter DIR --judge-url https://api.openai.com/v1 --judge-model gpt-4
 
 Results are printed as a table and written as JSON to --out (default out/eval/<command>.json).
 --data is a local .json/.jsonl/.parquet file or a Hugging Face hub dataset name (for glue and cluster:
@@ -27,6 +31,9 @@ import json
 import math
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -37,7 +44,8 @@ from tqdm import tqdm
 
 import balora
 import sandbox
-from data import PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, resolve_prompt_format
+from data import (PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
+                  resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
@@ -68,40 +76,53 @@ def field(record, names, flag="--data"):
 
 
 # -----------------------------------------------------------------------------
-# GSM8K: the number after "The answer is" (MetaMath) or "####" (GSM8K references), compared exactly
+# GSM8K: the number after the last "The answer is" (MetaMath) or "####" (GSM8K references), compared exactly
 
-# A number as written in word problems: "-3", "1,234", "$18.00", ".5", "7." (the period ends the
-# sentence). Not preceded by a letter, digit or point, so the "3" of "2-3 days" is not read as -3.
-NUMBER = re.compile(r"(?<![\w.])(-|\u2212)?\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?")
+# A number as written in word problems: "-3", "1,234", "$18.00", ".5", "3/4", "7." (the period ends
+# the sentence). Not preceded by a letter, digit, point or slash, so the "3" of "2-3 days" is not -3
+# and the "4" of "3/4" is no number of its own.
+NUMBER = re.compile(r"(?<![\w./])\$?(-|\u2212)?\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?(?:/(\d+))?")
 
 
-def parse_number(text):
-    """Fraction of the first number in `text` ("$1,234.50." -> 2469/2), None if there is none."""
+def numbers(text):
+    """Every number of `text`, in order, as exact Fractions: "$1,234.50." -> 2469/2, "3/4" -> 3/4."""
+    values = []
     for match in NUMBER.finditer(text):
-        sign, whole, decimals = match.groups()
+        sign, whole, decimals, denominator = match.groups()
         if whole is None and decimals is None:
-            continue
+            continue  # a bare "$" or "-", or the empty match the pattern allows
         value = Fraction((whole or "0").replace(",", "") + (decimals or ""))
-        return -value if sign else value
-    return None
+        if denominator is not None:
+            if int(denominator) == 0:
+                continue  # "1/0" is no number
+            value /= int(denominator)
+        values.append(-value if sign else value)
+    return values
 
 
 def extract_gsm8k_answer(text):
     """
     The number a GSM8K completion or reference commits to, as a Fraction (None if it commits to none).
-    The first number after the first "The answer is" (MetaMath's training format) or "####" (the GSM8K
-    reference format); without a marker, the last number of the text (a model that never learned the
-    format still gets credit for a final number).
+    The first number after the LAST "The answer is" (MetaMath's marker: its eval_gsm8k.py splits the
+    completion on it and reads the last piece; an earlier "since the answer is in dollars" is not the
+    answer), else after the last "####" (the GSM8K reference format); a marker with no number after
+    it commits to nothing. Without either marker, the last number of the text (a model that never
+    learned the format still gets credit for a final number). Unlike MetaMath, which rounds to an
+    integer, the value is exact: 18.4 is not 18.
     """
-    marker = re.search(r"the answer is|####", text, flags=re.IGNORECASE)
-    if marker:
-        return parse_number(text[marker.end():])
-    numbers = [m for m in NUMBER.finditer(text) if m.group(2) or m.group(3)]
-    return parse_number(numbers[-1].group(0)) if numbers else None
+    for marker in ("The answer is", "####"):
+        position = text.rfind(marker)
+        if position >= 0:
+            after = numbers(text[position + len(marker):])
+            return after[0] if after else None
+    found = numbers(text)
+    return found[-1] if found else None
 
 
 # -----------------------------------------------------------------------------
-# MATH: the last \boxed{...}, normalized the way the MATH grader (Hendrycks et al. 2021) does
+# MATH: the last "The answer is" (MetaMath) or else the last \boxed{}, judged two ways: the MATH
+# grader's is_equiv (Hendrycks et al. 2021; the paper's protocol, as published numbers use it) and
+# math-verify's symbolic equivalence
 
 
 def last_boxed(text):
@@ -122,71 +143,121 @@ def last_boxed(text):
 
 
 def extract_math_answer(text):
-    """A MATH completion's final answer: after "The answer is:" (MetaMath) or else its last \\boxed{}."""
-    marker = re.search(r"The answer is:?", text)
-    if marker:
-        answer = text[marker.end():].strip().split("\n")[0].strip()
-        return last_boxed(answer) or answer
-    return last_boxed(text)
-
-
-def _brace_argument(argument):
-    """'1' -> '{1}', '{12}' -> '{12}': the argument of \\frac or \\sqrt in braces."""
-    return argument if argument.startswith("{") else "{" + argument + "}"
-
-
-def strip_math(answer):
     """
-    Canonical string of a LaTeX answer, so that notational variants compare equal:
-    "\\left( \\dfrac12, 5\\text{ cm}\\right)" and "(\\frac{1}{2},5)" both become "(\\frac{1}{2},5)".
+    A MATH completion's final answer, a LaTeX string (None if it commits to none). As MetaMath's
+    eval_math.py: the text after the LAST "The answer is" (colon optional) to the end of its line,
+    one trailing period dropped (MetaMath ends it at ".\\n"; a bare newline ends it here too), a
+    \\boxed{} inside unwrapped. Without the marker: the content of the last \\boxed{} (or \\fbox{}),
+    as MATH's solutions and instruct models write the answer.
     """
-    s = answer.strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    position = text.rfind("The answer is")
+    if position < 0:
+        return last_boxed(text)
+    answer = text[position + len("The answer is"):].removeprefix(":").split("\n")[0].strip()
+    answer = answer.removesuffix(".").strip()
+    return last_boxed(answer) or answer or None
+
+
+class NotNormalizable(ValueError):
+    """The MATH grader's rules fail on this answer (its code raises): is_equiv then compares raw strings."""
+
+
+def _brace_sqrt(s):
+    """\\sqrt3 -> \\sqrt{3}: the one character after a brace-less \\sqrt becomes its argument."""
+    pieces = s.split("\\sqrt")
+    for i in range(1, len(pieces)):
+        if not pieces[i]:
+            raise NotNormalizable(s)  # a \sqrt with nothing after it
+        if pieces[i][0] != "{":
+            pieces[i] = "{" + pieces[i][0] + "}" + pieces[i][1:]
+    return "\\sqrt".join(pieces)
+
+
+def _brace_frac(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72} (a brace-less argument is one character)."""
+    pieces = s.split("\\frac")
+    for i in range(1, len(pieces)):
+        piece = pieces[i]
+        if not piece:
+            raise NotNormalizable(s)  # a \frac with nothing after it
+        if piece[0] == "{":
+            continue
+        if len(piece) < 2:
+            return s  # "\frac1": left as it is
+        numerator, rest = piece[0], piece[1:]
+        pieces[i] = "{" + numerator + "}" + (rest if rest[0] == "{" else "{" + rest[0] + "}" + rest[1:])
+    return "\\frac".join(pieces)
+
+
+def hendrycks_strip(answer):
+    """
+    The canonical string of a LaTeX answer under the MATH grader's rules (Hendrycks et al. 2021,
+    math_equivalence._strip_string), as MetaMath's util.py copies them and the BA-LoRA authors'
+    utils/test_acc.py runs them, in their order: drop newlines, "\\!", \\left/\\right, degrees
+    (^\\circ), "\\$" and "\\%"; \\tfrac/\\dfrac -> \\frac; units: everything from "\\text{ " on
+    ("24\\text{ cm}^2" -> "24"; the grader's authors found "\\text{ " with its space only before units,
+    so "3 \\text{ and } 4" -> "3", not "34"); ".5" -> "0.5"; a left-hand side of at most 2 characters
+    dropped ("x = 5" -> "5"); \\sqrt3 -> \\sqrt{3}; spaces removed; \\frac12 -> \\frac{1}{2};
+    "0.5" -> \\frac{1}{2}; "3/4" -> \\frac{3}{4}. Nothing else: "0.50", "1,000", a bare "%" or "$" stay
+    as written. Raises NotNormalizable where that code raises: two "\\text{ ", a \\sqrt or \\frac at the
+    very end, an a/b whose sides are not both integers (Hendrycks' original keeps that one as is).
+    """
+    s = answer.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
-    for degree in ("^{\\circ}", "^\\circ", "\u00b0"):
-        s = s.replace(degree, "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    # A lone \text{...} is the answer itself ("\text{(A)}"); any other \text{...} is units ("5\text{ cm}").
-    whole_text = re.fullmatch(r"\s*\\(?:text|textbf|mbox)\{([^{}]*)\}\s*", s)
-    s = whole_text.group(1) if whole_text else re.sub(r"\\(?:text|mbox)\{[^{}]*\}", "", s)
-    s = s.replace("\\textbf", "")
-    # Drop a short left-hand side, "x = 5" -> "5" (an equation with a longer one, "x+y=5", stays whole).
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in s:
+        pieces = s.split("\\text{ ")
+        if len(pieces) != 2:
+            raise NotNormalizable(answer)
+        s = pieces[0]
+    s = s.replace("\\%", "").replace("\\%", "")  # twice, as the grader: the 2nd pass takes a "\%" the 1st formed
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if s.startswith("."):
+        s = "0" + s
     sides = s.split("=")
-    if len(sides) == 2 and len(sides[0].strip()) <= 2:
+    if len(sides) == 2 and len(sides[0]) <= 2:  # the spaces still count: "x = 5" has the side "x "
         s = sides[1]
-    s = s.replace(" ", "").rstrip(".")
-    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # ".5" -> "0.5"
-    s = re.sub(r"\\sqrt(\{[^{}]*\}|\w)", lambda m: "\\sqrt" + _brace_argument(m.group(1)), s)
-    s = re.sub(r"\\frac(\{[^{}]*\}|\w)(\{[^{}]*\}|\w)",
-               lambda m: "\\frac" + _brace_argument(m.group(1)) + _brace_argument(m.group(2)), s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # "1,000" is a number, "(1,2)" is not
-        s = s.replace(",", "")
-    slash = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    if slash:
-        s = f"\\frac{{{slash.group(1)}}}{{{slash.group(2)}}}"
+    s = _brace_frac(_brace_sqrt(s).replace(" ", ""))
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    pieces = s.split("/")
+    if len(pieces) == 2:  # "3/4" -> \frac{3}{4}, when both sides are integers as Python writes them
+        try:
+            numerator, denominator = int(pieces[0]), int(pieces[1])
+        except ValueError:  # MetaMath's copy lets this escape: "x/2" is compared as written
+            raise NotNormalizable(answer) from None
+        if s == f"{numerator}/{denominator}":
+            s = f"\\frac{{{numerator}}}{{{denominator}}}"
     return s
 
 
-def math_number(s):
-    """A stripped answer that is a plain rational number ("-3", "2.50", "\\frac{1}{2}", "-\\frac{3}{4}") as a Fraction."""
-    if re.fullmatch(r"-?\d+(\.\d+)?", s):
-        return Fraction(s)
-    frac = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-    if frac and int(frac.group(3)) != 0:
-        value = Fraction(int(frac.group(2)), int(frac.group(3)))
-        return -value if frac.group(1) else value
-    return None
-
-
-def math_equiv(prediction, reference):
-    """MATH answer equivalence: equal canonical strings, or equal rational values ("0.5" == "\\frac12")."""
+def hendrycks_equiv(prediction, reference):
+    """
+    The MATH grader's is_equiv, the paper's protocol: equal hendrycks_strip strings or, where its
+    rules fail on either answer, equal raw strings. No answer (None) is never equivalent.
+    """
     if prediction is None or reference is None:
         return False
-    a, b = strip_math(prediction), strip_math(reference)
-    if a == b:
-        return True
-    x, y = math_number(a), math_number(b)
-    return x is not None and x == y
+    try:
+        return hendrycks_strip(prediction) == hendrycks_strip(reference)
+    except NotNormalizable:
+        return prediction == reference
+
+
+def math_verify_equiv(prediction, reference):
+    """
+    Symbolic equivalence by math-verify (Hugging Face's answer checker): each answer is parsed as
+    LaTeX math ("$...$") into sympy, units and \\text{} handled by its normalizer, and compared by
+    value, as sets, intervals or equations: 2\\sqrt{2} == \\sqrt{8}, \\frac{x}{2} == \\frac{1}{2}x,
+    "3 \\text{ and } 4" == {3, 4}. An answer it cannot parse equals nothing. Uses signal.alarm for its
+    timeouts, so it runs in the main thread.
+    """
+    if prediction is None or reference is None:
+        return False
+    from math_verify import parse, verify
+
+    return verify(parse(f"${reference}$"), parse(f"${prediction}$"))
 
 
 def math_reference(record):
@@ -409,7 +480,7 @@ def plot_2d(features, labels, path, method="tsne"):
     for label in sorted(set(labels.tolist())):
         chosen = labels == label
         axes.scatter(points[chosen, 0], points[chosen, 1], s=6, label=f"label {label}")
-    axes.set_title(f"{method} of classifier features")
+    axes.set_title(f"{method} of final-layer [CLS] states")
     axes.legend()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -459,6 +530,159 @@ def perplexity(model, token_ids, max_length, stride):
     if num_scored == 0:
         raise ValueError("--data has fewer than 2 tokens: nothing to score")
     return {"perplexity": math.exp(nll_sum / num_scored), "nll_sum": nll_sum, "tokens": num_scored}
+
+
+# -----------------------------------------------------------------------------
+# MT-Bench (Zheng et al. 2023): answers rated 1-10 by an LLM judge, FastChat's single-answer grading
+
+MT_BENCH = os.path.join(ASSETS, "mt_bench")  # FastChat's files, copied verbatim (assets/README.md)
+# FastChat's llm_judge: the categories graded against GPT-4's reference answer (common.py NEED_REF_CATS)
+# and each category's sampling temperature for the answers (common.py temperature_config; 0.7 otherwise).
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+CATEGORY_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+# The judge's rating as FastChat reads it: the first "[[N]]" (the format its prompt demands), else "[N]".
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint gave no usable reply for one judgment (after the retries)."""
+
+
+def read_mt_bench(directory):
+    """(questions, judge prompts by name, reference answer turns by question id) from FastChat's files."""
+    questions = read_jsonl(os.path.join(directory, "question.jsonl"))
+    prompts = {prompt["name"]: prompt for prompt in read_jsonl(os.path.join(directory, "judge_prompts.jsonl"))}
+    references = {row["question_id"]: row["choices"][0]["turns"]
+                  for row in read_jsonl(os.path.join(directory, "reference_answer", "gpt-4.jsonl"))}
+    return questions, prompts, references
+
+
+def judge_messages(prompts, references, question, answers, turn):
+    """
+    (prompt name, chat messages) asking the judge to rate the model's answer at `turn` (1 or 2), as
+    FastChat's gen_judgment.py --mode single builds them: "single-v1", or "single-math-v1" with GPT-4's
+    reference answer for the math, reasoning and coding questions; the "-multi-turn" prompts show the
+    whole conversation and rate the second answer. `answers` are the model's turns, in order.
+    """
+    category = question["category"]
+    name = ("single-math-v1" if category in REFERENCE_CATEGORIES else "single-v1") + ("-multi-turn" if turn == 2 else "")
+    fields = {"question": question["turns"][0], "answer": answers[0], "question_1": question["turns"][0],
+              "answer_1": answers[0]}
+    if turn == 2:
+        fields.update(question_2=question["turns"][1], answer_2=answers[1])
+    if category in REFERENCE_CATEGORIES:
+        if question["question_id"] not in references:
+            raise ValueError(f"MT-Bench: no reference answer for question {question['question_id']} ({category})")
+        reference = references[question["question_id"]]
+        fields.update(ref_answer_1=reference[0], ref_answer_2=reference[-1])
+    prompt = prompts[name]
+    return name, [{"role": "system", "content": prompt["system_prompt"]},
+                  {"role": "user", "content": prompt["prompt_template"].format(**fields)}]
+
+
+def parse_rating(judgment):
+    """The rating in a judge's reply ("... Rating: [[7]]" -> 7.0), None when it holds none (a malformed judgment)."""
+    match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
+    return float(match.group(1)) if match else None
+
+
+def chat_completion(url, model, messages, api_key=None, timeout=120.0, retries=3):
+    """
+    The reply text of an OpenAI-compatible chat endpoint: POST {url}/chat/completions with FastChat's
+    judge settings (temperature 0, max_tokens 2048). A network error, HTTP 429 or 5xx is retried
+    `retries` times, waiting 2, 4, 8, ... s, and then raises JudgeError; any other HTTP error
+    (a wrong key, model or URL) would fail every judgment alike, so it is a ValueError at once.
+    """
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 2048}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    for attempt in range(retries + 1):
+        try:
+            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read().decode("utf-8"))
+            return reply["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as error:  # before URLError: it is one
+            problem = f"--judge-url {endpoint}: HTTP {error.code} {error.reason}"
+            if error.code != 429 and error.code < 500:
+                raise ValueError(problem + " (check --judge-url, --judge-model and the API key)") from None
+        except (urllib.error.URLError, OSError) as error:  # refused, unreachable, timed out
+            problem = f"--judge-url {endpoint}: {getattr(error, 'reason', error)}"
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"--judge-url {endpoint}: the reply is not an OpenAI chat completion") from None
+        if attempt < retries:
+            time.sleep(2 ** (attempt + 1))
+    raise JudgeError(problem)
+
+
+def read_mt_bench_answers(path, questions, turns):
+    """
+    {question_id: [answer, ...]} from a JSON-lines file of {"question_id", "completion"} rows
+    ("completion": the first turn's answer, or a list of the turns' answers) or of FastChat's
+    model_answer rows ({"question_id", "choices": [{"turns": [...]}]}). Every question needs one row with
+    at least `turns` answers; anything else is a one-line ValueError naming file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    wanted, answers, line_of = {q["question_id"] for q in questions}, {}, {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"--completions {path}, line {number}"
+            row = parse_json(raw, where, dict)
+            question_id = row.get("question_id")
+            if question_id not in wanted:
+                raise ValueError(f"{where}: \"question_id\" {question_id!r} is not an evaluated MT-Bench question")
+            if question_id in line_of:
+                raise ValueError(f"{where}: question {question_id} already has answers, on line {line_of[question_id]}")
+            given = row["choices"][0].get("turns") if row.get("choices") else row.get("completion")
+            given = [given] if isinstance(given, str) else given
+            if not isinstance(given, list) or len(given) < turns or not all(isinstance(a, str) for a in given[:turns]):
+                raise ValueError(f"{where}: needs {turns} answer string(s) in \"completion\" (or FastChat's "
+                                 "\"choices\"[0][\"turns\"])")
+            line_of[question_id], answers[question_id] = number, given[:turns]
+    missing = sorted(wanted - set(answers))
+    if missing:
+        raise ValueError(f"--completions {path}: {len(missing)} of the {len(wanted)} questions have no answers "
+                         f"(the first: question_id {missing[0]})")
+    return answers
+
+
+def generate_mt_bench_answers(args, questions, turns):
+    """
+    {question_id: [answer, ...]}: the model answers turn 1 in its training prompt (data.prompt_ids), and
+    turn 2, with --second-turn, in its chat template after its own first answer. Each category is
+    sampled at FastChat's temperature (greedy where it is 0), or all at --temperature.
+    """
+    model, tokenizer = load_llama(args)
+    if turns == 2 and args.prompt_format != "chat":
+        raise ValueError("--second-turn needs --prompt-format chat (the Alpaca prompt has no second turn)")
+    answers = {question["question_id"]: [] for question in questions}
+    for turn in range(turns):
+        conversations = {}
+        for question in questions:
+            if turn == 0:
+                conversations[question["question_id"]] = prompt_ids(tokenizer, question["turns"][0], args.prompt_format)
+            else:
+                messages = [{"role": "user", "content": question["turns"][0]},
+                            {"role": "assistant", "content": answers[question["question_id"]][0]},
+                            {"role": "user", "content": question["turns"][1]}]
+                conversations[question["question_id"]] = tokenizer.encode(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=True), bos=False)
+        temperature_of = {q["question_id"]: CATEGORY_TEMPERATURES.get(q["category"], 0.7) if args.temperature is None
+                          else args.temperature for q in questions}
+        for temperature in sorted(set(temperature_of.values())):
+            ids = [question_id for question_id in conversations if temperature_of[question_id] == temperature]
+            completions = generate_completions(model, tokenizer, [conversations[i] for i in ids], args.max_new_tokens,
+                                               args.batch_size, temperature=temperature, seed=args.seed)
+            for question_id, completion in zip(ids, completions):
+                answers[question_id].append(completion.strip())
+    return answers
 
 
 # -----------------------------------------------------------------------------
@@ -520,36 +744,111 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
 # Commands: each returns (metrics dict, per-sample records)
 
 
-def score_answers(args, queries, references, extract, equivalent):
-    """Greedy completion of each query's prompt; accuracy of the extracted answers against the references."""
-    if any(reference is None for reference in references):
-        raise ValueError(f"--data {args.data!r}: a record's reference answer could not be read")
+def read_completions(path, queries):
+    """
+    The completion of each data record, from a JSON-lines file of {"index" or "question", "completion"}
+    rows (outputs of vLLM or any other generator): "index" is the record's 0-based position in --data
+    (after --limit), "question" its question text (compared with surrounding whitespace stripped).
+    Every record needs exactly one row; anything else is a one-line ValueError naming file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    by_question = {}
+    for index, query in enumerate(queries):
+        by_question.setdefault(query.strip(), []).append(index)
+    completions, line_of = [None] * len(queries), {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"--completions {path}, line {number}"
+            row = parse_json(raw, where, dict)
+            if not isinstance(row.get("completion"), str):
+                raise ValueError(f"{where}: needs a string \"completion\", it has {row.get('completion')!r:.60}")
+            if "index" in row:
+                index = row["index"]
+                if type(index) is not int or not 0 <= index < len(queries):
+                    raise ValueError(f"{where}: \"index\" {index!r} is not a record of --data (0 to {len(queries) - 1})")
+            elif isinstance(row.get("question"), str):
+                matches = by_question.get(row["question"].strip(), [])
+                if len(matches) != 1:
+                    raise ValueError(f"{where}: the \"question\" matches {len(matches)} records of --data, not one"
+                                     + ("; give its \"index\" instead" if matches else ""))
+                index = matches[0]
+            else:
+                raise ValueError(f"{where}: needs an integer \"index\" or a string \"question\", it has {sorted(row)}")
+            if index in line_of:
+                raise ValueError(f"{where}: record {index} already has a completion, on line {line_of[index]}")
+            line_of[index], completions[index] = number, row["completion"]
+    missing = [index for index, completion in enumerate(completions) if completion is None]
+    if missing:
+        raise ValueError(f"--completions {path}: {len(missing)} of the {len(queries)} records of --data have no "
+                         f"completion (the first: index {missing[0]})")
+    return completions
+
+
+def answer_completions(args, queries):
+    """The completions to score: those of --completions, or the model's greedy ones, in its training prompt."""
+    if args.completions is not None:
+        if args.adapter is not None:
+            raise ValueError("--adapter: nothing is generated with --completions, so no adapter is loaded")
+        return read_completions(args.completions, queries)
     model, tokenizer = load_llama(args)
     prompts = [prompt_ids(tokenizer, query, args.prompt_format) for query in queries]  # as the model was trained
-    completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    return generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+
+
+def score_answers(queries, completions, references, extract, judges):
+    """
+    The answer each completion commits to (`extract`), judged against its reference by each of
+    `judges` ({"correct": equivalence, "correct_x": another, ...}). Metrics: each judge's count and
+    accuracy ("correct_x" -> "accuracy_x"), the total, and how many completions committed to no answer.
+    """
     samples = []
     for query, completion, reference in zip(queries, completions, references):
         prediction = extract(completion)
-        samples.append({"query": query, "completion": completion, "prediction": None if prediction is None else str(prediction),
-                        "reference": str(reference), "correct": prediction is not None and equivalent(prediction, reference)})
-    correct = sum(sample["correct"] for sample in samples)
-    return {"accuracy": correct / len(samples), "correct": correct, "total": len(samples)}, samples
+        sample = {"query": query, "completion": completion, "prediction": None if prediction is None else str(prediction),
+                  "reference": str(reference)}
+        sample.update({name: prediction is not None and bool(judge(prediction, reference)) for name, judge in judges.items()})
+        samples.append(sample)
+    metrics = {}
+    for name in judges:
+        metrics[name.replace("correct", "accuracy")] = sum(sample[name] for sample in samples) / len(samples)
+        metrics[name] = sum(sample[name] for sample in samples)
+    metrics.update(total=len(samples), no_answer=sum(sample["prediction"] is None for sample in samples))
+    return metrics, samples
+
+
+def answer_records(args, query_fields, reference_of):
+    """(queries, references) of the --data records; a record without a readable reference is named."""
+    records = read_records(args)
+    if not records:
+        raise ValueError(f"--data {args.data}: no records")
+    queries = [field(record, query_fields) for record in records]
+    references = [reference_of(record) for record in records]
+    unread = [index for index, reference in enumerate(references) if reference is None]
+    if unread:
+        raise ValueError(f"--data {args.data}: the reference answer of record {unread[0]} could not be read "
+                         f"({len(unread)} records)")
+    return queries, references
 
 
 def eval_gsm8k(args):
-    records = read_records(args)
-    queries = [field(record, ("question", "query", "instruction")) for record in records]
-    references = [extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))) for record in records]
-    return score_answers(args, queries, references, extract_gsm8k_answer, lambda a, b: a == b)
+    """Exact (rational) accuracy of the numbers the completions commit to."""
+    queries, references = answer_records(
+        args, ("question", "query", "instruction"),
+        lambda record: extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))))
+    return score_answers(queries, answer_completions(args, queries), references, extract_gsm8k_answer,
+                         {"correct": lambda prediction, reference: prediction == reference})
 
 
 def eval_math(args):
+    """Two accuracies: the MATH grader's is_equiv (the paper's protocol) and math-verify's."""
     if args.data is None:
         raise ValueError("math needs --data: a MATH test file (MetaMath's MATH_test.jsonl) or a hub dataset name")
-    records = read_records(args)
-    queries = [field(record, ("problem", "instruction", "question", "query")) for record in records]
-    references = [math_reference(record) for record in records]
-    return score_answers(args, queries, references, extract_math_answer, math_equiv)
+    queries, references = answer_records(args, ("problem", "instruction", "question", "query"), math_reference)
+    return score_answers(queries, answer_completions(args, queries), references, extract_math_answer,
+                         {"correct": hendrycks_equiv, "correct_math_verify": math_verify_equiv})
 
 
 def eval_code(args):
@@ -600,24 +899,41 @@ def eval_code(args):
                       "output": run["output"]} for (i, completion), run in zip(samples, runs)]
 
 
+def classifier_max_length(args):
+    """
+    Tokens per example: --max-length, else the max_length the adapter was trained with (train_nlu.py
+    records it in the adapter's balora_config.json), else 128. A --max-length other than the
+    trained one is allowed, with a warning: the classifier never saw such inputs.
+    """
+    trained = None
+    if args.adapter is not None:
+        config_path = os.path.join(args.adapter, balora.CONFIG_NAME)
+        if os.path.isfile(config_path):  # a missing one is load_adapter's error to name
+            with open(config_path, "rb") as f:
+                trained = parse_json(f.read(), config_path, dict).get("training", {}).get("max_length")
+    if args.max_length is not None and trained is not None and args.max_length != trained:
+        warnings.warn(f"--max-length {args.max_length}: the adapter was trained with max_length {trained}")
+    return args.max_length or trained or 128
+
+
 @torch.no_grad()
 def classifier_outputs(model, tokenizer, task, args):
-    """(logits (N, D), pooled features (N, H), labels (N,)) of the classifier on --data."""
+    """(logits (N, D), final-layer [CLS] states (N, H), labels (N,)) of the classifier on --data."""
     split = args.split or task.validation_splits[0]
     data_file = None if args.data in ("glue", "nyu-mll/glue") else args.data  # None: train_nlu reads the hub
-    input_ids, labels = encode_split(load_split(args.task, split, data_file), args.task, tokenizer, args.max_length,
-                                     args.data)
+    input_ids, labels = encode_split(load_split(args.task, split, data_file, "--data FILE"), args.task, tokenizer,
+                                     args.max_length, args.data)
     if args.limit is not None:
         input_ids, labels = input_ids[:args.limit], labels[:args.limit]
     device = next(model.parameters()).device
-    logits, pooled = [], []
+    logits, cls_states = [], []
     for start in tqdm(range(0, len(input_ids), args.batch_size), desc="classify", leave=False):
         indices = list(range(start, min(start + args.batch_size, len(input_ids))))
         batch_ids, attention_mask, _ = collate(input_ids, labels, indices, tokenizer.pad_id)
-        batch_logits, batch_pooled = model(batch_ids.to(device), attention_mask=attention_mask.to(device), return_pooled=True)
+        batch_logits, batch_cls = model(batch_ids.to(device), attention_mask=attention_mask.to(device), return_cls=True)
         logits.append(batch_logits.float().cpu())
-        pooled.append(batch_pooled.float().cpu())
-    return torch.cat(logits), torch.cat(pooled), labels
+        cls_states.append(batch_cls.float().cpu())
+    return torch.cat(logits), torch.cat(cls_states), labels
 
 
 def eval_glue(args):
@@ -625,10 +941,11 @@ def eval_glue(args):
     if args.adapter is None:
         warnings.warn("eval.py glue without --adapter scores a randomly initialised classification head "
                       "(pooler + classifier are trained by train_nlu.py): expect chance-level metrics")
+    args.max_length = classifier_max_length(args)
     model, tokenizer = load_classifier(args, task)
     logits, _, labels = classifier_outputs(model, tokenizer, task, args)
     metrics = compute_metrics(task, logits, labels)
-    metrics["total"] = len(labels)
+    metrics.update(total=len(labels), max_length=args.max_length)
     predictions = logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)
     samples = [{"prediction": p, "label": y} for p, y in zip(predictions.tolist(), labels.tolist())]
     return metrics, samples
@@ -637,14 +954,15 @@ def eval_glue(args):
 def eval_cluster(args):
     """
     Table 12: silhouette scores (cosine distance, true labels) in the logit space (the paper computes
-    them there, before any projection) and of the pooled [CLS] features, globally and for the minority
-    class, plus the minority class's recall; a 2-D plot of the pooled features.
+    them there, before any projection), globally and for the minority class, plus the minority class's
+    recall; B.3's 2-D plot (t-SNE) of the final-layer [CLS] states, with their silhouettes too.
     """
     task = TASKS[args.task]
     if task.num_labels < 2:
         raise ValueError(f"--task {args.task}: cluster needs a classification task, not regression")
+    args.max_length = classifier_max_length(args)
     model, tokenizer = load_classifier(args, task)
-    logits, pooled, labels = classifier_outputs(model, tokenizer, task, args)
+    logits, cls_states, labels = classifier_outputs(model, tokenizer, task, args)
     minority = args.minority_label
     if minority is None:  # the rarest class of the evaluated data (on the paper's balanced MNLI, pass it)
         present, counts = torch.unique(labels, return_counts=True)
@@ -652,27 +970,36 @@ def eval_cluster(args):
     if not (labels == minority).any():
         raise ValueError(f"--minority-label {minority}: no example of that class in --data")
     predictions = logits.argmax(-1)
-    logit_silhouette, feature_silhouette = silhouette_report(logits, labels), silhouette_report(pooled, labels)
+    logit_silhouette, cls_silhouette = silhouette_report(logits, labels), silhouette_report(cls_states, labels)
     metrics = {
         "global_silhouette": logit_silhouette["global"],
         "minority_silhouette": logit_silhouette["per_class"][minority],
         "minority_recall": (predictions[labels == minority] == minority).double().mean().item(),
         "accuracy": accuracy(predictions, labels),
         "minority_label": minority,
-        "pooled_global_silhouette": feature_silhouette["global"],
-        "pooled_minority_silhouette": feature_silhouette["per_class"][minority],
+        "cls_global_silhouette": cls_silhouette["global"],
+        "cls_minority_silhouette": cls_silhouette["per_class"][minority],
     }
     for label, value in logit_silhouette["per_class"].items():
         metrics[f"silhouette_class_{label}"] = value
-    method = plot_2d(pooled, labels, args.plot, args.projection)
+    method = plot_2d(cls_states, labels, args.plot, args.projection)
     if method is not None:
         metrics["plot"] = f"{args.plot} ({method})"
+    metrics["max_length"] = args.max_length
     samples = [{"prediction": p, "label": y} for p, y in zip(predictions.tolist(), labels.tolist())]
     return metrics, samples
 
 
+# The stride of Hugging Face's perplexity guide (its Wikitext-2 recipe, with the model's whole context
+# as the window): Table 13 names Wikitext-2 test but neither window nor stride, so its default is this.
+PPL_STRIDE = 512
+
+
 def eval_ppl(args):
-    """C.7: perplexity of a text file, or of a dataset's "text" column joined by blank lines (Wikitext-2)."""
+    """
+    C.7 / Table 13: perplexity of a text file, or of a dataset's "text" column joined by blank lines
+    (Wikitext-2, as the guide joins it), in windows of the model's context advanced by 512 tokens.
+    """
     if os.path.isfile(args.data) and args.data.endswith(".txt"):
         with open(args.data) as f:
             text = f.read()
@@ -680,12 +1007,69 @@ def eval_ppl(args):
         records = read_records(args)
         text = "\n\n".join(str(field(record, ("text",))) for record in records)
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
-    stride = args.stride or max(1, max_length // 2)
+    stride = args.stride or max(1, min(PPL_STRIDE, max_length // 2))  # a short window still overlaps by half
     model, tokenizer = load_llama(args)
     token_ids = tokenizer.encode(text)  # the checkpoint's BOS rule, as tokenizer(text) in HF's perplexity recipe
     metrics = perplexity(model, token_ids, max_length, stride)
     metrics.update(max_length=max_length, stride=stride)
     return metrics, []
+
+
+def eval_mtbench(args):
+    """
+    MT-Bench with FastChat's single-answer grading: every answer rated 1-10 by the judge; the mean per
+    category and over all rated answers, per turn (Table 1 reports turn 1). A reply without a rating
+    counts as "malformed", a judgment the endpoint never gave as a "judge error"; neither enters a
+    mean (FastChat's show_result.py drops them too, as score -1).
+    """
+    questions, prompts, references = read_mt_bench(args.data)
+    questions = questions[:args.limit]
+    turns = 2 if args.second_turn else 1
+    api_key = os.environ.get(args.judge_api_key_env)
+    if not api_key:
+        print(f"${args.judge_api_key_env} is not set: the judge is called without an API key")
+    if args.completions is not None:
+        if args.adapter is not None:
+            raise ValueError("--adapter: nothing is generated with --completions, so no adapter is loaded")
+        answers = read_mt_bench_answers(args.completions, questions, turns)
+    else:
+        answers = generate_mt_bench_answers(args, questions, turns)
+
+    def judge(job):
+        question, turn = job
+        question_answers = answers[question["question_id"]]
+        name, messages = judge_messages(prompts, references, question, question_answers, turn)
+        sample = {"question_id": question["question_id"], "category": question["category"], "turn": turn,
+                  "answer": question_answers[turn - 1], "judge_prompt": name}
+        try:
+            judgment = chat_completion(args.judge_url, args.judge_model, messages, api_key, args.judge_timeout,
+                                       args.judge_retries)
+        except JudgeError as error:
+            return sample | {"status": "judge error", "error": str(error), "judgment": None, "rating": None}
+        rating = parse_rating(judgment)
+        return sample | {"status": "malformed" if rating is None else "rated", "judgment": judgment, "rating": rating}
+
+    jobs = [(question, turn) for turn in range(1, turns + 1) for question in questions]
+    with ThreadPoolExecutor(args.judge_parallel) as pool:  # each job waits on the network
+        samples = list(tqdm(pool.map(judge, jobs), total=len(jobs), desc="judge", leave=False))
+    if all(sample["status"] == "judge error" for sample in samples):
+        raise JudgeError(f"no judgment came back: {samples[0]['error']}")
+
+    def mean(ratings):
+        return sum(ratings) / len(ratings) if ratings else None
+
+    metrics = {}
+    for turn in range(1, turns + 1):
+        rated = [sample for sample in samples if sample["turn"] == turn and sample["rating"] is not None]
+        metrics[f"turn{turn}"] = mean([sample["rating"] for sample in rated])
+        for category in dict.fromkeys(question["category"] for question in questions):
+            metrics[f"turn{turn}_{category}"] = mean([sample["rating"] for sample in rated if sample["category"] == category])
+        metrics[f"turn{turn}_rated"] = len(rated)
+    if turns == 2:
+        metrics["average"] = mean([sample["rating"] for sample in samples if sample["rating"] is not None])
+    metrics.update(malformed=sum(sample["status"] == "malformed" for sample in samples),
+                   judge_errors=sum(sample["status"] == "judge error" for sample in samples), judge=args.judge_model)
+    return metrics, samples
 
 
 # -----------------------------------------------------------------------------
@@ -727,6 +1111,9 @@ def parse_args(argv=None):
         sub = command(name, f"{name.upper()} accuracy", llama, os.path.join(data, "gsm8k_test.jsonl") if name == "gsm8k" else None)
         sub.add_argument("--max-new-tokens", type=int, default=512)
         prompt_format_flag(sub)
+        sub.add_argument("--completions", default=None,
+                         help='JSON-lines file of {"index" (0-based record of --data) or "question", "completion"} '
+                              "rows to score instead of generating: no model is loaded (default: none, the model generates)")
     for name, hub_name in (("humaneval", "openai_humaneval"), ("mbpp", "mbpp")):
         sub = command(name, f"{name} pass@k (runs generated code in a bubblewrap sandbox)", llama, hub_name)
         sub.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
@@ -758,23 +1145,63 @@ def parse_args(argv=None):
         sub.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1),
                          help=f"programs run at once (default: twice the CPU count, {2 * (os.cpu_count() or 1)})")
     sub = command("ppl", "strided sliding-window perplexity", llama, os.path.join(data, "ppl.txt"))
-    sub.add_argument("--max-length", type=int, default=None, help="tokens per window (default: the model's max_position_embeddings)")
-    sub.add_argument("--stride", type=int, default=None, help="tokens the window advances by (default: --max-length / 2)")
+    sub.add_argument("--max-length", type=int, default=None,
+                     help="tokens per window (default: the model's max_position_embeddings, its whole context, "
+                          "as Hugging Face's perplexity guide; Table 13 does not state it)")
+    sub.add_argument("--stride", type=int, default=None,
+                     help=f"tokens the window advances by (default {PPL_STRIDE}, the guide's, or half the window "
+                          "when that is less); --stride = --max-length gives disjoint windows")
     for name in ("glue", "cluster"):
         sub = command(name, "GLUE metrics of a classifier" if name == "glue" else "silhouette / minority recall (Table 12)",
                       os.path.join(ASSETS, "tiny-deberta"), os.path.join(data, "nli_validation.jsonl"), split=None,
                       adapter_help="adapter directory written by train_nlu.py (LoRA + pooler + classifier)")
         sub.add_argument("--task", default="nli", choices=list(TASKS))
-        sub.add_argument("--max-length", type=int, default=128, help="tokens per example")
+        sub.add_argument("--max-length", type=int, default=None,
+                         help="tokens per example (default: the max_length the adapter was trained with, "
+                              "else 128)")
         if name == "cluster":
             sub.add_argument("--minority-label", type=int, default=None, help="default: the rarest label in --data")
             sub.add_argument("--plot", default=os.path.join("out", "eval", "cluster.png"), help="2-D projection PNG")
             sub.add_argument("--projection", default="tsne", choices=["tsne", "pca"], help="tsne needs scikit-learn (else pca)")
+    sub = commands.add_parser("mtbench", help="MT-Bench score: answers rated by an LLM judge (FastChat's single grading)")
+    sub.add_argument("--model", default=llama, help="Hugging Face-format model directory (default: assets/tiny-llama)")
+    sub.add_argument("--adapter", default=None, help="balora adapter directory (save_adapter), merged into the "
+                                                     "weights before generating (default: none)")
+    sub.add_argument("--data", default=MT_BENCH, help="directory in FastChat's layout: question.jsonl, "
+                     "judge_prompts.jsonl, reference_answer/gpt-4.jsonl (default: the bundled copy, assets/mt_bench)")
+    sub.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only (default: all 80)")
+    sub.add_argument("--out", default=os.path.join("out", "eval", "mtbench.json"),
+                     help="results JSON (default out/eval/mtbench.json)")
+    sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="default: cuda when available, else cpu")
+    sub.add_argument("--batch-size", type=int, default=16, help="answers generated at once (default 16)")
+    prompt_format_flag(sub)
+    sub.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per answer (default 1024, FastChat's)")
+    sub.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature of every answer, 0 greedy (default: FastChat's per category: 0.7 "
+                          "writing and roleplay, 0.1 stem and humanities, greedy for the others)")
+    sub.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sub.add_argument("--second-turn", action="store_true",
+                     help="also answer and rate turn 2, in the chat template (default: turn 1 only, as the paper reports)")
+    sub.add_argument("--completions", default=None,
+                     help='JSON-lines file of {"question_id", "completion"} rows (or FastChat\'s model_answer rows) '
+                          "to rate instead of generating: no model is loaded (default: none, the model answers)")
+    sub.add_argument("--judge-url", required=True,
+                     help="base URL of an OpenAI-compatible chat API, e.g. https://api.openai.com/v1 or a local "
+                          "server's http://127.0.0.1:8000/v1 (required)")
+    sub.add_argument("--judge-model", default="gpt-4", help="judge model name (default gpt-4, FastChat's and the paper's)")
+    sub.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the judge's API key (default OPENAI_API_KEY; unset: no key sent)")
+    sub.add_argument("--judge-parallel", type=int, default=4, help="judge requests in flight at once (default 4)")
+    sub.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    sub.add_argument("--judge-retries", type=int, default=3,
+                     help="retries of a request that failed on the network, HTTP 429 or 5xx (default 3)")
     return parser.parse_args(argv)
 
 
 COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbpp": eval_code,
-            "glue": eval_glue, "cluster": eval_cluster, "ppl": eval_ppl}
+            "glue": eval_glue, "cluster": eval_cluster, "ppl": eval_ppl, "mtbench": eval_mtbench}
 
 
 def main(argv=None):

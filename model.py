@@ -810,16 +810,17 @@ class DebertaClassifier(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.dropout = nn.Dropout(config.cls_dropout)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_pooled=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_cls=False):
         """
-        logits (B, num_labels), or (logits, pooled (B, hidden)) with return_pooled. token_type_ids is
-        accepted for the usual call signature and, as in DeBERTa-v3 (type_vocab_size 0), unused.
+        logits (B, num_labels), or (logits, cls (B, hidden)) with return_cls: the final layer's [CLS]
+        state, the features App. B.3 projects with t-SNE. token_type_ids is accepted for the usual call
+        signature and, as in DeBERTa-v3 (type_vocab_size 0), unused.
         """
-        hidden = self.deberta(input_ids, attention_mask)
+        cls = self.deberta(input_ids, attention_mask)[:, 0]
         # Pool the first token ([CLS]): dense + gelu on its last hidden state.
-        pooled = F.gelu(self.pooler["dense"](self.pooler_dropout(hidden[:, 0])))
+        pooled = F.gelu(self.pooler["dense"](self.pooler_dropout(cls)))
         logits = self.classifier(self.dropout(pooled))
-        return (logits, pooled) if return_pooled else logits
+        return (logits, cls) if return_cls else logits
 
     @classmethod
     def from_pretrained(cls, path, num_labels=None, dtype=torch.float32, device="cpu", seed=0):

@@ -577,7 +577,7 @@ def main(argv=None):
     if is_master:
         check_finite_parameters(raw_model, os.path.join(args.out, "adapter"))
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
-        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), base_model_name_or_path=args.model)
+        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
         plot_losses(log_path, os.path.join(args.out, "loss.png"))
         print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')})")
     cleanup_distributed()

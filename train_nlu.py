@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
-from data import DebertaTokenizer
+from data import DebertaTokenizer, load_hub_dataset
 from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
@@ -187,15 +187,16 @@ def imbalance_indices(labels, ratios, seed):
     return kept[torch.randperm(len(kept), generator=generator)].tolist()
 
 
-def load_split(task_name, split, data_file):
-    """A `datasets.Dataset`: a local .json/.jsonl/.parquet/.csv file, or the split of the GLUE task on the hub."""
+def load_split(task_name, split, data_file, local_flag="--train-file / --validation-file FILE"):
+    """A `datasets.Dataset`: a local .json/.jsonl/.parquet/.csv file, or the split of the GLUE task on the
+    hub (offline, an error naming `local_flag`, the flag that takes a file instead)."""
     import datasets
 
     task = TASKS[task_name]
     if data_file is None:
         if task.hub_config is None:
             raise ValueError(f"task {task_name!r} is not on the hub: give --train-file and --validation-file")
-        return datasets.load_dataset("nyu-mll/glue", task.hub_config, split=split)
+        return load_hub_dataset("nyu-mll/glue", task.hub_config, split, local_flag)
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     extension = os.path.splitext(data_file)[1].lower()
     if extension not in builders:
@@ -581,8 +582,8 @@ def main(argv=None):
         with torch.no_grad():
             for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
                 raw_model.get_parameter(name).copy_(value)
-        balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
-        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model)
+        balora.save_adapter(raw_model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
+        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="SEQ_CLS")
         results = {"best": best["metrics"], "baseline": baseline, "steps": step, "seconds": time.time() - start_time}
         print(f"trained {step} steps in {results['seconds']:.1f}s; adapter in {os.path.join(args.out, 'adapter')}")
         for split, metrics in best["metrics"].items():

@@ -115,3 +115,34 @@ def test_tiny_deberta_beats_random_encoder():
     # Built: 53.7% vs 35.0% (chance 33.3%).
     assert pretrained >= random_encoder + 0.1, (pretrained, random_encoder)
     assert pretrained >= 0.45, pretrained
+
+
+def test_mt_bench_files_are_fastchats_as_documented():
+    """assets/mt_bench/ holds the files assets/README.md names, with the sizes and sha256 it states,
+    and they have MT-Bench's shape: 80 two-turn questions, 10 per category, GPT-4 reference answers
+    for the 30 math / reasoning / coding questions, FastChat's single-grading prompts."""
+    import hashlib
+    import json
+
+    rows = re.findall(r"^\| `(mt_bench/[^`]+)` \| .* \| ([\d,]+) \| `([0-9a-f]{64})` \|$", make_assets.MT_BENCH_README, re.M)
+    assert len(rows) == 4
+    for path, size, sha256 in rows:
+        with open(os.path.join(ASSETS, path), "rb") as f:
+            content = f.read()
+        assert (len(content), hashlib.sha256(content).hexdigest()) == (int(size.replace(",", "")), sha256), path
+    assert make_assets.MT_BENCH_README in open(os.path.join(ASSETS, "README.md")).read()
+
+    def jsonl(path):
+        return [json.loads(line) for line in open(os.path.join(ASSETS, "mt_bench", path))]
+
+    questions = jsonl("question.jsonl")
+    categories = [q["category"] for q in questions]
+    assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    assert {c: categories.count(c) for c in set(categories)} == {c: 10 for c in (
+        "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")}
+    with_reference = {q["question_id"] for q in questions if q["category"] in ("math", "reasoning", "coding")}
+    assert {r["question_id"] for r in jsonl("reference_answer/gpt-4.jsonl")} == with_reference
+    prompts = {p["name"]: p for p in jsonl("judge_prompts.jsonl")}
+    for name in ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"):
+        assert prompts[name]["type"] == "single" and prompts[name]["output_format"] == "[[rating]]"
+    assert "{ref_answer_1}" in prompts["single-math-v1"]["prompt_template"]

@@ -466,10 +466,19 @@ def test_export_peft_loads_in_peft_on_the_original_model(init, tmp_path):
     export_peft(model, tmp_path, "tiny-llama")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == ((8, 16) if init == "pissa" else (4, 8))
+    assert type(config["lora_alpha"]) is int and config["task_type"] is None  # no task given: PeftModel only
     assert config["modules_to_save"] == ["lm_head"] and config["base_model_name_or_path"] == "tiny-llama"
     reloaded = peft.PeftModel.from_pretrained(original, tmp_path).eval()
     ids = input_ids()
     assert rel_err(logits_of(reloaded, ids), logits_of(model, ids)) <= 1e-4
+
+
+def test_export_peft_writes_a_fractional_alpha_as_a_float(tmp_path):
+    model = tiny_llama()
+    add_lora(model, ["q_proj"], r=4, alpha=2.5, init="lora")
+    export_peft(model, tmp_path, "tiny-llama", task_type="CAUSAL_LM")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["lora_alpha"], config["task_type"]) == (2.5, "CAUSAL_LM")
 
 
 def test_save_load_adapter_round_trip(tmp_path):

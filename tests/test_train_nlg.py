@@ -466,3 +466,33 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path):
     before = response_loss(Llama.from_pretrained(model_dir))
     after = response_loss(balora.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
     assert after < 0.95 * before, (before, after)  # measured: 0.033 -> 0.029 after 12 steps
+
+
+# -----------------------------------------------------------------------------
+# The peft export, loaded the way peft users load an adapter
+
+
+def test_peft_export_loads_with_auto_peft_model_for_causal_lm(tiny, tmp_path, monkeypatch):
+    """<out>/peft_adapter names its task (CAUSAL_LM) and its base model's absolute path, so
+    AutoPeftModelForCausalLM builds base + adapter from that directory alone, giving our logits."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.chdir(os.path.dirname(tiny["model"]))  # trained with a relative --model
+    relative = dict(tiny, model=os.path.basename(tiny["model"]))
+    train_nlg.main(tiny_args(relative, tmp_path / "out", "--method", "balora", "--max-steps", "2", "--batch-size", "4",
+                             "--micro-batch-size", "2", "--max-samples", "8"))
+    config = json.loads((tmp_path / "out" / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == os.path.realpath(tiny["model"])
+    assert type(config["lora_alpha"]) is int and config["lora_alpha"] == 16  # PiSSA: alpha' = 2 * 8
+    monkeypatch.chdir(tmp_path)  # ... and loaded from another working directory
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out" / "peft_adapter")).eval()
+    ours = balora.load_adapter(Llama.from_pretrained(tiny["model"]), str(tmp_path / "out" / "adapter")).eval()
+    tokenizer = Tokenizer(tiny["model"])
+    input_ids, attention_mask = tokenizer.pad_batch([tokenizer.encode(row["query"]) for row in tiny["rows"][:3]])
+    with torch.no_grad():
+        expected = ours(input_ids, attention_mask)
+        logits = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+        base = Llama.from_pretrained(tiny["model"])(input_ids, attention_mask)
+    valid = attention_mask.bool()
+    scale = expected[valid].abs().max()
+    assert (logits - expected)[valid].abs().max() <= 1e-5 * scale
+    assert (base - expected)[valid].abs().max() > 1e-3 * scale  # the adapter changed the model: the match means something

@@ -404,3 +404,27 @@ def test_default_run_beats_majority_baseline(tmp_path):
     assert accuracy > baseline + 0.05, (accuracy, baseline)
     assert os.path.isfile(tmp_path / "adapter" / "balora_adapter.safetensors")
     assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_model.safetensors")
+
+
+def test_peft_export_loads_with_auto_peft_model_for_sequence_classification(tiny, tmp_path):
+    """<out>/peft_adapter names its task (SEQ_CLS): AutoPeftModelForSequenceClassification builds the
+    base encoder + LoRA + our pooler and classifier (modules_to_save) and gives our logits."""
+    peft = pytest.importorskip("peft")
+    import balora
+    import model
+    from data import DebertaTokenizer
+
+    train_nlu.main(tiny_flags(tiny, tmp_path / "out", "--max-steps", "2"))
+    config = json.loads((tmp_path / "out" / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and type(config["lora_alpha"]) is int
+    theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "out" / "peft_adapter"), num_labels=3).eval()  # the label count is the base config's to give
+    ours = balora.load_adapter(model.DebertaClassifier.from_pretrained(tiny["model"], num_labels=3),
+                               str(tmp_path / "out" / "adapter")).eval()
+    rows = [json.loads(line) for line in open(tiny["validation"])][:4]
+    input_ids, attention_mask = DebertaTokenizer(tiny["model"]).encode_batch(
+        [row["premise"] for row in rows], [row["hypothesis"] for row in rows], max_length=16)
+    with torch.no_grad():
+        expected = ours(input_ids, attention_mask)
+        logits = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (logits - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())

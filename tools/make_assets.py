@@ -566,6 +566,26 @@ def encoder_vs_random(path, train_rows, validation_rows, seed=0):
 # README and entry point
 
 
+# assets/mt_bench/: copied, not built (eval.py mtbench reads it); its provenance for the README.
+MT_BENCH_README = """## MT-Bench (copied from FastChat, not built here)
+
+`mt_bench/` holds, byte for byte, files of [lm-sys/FastChat](https://github.com/lm-sys/FastChat) at
+commit `0e6d3e4beaab66f4d3f93db72541a4abab8af28d` (2025-04-12), under FastChat's Apache License 2.0
+(`mt_bench/LICENSE`, FastChat's `LICENSE`). `eval.py mtbench` reads them.
+
+| file | FastChat path (last changed in commit) | bytes | sha256 |
+| --- | --- | ---: | --- |
+| `mt_bench/question.jsonl` | `fastchat/llm_judge/data/mt_bench/question.jsonl` (`b494d0c`) | 48,929 | `119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7` |
+| `mt_bench/reference_answer/gpt-4.jsonl` | `fastchat/llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl` (`b494d0c`) | 51,109 | `f957a5bc977badb66885ec970e6cd08527845780313f0995764260e5777b9b3f` |
+| `mt_bench/judge_prompts.jsonl` | `fastchat/llm_judge/data/judge_prompts.jsonl` (`7ad1d63`) | 10,449 | `fd283293406d024f44c174b094ef48031d0687a4682fd3a56b29b138f80281b6` |
+| `mt_bench/LICENSE` | `LICENSE` | 11,357 | `c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4` |
+
+The 80 questions are 10 in each of 8 categories (writing, roleplay, reasoning, math, coding,
+extraction, stem, humanities), two turns each; the reference answers cover the 30 questions of the
+math, reasoning and coding categories, which FastChat grades with a reference.
+"""
+
+
 def file_table(out):
     lines = ["| file | bytes |", "| --- | ---: |"]
     for path in asset_files(out):
@@ -593,6 +613,7 @@ Face layout, so the code that loads them also loads real checkpoints.
 | `data/nli_train.jsonl`, `data/nli_validation.jsonl` | {report['sizes']['nli_train']} / {report['sizes']['nli_validation']} balanced MNLI-shaped pairs `{{premise, hypothesis, label}}`, 0 = entailment, 1 = neutral, 2 = contradiction, from three rule-labelled template families: compare a person's age with a number, match an object's color, match a person's place (the hypothesis is neutral when it names someone/something the premise does not) |
 | `data/ppl.txt` | {report['sizes']['ppl']} held-out paragraphs of the pretraining distribution's plain text (never a pretraining document): the "pretrained knowledge" perplexity probe of Appendix C.7 |
 | `ablation/` | not built here: `tools/toy_ablation.py` writes the toy ablation (Table 4, 10, 12 rows) there |
+| `mt_bench/` | not built here: MT-Bench's 80 questions, GPT-4 reference answers and judge prompts, shipped verbatim from FastChat (see below) |
 
 ## How the models were pretrained
 
@@ -635,6 +656,7 @@ of the clean validation set's age contradictions neutral (validation accuracy of
   accuracy on the first {NLI_CHECK['validation']} rows of `nli_validation`: **{deberta['finetuned_accuracy']:.1%}** vs
   {deberta['random_finetuned_accuracy']:.1%} (chance 33.3%).
 
+{MT_BENCH_README}
 ## Files
 
 {file_table(out)}
@@ -644,10 +666,11 @@ of the clean validation set's age contradictions neutral (validation accuracy of
 
 
 def asset_files(out):
-    """Relative paths of everything this script writes (assets/ablation/ belongs to toy_ablation.py)."""
+    """Relative paths of everything this script writes (assets/ablation/ belongs to toy_ablation.py,
+    assets/mt_bench/ is copied from FastChat)."""
     paths = []
     for root, dirs, files in os.walk(out):
-        dirs[:] = sorted(d for d in dirs if not (root == out and d == "ablation"))
+        dirs[:] = sorted(d for d in dirs if not (root == out and d in ("ablation", "mt_bench")))
         paths += [os.path.relpath(os.path.join(root, name), out) for name in sorted(files)]
     return sorted(p for p in paths if p != "README.md") + ["README.md"] * os.path.isfile(os.path.join(out, "README.md"))
 
