@@ -360,6 +360,18 @@ def task_id(record, index):
     return str(record.get("task_id", index))
 
 
+def completion_rows(path):
+    """(line number, where, row) of each non-blank line of a --completions JSON-lines file, each a JSON
+    object; `where` ("--completions FILE, line N") starts every error message about that row."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--completions {path!r} does not exist")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                where = f"--completions {path}, line {number}"
+                yield number, where, parse_json(raw, where, dict)
+
+
 def read_code_completions(path, records):
     """
     The completions of each problem of `records` (a list per problem, in order) from a JSON-lines file
@@ -367,21 +379,14 @@ def read_code_completions(path, records):
     are several samples. A bad line, an unknown task_id or a problem without any completion is a
     ValueError naming the file (and line).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--completions {path!r} does not exist")
     index = {task_id(record, i): i for i, record in enumerate(records)}
     completions = [[] for _ in records]
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"--completions {path}, line {number}"
-            row = parse_json(raw, where, dict)
-            if "task_id" not in row or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{where}: expected {{\"task_id\": ..., \"completion\": \"<text>\"}}, got keys {sorted(row)}")
-            if str(row["task_id"]) not in index:
-                raise ValueError(f"{where}: task_id {row['task_id']!r} is not a problem of --data")
-            completions[index[str(row["task_id"])]].append(row["completion"])
+    for _, where, row in completion_rows(path):
+        if "task_id" not in row or not isinstance(row.get("completion"), str):
+            raise ValueError(f"{where}: expected {{\"task_id\": ..., \"completion\": \"<text>\"}}, got keys {sorted(row)}")
+        if str(row["task_id"]) not in index:
+            raise ValueError(f"{where}: task_id {row['task_id']!r} is not a problem of --data")
+        completions[index[str(row["task_id"])]].append(row["completion"])
     missing = [task_id(record, i) for i, record in enumerate(records) if not completions[i]]
     if missing:
         raise ValueError(f"--completions {path}: no completion for {len(missing)} problem(s) of --data, "
@@ -626,26 +631,19 @@ def read_mt_bench_answers(path, questions, turns):
     model_answer rows ({"question_id", "choices": [{"turns": [...]}]}). Every question needs one row with
     at least `turns` answers; anything else is a one-line ValueError naming file and line.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--completions {path!r} does not exist")
     wanted, answers, line_of = {q["question_id"] for q in questions}, {}, {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"--completions {path}, line {number}"
-            row = parse_json(raw, where, dict)
-            question_id = row.get("question_id")
-            if question_id not in wanted:
-                raise ValueError(f"{where}: \"question_id\" {question_id!r} is not an evaluated MT-Bench question")
-            if question_id in line_of:
-                raise ValueError(f"{where}: question {question_id} already has answers, on line {line_of[question_id]}")
-            given = row["choices"][0].get("turns") if row.get("choices") else row.get("completion")
-            given = [given] if isinstance(given, str) else given
-            if not isinstance(given, list) or len(given) < turns or not all(isinstance(a, str) for a in given[:turns]):
-                raise ValueError(f"{where}: needs {turns} answer string(s) in \"completion\" (or FastChat's "
-                                 "\"choices\"[0][\"turns\"])")
-            line_of[question_id], answers[question_id] = number, given[:turns]
+    for number, where, row in completion_rows(path):
+        question_id = row.get("question_id")
+        if question_id not in wanted:
+            raise ValueError(f"{where}: \"question_id\" {question_id!r} is not an evaluated MT-Bench question")
+        if question_id in line_of:
+            raise ValueError(f"{where}: question {question_id} already has answers, on line {line_of[question_id]}")
+        given = row["choices"][0].get("turns") if row.get("choices") else row.get("completion")
+        given = [given] if isinstance(given, str) else given
+        if not isinstance(given, list) or len(given) < turns or not all(isinstance(a, str) for a in given[:turns]):
+            raise ValueError(f"{where}: needs {turns} answer string(s) in \"completion\" (or FastChat's "
+                             "\"choices\"[0][\"turns\"])")
+        line_of[question_id], answers[question_id] = number, given[:turns]
     missing = sorted(wanted - set(answers))
     if missing:
         raise ValueError(f"--completions {path}: {len(missing)} of the {len(wanted)} questions have no answers "
@@ -751,35 +749,28 @@ def read_answer_completions(path, queries):
     (after --limit), "question" its question text (compared with surrounding whitespace stripped).
     Every record needs exactly one row; anything else is a one-line ValueError naming file and line.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--completions {path!r} does not exist")
     by_question = {}
     for index, query in enumerate(queries):
         by_question.setdefault(query.strip(), []).append(index)
     completions, line_of = [None] * len(queries), {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"--completions {path}, line {number}"
-            row = parse_json(raw, where, dict)
-            if not isinstance(row.get("completion"), str):
-                raise ValueError(f"{where}: needs a string \"completion\", it has {row.get('completion')!r:.60}")
-            if "index" in row:
-                index = row["index"]
-                if type(index) is not int or not 0 <= index < len(queries):
-                    raise ValueError(f"{where}: \"index\" {index!r} is not a record of --data (0 to {len(queries) - 1})")
-            elif isinstance(row.get("question"), str):
-                matches = by_question.get(row["question"].strip(), [])
-                if len(matches) != 1:
-                    raise ValueError(f"{where}: the \"question\" matches {len(matches)} records of --data, not one"
-                                     + ("; give its \"index\" instead" if matches else ""))
-                index = matches[0]
-            else:
-                raise ValueError(f"{where}: needs an integer \"index\" or a string \"question\", it has {sorted(row)}")
-            if index in line_of:
-                raise ValueError(f"{where}: record {index} already has a completion, on line {line_of[index]}")
-            line_of[index], completions[index] = number, row["completion"]
+    for number, where, row in completion_rows(path):
+        if not isinstance(row.get("completion"), str):
+            raise ValueError(f"{where}: needs a string \"completion\", it has {row.get('completion')!r:.60}")
+        if "index" in row:
+            index = row["index"]
+            if type(index) is not int or not 0 <= index < len(queries):
+                raise ValueError(f"{where}: \"index\" {index!r} is not a record of --data (0 to {len(queries) - 1})")
+        elif isinstance(row.get("question"), str):
+            matches = by_question.get(row["question"].strip(), [])
+            if len(matches) != 1:
+                raise ValueError(f"{where}: the \"question\" matches {len(matches)} records of --data, not one"
+                                 + ("; give its \"index\" instead" if matches else ""))
+            index = matches[0]
+        else:
+            raise ValueError(f"{where}: needs an integer \"index\" or a string \"question\", it has {sorted(row)}")
+        if index in line_of:
+            raise ValueError(f"{where}: record {index} already has a completion, on line {line_of[index]}")
+        line_of[index], completions[index] = number, row["completion"]
     missing = [index for index, completion in enumerate(completions) if completion is None]
     if missing:
         raise ValueError(f"--completions {path}: {len(missing)} of the {len(queries)} records of --data have no "
