@@ -412,14 +412,12 @@ def resolve_settings(args, presets):
     """
     The settings in force, resolved once: the paper preset when --model is given, else the toy one
     (presets: {"toy": {...}, "paper": {...}}, one value per setting); every setting left unset takes
-    the preset's value. Sets args.preset and returns the preset in force.
+    the preset's value. Records which preset in args.preset.
     """
     args.preset = "paper" if args.model is not None else "toy"
-    preset = presets[args.preset]
-    for key, value in preset.items():
+    for key, value in presets[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    return preset
 
 
 def changed_settings(args, preset):

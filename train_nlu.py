@@ -9,7 +9,9 @@ BA-LoRA fine-tuning of a DeBERTa-v3 encoder on GLUE (Section 2.2.1, Section 3.1,
 
 Settings come from the toy preset (no --model) or the paper preset (--model given; MNLI unless --task
 says otherwise), as in train_nlg.py: --help shows both, a run prints what differs and saves every value
-to <out>/config.json. One optimizer step: student logits (LoRA-adapted encoder + classification head) -> teacher logits
+to <out>/config.json.
+
+One optimizer step: student logits (LoRA-adapted encoder + classification head) -> teacher logits
 (the same inputs through the pretrained encoder and the same, current head, B.3) -> Eq. 8 ->
 backward -> AdamW -> linear learning-rate decay. Evaluation every epoch keeps the best adapter.
 """
@@ -354,11 +356,11 @@ def presets(task_name):
     (MNLI when no --task is given); the toy task nli is read from assets/data under either preset.
     """
     task = TASKS[task_name]
-    toy_files = task_name == "nli"
+    local_task = task_name == "nli"  # the toy task: files only
     paper = dict(
         model=None, task="mnli",
-        data=os.path.join(ASSETS, "data", "nli_train.jsonl") if toy_files else None,
-        validation_file=[os.path.join(ASSETS, "data", "nli_validation.jsonl")] if toy_files else None,
+        data=os.path.join(ASSETS, "data", "nli_train.jsonl") if local_task else None,
+        validation_file=[os.path.join(ASSETS, "data", "nli_validation.jsonl")] if local_task else None,
         out=os.path.join("out", "nlu"), method="balora",
         # Table 8 (DeBERTa-v3-base): the task's row; rank 8 everywhere, linear schedule, no weight decay
         epochs=task.epochs, batch_size=task.batch_size, micro_batch_size=None, lr=task.lr, alpha=task.lora_alpha,
