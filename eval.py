@@ -47,6 +47,7 @@ import sandbox
 from data import (PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config
+from train_nlg import shown
 from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -1074,12 +1075,21 @@ def print_table(title, metrics):
         print(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help ending each flag's help with its default, "(default: 16)", unless the help already states it."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: {shown(action.default).replace('%', '%%')})"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, model, data, split="test", adapter_help="balora adapter directory (save_adapter)"):
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         sub.add_argument("--model", default=model, help="Hugging Face-format model directory")
         sub.add_argument("--adapter", default=None, help=adapter_help + "; merged into the weights before evaluating")
         sub.add_argument("--data", default=data, help=".json/.jsonl/.parquet file or datasets hub name")
@@ -1087,9 +1097,10 @@ def parse_args(argv=None):
         sub.add_argument("--split", default=split, help="hub dataset split")
         sub.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
         sub.add_argument("--out", default=os.path.join("out", "eval", f"{name}.json"), help="results JSON")
-        sub.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype the model weights are loaded and run in")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                         help="cpu | cuda (default: cuda when available, else cpu)")
+        sub.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
         return sub
 
     def prompt_format_flag(sub):
@@ -1100,7 +1111,7 @@ def parse_args(argv=None):
     llama, data = os.path.join(ASSETS, "tiny-llama"), os.path.join(ASSETS, "data")
     for name in ("gsm8k", "math"):
         sub = command(name, f"{name.upper()} accuracy", llama, os.path.join(data, "gsm8k_test.jsonl") if name == "gsm8k" else None)
-        sub.add_argument("--max-new-tokens", type=int, default=512)
+        sub.add_argument("--max-new-tokens", type=int, default=512, help="generation length cap per answer")
         prompt_format_flag(sub)
         sub.add_argument("--completions", default=None,
                          help='JSON-lines file of {"index" (0-based record of --data) or "question", "completion"} '
@@ -1146,7 +1157,7 @@ def parse_args(argv=None):
         sub = command(name, "GLUE metrics of a classifier" if name == "glue" else "silhouette / minority recall (Table 12)",
                       os.path.join(ASSETS, "tiny-deberta"), os.path.join(data, "nli_validation.jsonl"), split=None,
                       adapter_help="adapter directory written by train_nlu.py (LoRA + pooler + classifier)")
-        sub.add_argument("--task", default="nli", choices=list(TASKS))
+        sub.add_argument("--task", default="nli", choices=list(TASKS), help="the adapter's GLUE task (nli: the toy task)")
         sub.add_argument("--max-length", type=int, default=None,
                          help="tokens per example (default: the max_length the adapter was trained with, "
                               "else 128)")

@@ -1,18 +1,23 @@
 """
 Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (paper Sec. 2.2.2, 3.1, B.4).
 
-    python train_nlg.py                                   # offline toy run on assets/tiny-llama (< 3 min on CPU)
-    python train_nlg.py --model /path/to/Llama-2-7b-hf --data meta-math/MetaMathQA   # paper settings (B.4)
-    torchrun --standalone --nproc_per_node=4 train_nlg.py --model ... --data ...    # DDP, same global batch
-    python train_nlg.py --model ~/.cache/balora/smollm2-135m-instruct ...          # an instruct model, in its chat template
+    python train_nlg.py                                   # toy preset: assets/tiny-llama, toy data (< 3 min on CPU)
+    python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMathQA samples from the hub
+    python train_nlg.py --model ... --dry-run             # print the settings in force and stop
+    torchrun --standalone --nproc_per_node=4 train_nlg.py --model ...    # DDP, same global batch
+    python train_nlg.py --model ~/.cache/balora/smollm2-135m-instruct --data FILE ...   # an instruct model, in its chat template
 
-One loop, read top to bottom: parse flags -> load model -> add LoRA -> data -> for each optimizer step:
-micro-batches (student logits -> task loss -> teacher logits -> BA-LoRA regularizers -> backward) ->
-clip -> step -> log -> maybe save. The first section holds the training infrastructure train_nlu.py
-imports (distributed setup, atomic checkpoints, JSONL log, LR schedule, finite-loss check, autocast).
+Settings come from one of two presets, toy (no --model) or paper (--model given); every flag's --help
+shows its value under both. A run prints the preset and each value that differs from it, and saves
+every value to <out>/config.json. One loop, read top to bottom: parse flags -> load model -> add LoRA
+-> data -> for each optimizer step: micro-batches (student logits -> task loss -> teacher logits ->
+BA-LoRA regularizers -> backward) -> clip -> step -> log -> maybe save. The first section holds the
+training infrastructure train_nlu.py imports (distributed setup, atomic checkpoints, JSONL log and
+reporting, LR schedule, finite-loss check, autocast, presets and settings).
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -31,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import balora
+import plot
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
 from model import Llama
 
@@ -223,6 +229,56 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def scalars_of(record, prefix=""):
+    """(tag, number) pairs of a log record, the step aside; a nested dict's keys are joined by "/"."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from scalars_of(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and (prefix or key != "step"):
+            yield prefix + key, value
+
+
+def check_report_to(kind):
+    """--report-to's library must be installed: say so now, before the model loads or anything is written."""
+    if kind in ("tensorboard", "wandb") and importlib.util.find_spec(kind) is None:
+        raise ModuleNotFoundError(f"--report-to {kind} needs the {kind} package: pip install {kind}")
+
+
+class Reporter:
+    """
+    --report-to: the numbers of every log.jsonl record, under the record's own keys, go to TensorBoard
+    as well (event files in <out>/tensorboard: `tensorboard --logdir <out>`) or to Weights & Biases
+    (project $WANDB_PROJECT, else "balora"; with WANDB_MODE=offline the run is written under <out>/wandb
+    for a later `wandb sync`). A nested record (NLU validation) gives tags like "validation/validation/
+    accuracy". "none": nothing is sent. Only rank 0 makes one.
+    """
+
+    def __init__(self, kind, out, config):
+        self.kind, self.sink = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sink = SummaryWriter(os.path.join(out, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.sink = wandb.init(project=os.environ.get("WANDB_PROJECT", "balora"), dir=out, config=config)
+
+    def log(self, record):
+        scalars = dict(scalars_of(record))
+        if self.kind == "tensorboard":
+            for tag, value in scalars.items():
+                self.sink.add_scalar(tag, value, record["step"])
+        elif self.kind == "wandb":
+            self.sink.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.sink.close()
+        elif self.kind == "wandb":
+            self.sink.finish()
+
+
 def lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, decay="cosine"):
     """
     LambdaLR: linear warm-up from 0 over `warmup_steps`, then decay to 0 at `total_steps`, "cosine"
@@ -280,6 +336,143 @@ def autocast_context(device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# Settings: two presets (toy, paper), one rule to resolve them, printed at the start and saved
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# Settings that may change between a run and its --resume without changing the result (both
+# trainers); every other one must match the checkpoint. --out is where the run lives, so it may move.
+RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run")
+
+
+def normalized(value):
+    """A setting as it is recorded and compared: paths that exist are resolved (realpath), so `DIR/`
+    and `DIR`, or a relative and an absolute spelling, are one value."""
+    if isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    if isinstance(value, (list, tuple)):
+        return [normalized(item) for item in value]
+    return value
+
+
+def shown(value, none="none"):
+    """A setting as --help and the settings block print it: paths in the repo relative to it."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(shown(item) for item in value)
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(REPO + os.sep):
+        return os.path.relpath(value, REPO)
+    return str(value)
+
+
+def preset_flag(parser, toy, paper, none_means):
+    """
+    A function that adds one setting's flag: left None by argparse (resolve_settings fills it from the
+    preset in force), its help ending with the default under both presets, "(toy: 8, paper: 128)" or
+    "(toy and paper: 42)". `none_means` says what a None preset value stands for ({"max_steps": "no cap"}).
+    """
+    def flag(name, help, **kwargs):
+        key = name[2:].replace("-", "_")
+        none = none_means.get(key, "none")
+        toy_value, paper_value = (shown(preset[key], none).replace("%", "%%") for preset in (toy, paper))
+        default = f"toy and paper: {toy_value}" if toy_value == paper_value else f"toy: {toy_value}, paper: {paper_value}"
+        parser.add_argument(name, default=None, help=f"{help} ({default})", **kwargs)
+    return flag
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name, kept for one release: it sets its new flag and prints a note saying so."""
+
+    def __init__(self, option_strings, dest, new, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"note: {option_string} is deprecated and goes in the next release: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def deprecated_epilog(aliases):
+    return "deprecated names, accepted until the next release: " + ", ".join(
+        f"{old} (now {new})" for old, (new, _) in aliases.items())
+
+
+def add_deprecated_aliases(parser, aliases):
+    """Accept each old name of `aliases` ({old: (new, type)}) as its new flag; --help lists the new one only."""
+    for old, (new, value_type) in aliases.items():
+        parser.add_argument(old, dest=new[2:].replace("-", "_"), type=value_type, action=DeprecatedAlias, new=new)
+
+
+def resolve_settings(args, presets):
+    """
+    The settings in force, resolved once: the paper preset when --model is given, else the toy one
+    (presets: {"toy": {...}, "paper": {...}}, one value per setting); every setting left unset takes
+    the preset's value. Records which preset in args.preset.
+    """
+    args.preset = "paper" if args.model is not None else "toy"
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def changed_settings(args, preset):
+    """{setting: value} of every setting that differs from the preset in force (--model and --dry-run aside)."""
+    return {key: getattr(args, key) for key, value in preset.items()
+            if key not in ("model", "dry_run") and normalized(getattr(args, key)) != normalized(value)}
+
+
+def settings_block(args, preset, none_means, notes=()):
+    """The block printed at the start of a run: the preset, every value that differs from it, `notes`."""
+    why = ("--model given: the paper's settings, Sec. 3.1 and App. B" if args.preset == "paper" else
+           "no --model: the bundled tiny model and toy data; give --model for the paper's settings")
+    lines = [f"settings: the {args.preset} preset ({why})"]
+    changed = changed_settings(args, preset)
+    lines += [f"  --{key.replace('_', '-')} {shown(value)}  (preset: {shown(preset[key], none_means.get(key, 'none'))})"
+              for key, value in changed.items()]
+    if not changed:
+        lines.append("  no value differs from the preset")
+    lines += [f"  {note}" for note in notes]
+    lines.append("  every value: below (a dry run writes nothing)" if args.dry_run else
+                 f"  every value: {os.path.join(args.out, 'config.json')}")
+    return "\n".join(lines)
+
+
+def settings_record(args):
+    """Every setting of the run, normalized: what <out>/config.json holds (resume compares run_config's share)."""
+    return {key: normalized(value) for key, value in vars(args).items()}
+
+
+def run_config(args):
+    """The settings that decide a run's result, as its checkpoint records them."""
+    return {key: value for key, value in settings_record(args).items() if key not in RESUME_MAY_CHANGE}
+
+
+def check_resume_config(saved, config, path):
+    """One resume rule for both trainers: refuse when a result-changing setting differs, listing each."""
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
+               for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other flags ({'; '.join(changed)}); "
+                         "resume with the checkpoint's values, or start a new --out")
+
+
+def write_config(args, preset, derived):
+    """
+    <out>/config.json (rank 0, once the inputs are checked): the preset, what differs from it, every
+    setting, and the values derived from them and the inputs (`derived`: steps, world size, ...).
+    """
+    changed = {key: normalized(value) for key, value in changed_settings(args, preset).items()}
+    record = {"preset": args.preset, "changed": changed, "settings": settings_record(args), "derived": derived}
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
 # Data order
 
 
@@ -301,94 +494,89 @@ def global_batch_indices(num_samples, batch_size, step, seed):
 # --method -> (adapter initialization, BA-LoRA regularizers on?) as in Table 10.
 METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True)}
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-# Paper settings (Sec. 3.1, B.4: LLaMA-2-7B on 100k MetaMathQA), used when --model is given.
-PAPER_DEFAULTS = dict(rank=128, alpha=128, lr=2e-5, max_samples=100_000, max_len=512,
-                      batch_size=32, micro_batch_size=4, dtype="bf16", save_every=500)
-# Offline default run (no --model): the bundled tiny model, 24 steps on CPU in well under 3 minutes.
-# A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
-OFFLINE_DEFAULTS = dict(model=os.path.join(ASSETS, "tiny-llama"), rank=8, alpha=16, lr=5e-4, max_samples=384,
-                        max_len=256, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
+ASSETS = os.path.join(REPO, "assets")
+# The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
+PAPER = dict(
+    model=None, data="meta-math/MetaMathQA", format="metamath", prompt_format=None, max_samples=100_000, max_length=512,
+    out=os.path.join("out", "nlg"), method="balora", rank=128, alpha=128, dropout=0.0,
+    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", pissa_niter=None,
+    lambda1=0.025, lambda2=0.005, lambda3=0.005, lambda1_schedule="cosine", focus_schedule="two_phase",
+    lambda_warmup_ratio=0.2, lambda_rampup_ratio=0.05, svd_k=10, top_k=20, temperature=2.0, reg_tokens="task",
+    lr=2e-5, weight_decay=0.0, warmup_ratio=0.03, batch_size=32, micro_batch_size=4, epochs=1, max_steps=None,
+    grad_clip=1.0, dtype="bf16", grad_checkpointing=False, device=None, seed=42, save_every=500, resume=False,
+    report_to="none", no_progress=False, dry_run=False,
+)
+# The toy preset (no --model): the bundled tiny model and toy data, 24 steps on a CPU in well under 3
+# minutes. A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
+TOY = dict(PAPER, model=os.path.join(ASSETS, "tiny-llama"), data=os.path.join(ASSETS, "data", "metamath_train.jsonl"),
+           max_samples=384, max_length=256, rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8,
+           dtype="fp32", save_every=8)
+PRESETS = {"toy": TOY, "paper": PAPER}
+NONE_MEANS = {"model": "your checkpoint", "prompt_format": "chat when the checkpoint has a template, else alpaca",
+              "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
+ALIASES = {"--max-len": ("--max-length", int)}  # old name: (new flag, type)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # None = "paper value with --model, offline toy value without" (see PAPER_DEFAULTS / OFFLINE_DEFAULTS)
-    parser.add_argument("--model", default=None, help="Hugging Face-format Llama directory (default: assets/tiny-llama, toy settings)")
-    parser.add_argument("--data", default=os.path.join(ASSETS, "data", "metamath_train.jsonl"), help=".jsonl/.json/.parquet file or datasets hub name")
-    parser.add_argument("--format", default="metamath", choices=list(FORMATS), help="the records' field names (see data.FORMATS)")
-    parser.add_argument("--prompt-format", default=None, choices=list(PROMPT_FORMATS),
-                        help="alpaca: PiSSA/MetaMath's Alpaca prompt; chat: the checkpoint's chat template "
-                             "(default: chat when the checkpoint has a template, else alpaca)")
-    parser.add_argument("--max-samples", type=int, default=None, help="use the first N records (paper: 100000)")
-    parser.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (paper: 512)")
-    parser.add_argument("--out", default="out/nlg", help="log.jsonl, checkpoint.pt, adapter/, peft_adapter/, loss.png")
-    parser.add_argument("--method", default="balora", choices=list(METHODS), help="lora | pissa | balora (pissa + regularizers) | lora+reg")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank r (paper: 128)")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (paper: 128)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (paper: 0)")
-    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    parser.add_argument("--pissa-niter", type=int, default=None, help="randomized SVD iterations for PiSSA init (default: exact SVD)")
-    parser.add_argument("--lambda1", type=float, default=0.025, help="consistency weight (Eq. 9)")
-    parser.add_argument("--lambda2", type=float, default=0.005, help="diversity weight (Eq. 10)")
-    parser.add_argument("--lambda3", type=float, default=0.005, help="SVD weight (Eq. 12)")
-    parser.add_argument("--lambda1-schedule", default="cosine", choices=["cosine", "constant"], help="lambda1 decays to 0.1 x (B.4)")
-    parser.add_argument("--focus-schedule", default="two_phase", choices=["two_phase", "constant"], help="lambda2, lambda3: off, ramp, on (B.4)")
-    parser.add_argument("--lambda-warmup-ratio", type=float, default=0.2, help="focus schedule: share of steps with lambda2 = lambda3 = 0")
-    parser.add_argument("--lambda-rampup-ratio", type=float, default=0.05, help="focus schedule: share of steps ramping them up")
-    parser.add_argument("--svd-k", type=int, default=10)
-    parser.add_argument("--top-k", type=int, default=20, help="diversity: entropy over the top-k tokens")
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
-    parser.add_argument("--reg-tokens", default="task", choices=["task", "all"], help="regularize the response tokens (task) or every non-padded token (all)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper: 2e-5)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--batch-size", type=int, default=None, help="effective (global) batch size (paper: 32)")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="per-process micro-batch (paper: 4)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (the schedules span the capped run)")
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="bf16: base weights bf16, adapter fp32, autocast")
-    parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--save-every", type=int, default=None, help="write <out>/checkpoint.pt every N steps (0: never)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser = argparse.ArgumentParser(description=__doc__, epilog=deprecated_epilog(ALIASES),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = preset_flag(parser, TOY, PAPER, NONE_MEANS)
+    flag("--model", help="Hugging Face-format Llama directory; giving one selects the paper preset")
+    flag("--data", help=".jsonl/.json/.parquet file or datasets hub name")
+    flag("--format", choices=list(FORMATS), help="the records' field names (see data.FORMATS)")
+    flag("--prompt-format", choices=list(PROMPT_FORMATS),
+         help="alpaca: PiSSA/MetaMath's Alpaca prompt; chat: the checkpoint's chat template")
+    flag("--max-samples", type=int, help="use the first N records")
+    flag("--max-length", type=int, help="truncate examples to this many tokens")
+    flag("--out", help="log.jsonl, config.json, checkpoint.pt, adapter/, peft_adapter/, curves.png")
+    flag("--method", choices=list(METHODS), help="lora | pissa | balora (pissa + regularizers) | lora+reg (Table 10)")
+    flag("--rank", type=int, help="LoRA rank r")
+    flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
+    flag("--dropout", type=float, help="LoRA dropout")
+    flag("--targets", help="comma-separated suffixes of the nn.Linear names to adapt")
+    flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
+    flag("--lambda1", type=float, help="consistency weight (Eq. 9)")
+    flag("--lambda2", type=float, help="diversity weight (Eq. 10)")
+    flag("--lambda3", type=float, help="SVD weight (Eq. 12)")
+    flag("--lambda1-schedule", choices=["cosine", "constant"], help="cosine: lambda1 decays to 0.1 x (B.4)")
+    flag("--focus-schedule", choices=["two_phase", "constant"], help="lambda2, lambda3: off, ramp, on (B.4)")
+    flag("--lambda-warmup-ratio", type=float, help="focus schedule: share of steps with lambda2 = lambda3 = 0")
+    flag("--lambda-rampup-ratio", type=float, help="focus schedule: share of steps ramping them up")
+    flag("--svd-k", type=int, help="k of Eq. 12: the top-k singular values whose energy share is raised")
+    flag("--top-k", type=int, help="diversity (Eq. 10-11): entropy over the top-K tokens")
+    flag("--temperature", type=float, help="distillation temperature T of Eq. 9")
+    flag("--reg-tokens", choices=["task", "all"], help="regularize the response tokens (task) or every non-padded token (all)")
+    flag("--lr", type=float, help="AdamW peak learning rate")
+    flag("--weight-decay", type=float, help="AdamW weight decay")
+    flag("--warmup-ratio", type=float, help="share of the steps warming the learning rate up before its cosine decay")
+    flag("--batch-size", type=int, help="effective (global) batch size: examples per optimizer step")
+    flag("--micro-batch-size", type=int, help="examples per forward on one process, the batch the regularizers see")
+    flag("--epochs", type=int, help="passes over the --max-samples examples")
+    flag("--max-steps", type=int, help="cap on optimizer steps (the schedules span the capped run)")
+    flag("--grad-clip", type=float, help="max gradient norm")
+    flag("--dtype", choices=["bf16", "fp32"], help="bf16: base weights bf16, adapter fp32, autocast")
+    flag("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    flag("--device", help="cpu | cuda")
+    flag("--seed", type=int, help="adapter init, data order, dropout")
+    flag("--save-every", type=int, help="write <out>/checkpoint.pt every N steps (0: never)")
+    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    flag("--report-to", choices=["none", "tensorboard", "wandb"],
+         help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
+    flag("--no-progress", action="store_true", help="no tqdm bar")
+    flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
+    add_deprecated_aliases(parser, ALIASES)
     args = parser.parse_args(argv)
-    args.offline_default = args.model is None
-    for key, value in (OFFLINE_DEFAULTS if args.offline_default else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    resolve_settings(args, PRESETS)
+    check_report_to(args.report_to)
     return args
 
 
-# Flags that may change between a run and its --resume without changing the result (both trainers);
-# every other flag must match the checkpoint. --out is where the run lives, so it may move.
-RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out")
-
-
-def run_config(args):
-    """
-    The flags that decide a run's result, as its checkpoint records them. Paths that exist are
-    resolved (realpath), so `DIR/` and `DIR`, or a relative and an absolute spelling, are one value.
-    """
-    def normalized(value):
-        if isinstance(value, str) and os.path.exists(value):
-            return os.path.realpath(value)
-        if isinstance(value, list):
-            return [normalized(item) for item in value]
-        return value
-
-    return {key: normalized(value) for key, value in vars(args).items() if key not in RESUME_MAY_CHANGE}
-
-
-def check_resume_config(saved, config, path):
-    """One resume rule for both trainers: refuse when a result-changing flag differs, listing each."""
-    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
-               for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
-    if changed:
-        raise ValueError(f"--resume: {path} was written with other flags ({'; '.join(changed)}); "
-                         "resume with the checkpoint's values, or start a new --out")
+def data_note(args):
+    """The settings block's line on the data: which set, how much, and when it is the paper's."""
+    note = f"data: {shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
+    if args.preset == "paper" and args.data == PAPER["data"]:
+        note += " (the paper's data set, Sec. 3.1; read from the hub: pass --data FILE for another)"
+    return note
 
 
 # -----------------------------------------------------------------------------
@@ -397,7 +585,14 @@ def check_resume_config(saved, config, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.dry_run:
+        print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
+        print(json.dumps(settings_record(args), indent=1))
+        return settings_record(args)
     rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
+    if is_master:
+        print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
     ddp = world_size > 1
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.batch_size % (args.micro_batch_size * world_size):
@@ -407,14 +602,10 @@ def main(argv=None):
     num_micro_batches = grad_accum * world_size  # micro-batches in one global batch, over all ranks
     init, regularize = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularize else (0.0, 0.0, 0.0)
-    if is_master and args.offline_default:
-        toy = ", ".join(f"{key}={getattr(args, key)}" for key in OFFLINE_DEFAULTS if key != "model")
-        print(f"no --model given: offline default run on {args.model} with toy settings ({toy}); "
-              "pass --model for the paper's settings")
 
     # data: the first --max-samples records; each step reads one global batch, this rank its slice
     tokenizer = Tokenizer(args.model)
-    args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
+    prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)  # None: from the checkpoint
     examples = load_examples(args.data, args.format, args.max_samples)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
@@ -444,7 +635,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")
     config = run_config(args)
-    start_step, skipped_batches = 0, 0
+    start_step, skipped_batches, reporter = 0, 0, None
     if args.resume:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r}")
@@ -458,11 +649,14 @@ def main(argv=None):
         remove_stale_temp_files(args.out)
         with open(log_path, "w") as f:
             f.writelines(kept)
+        write_config(args, preset, derived=dict(prompt_format=prompt_format, examples=len(examples), total_steps=total_steps,
+                                                world_size=world_size, gradient_accumulation=grad_accum))
+        reporter = Reporter(args.report_to, args.out, settings_record(args))
         print(f"{args.method}: init={init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
-              f"{len(examples)} examples in the {args.prompt_format} prompt format, {total_steps} steps of {args.batch_size} "
+              f"{len(examples)} examples in the {prompt_format} prompt format, {total_steps} steps of {args.batch_size} "
               f"({world_size} x {grad_accum} x {args.micro_batch_size}), start at step {start_step}")
 
-    progress = tqdm(total=total_steps, initial=start_step, disable=not is_master, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_master or args.no_progress, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         t0 = time.time()
         # Rank r takes the r-th contiguous slice of the global batch and cuts it into micro-batches,
@@ -471,7 +665,7 @@ def main(argv=None):
         per_rank = args.batch_size // world_size
         batch = batch[rank * per_rank : (rank + 1) * per_rank]
         micro_batches = [
-            collate(tokenizer, [examples[i] for i in batch[j : j + args.micro_batch_size]], args.max_len, args.prompt_format)
+            collate(tokenizer, [examples[i] for i in batch[j : j + args.micro_batch_size]], args.max_length, prompt_format)
             for j in range(0, per_rank, args.micro_batch_size)
         ]
         # The task loss is the mean CE over every response token of the GLOBAL batch, so it does not
@@ -504,7 +698,7 @@ def main(argv=None):
             if not task_mask.any():
                 sums["skipped"] += 1
                 warnings.warn(f"step {step + 1}: a micro-batch has every label masked (prompts longer than "
-                              f"--max-len {args.max_len}?); skipping it")
+                              f"--max-length {args.max_length}?); skipping it")
                 if not (ddp and last_micro_step):
                     continue
                 micro_lambdas = (0.0, 0.0, 0.0)  # DDP: still run backward (a zero loss) for the all-reduce
@@ -557,6 +751,7 @@ def main(argv=None):
                       skipped_batches=skipped_batches, grad_norm=float(grad_norm), time=dt)
         if is_master:
             append_jsonl(log_path, record)
+            reporter.log(record)
             short = {"task": "task", "consistency": "cons", "diversity": "div", "svd": "svd"}
             progress.set_postfix({"tok/s": f"{record['tokens'] / dt:.0f}",
                                   **{short[k]: f"{record[k]:.4f}" for k in short if record[k] is not None}})
@@ -570,39 +765,19 @@ def main(argv=None):
     micro_batches_run = (total_steps - start_step) * num_micro_batches
     if total_steps == 0 or (micro_batches_run and skipped_batches - skipped_at_start >= micro_batches_run):
         raise RuntimeError(f"nothing was trained: {skipped_batches - skipped_at_start} of {micro_batches_run} micro-batches "
-                           f"had every label masked (prompts longer than --max-len {args.max_len}?) or there were no "
+                           f"had every label masked (prompts longer than --max-length {args.max_length}?) or there were no "
                            f"steps (--max-steps {args.max_steps}); no adapter written")
     if is_master and skipped_batches:
-        print(f"skipped {skipped_batches} micro-batches with every label masked (raise --max-len {args.max_len}?)")
+        print(f"skipped {skipped_batches} micro-batches with every label masked (raise --max-length {args.max_length}?)")
     if is_master:
         check_finite_parameters(raw_model, os.path.join(args.out, "adapter"))
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
         balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
-        plot_losses(log_path, os.path.join(args.out, "loss.png"))
-        print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')})")
+        reporter.close()
+        plot.plot_run(args.out)
+        print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')}); "
+              f"curves: {os.path.join(args.out, plot.CURVES)}")
     cleanup_distributed()
-
-
-def plot_losses(log_path, png_path):
-    """Task loss and total objective per step, when matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("task", "total"):
-        ax.plot([r["step"] for r in records], [r[key] for r in records], label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """
 BA-LoRA fine-tuning of a DeBERTa-v3 encoder on GLUE (Section 2.2.1, Section 3.1, Appendix B.3-B.4).
 
-    python train_nlu.py                                  # offline: bundled tiny encoder, toy 3-class NLI task
+    python train_nlu.py                                  # toy preset: bundled tiny encoder, toy 3-class NLI task
     OMP_NUM_THREADS=1 python train_nlu.py                # the same on a busy CPU (tiny ops: threads only spin)
-    python train_nlu.py --model path/to/deberta-v3-base --task rte
+    python train_nlu.py --model path/to/deberta-v3-base --task rte   # paper preset: Table 8's RTE row, GLUE from the hub
     python train_nlu.py --model ... --task mnli --imbalance 100:10:1     # the imbalanced MNLI of B.3
     torchrun --nproc_per_node 2 train_nlu.py --model ... --task sst2
+
+Settings come from the toy preset (no --model) or the paper preset (--model given; MNLI unless --task
+says otherwise), as in train_nlg.py: --help shows both, a run prints what differs and saves every value
+to <out>/config.json.
 
 One optimizer step: student logits (LoRA-adapted encoder + classification head) -> teacher logits
 (the same inputs through the pretrained encoder and the same, current head, B.3) -> Eq. 8 ->
@@ -13,6 +17,7 @@ backward -> AdamW -> linear learning-rate decay. Evaluation every epoch keeps th
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -23,11 +28,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import balora
+import plot
 from data import DebertaTokenizer, load_hub_dataset
 from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
 from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
+from train_nlg import Reporter, add_deprecated_aliases, check_report_to, deprecated_epilog, preset_flag, resolve_settings
+from train_nlg import settings_block, settings_record, shown, write_config
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):
@@ -62,13 +70,15 @@ TASKS = {
 }
 
 # -----------------------------------------------------------------------------
-# Offline default: no --model given -> the bundled tiny encoder (on the bundled toy task, --task nli,
-# the default), sized to finish in well under 3 minutes on a 2-core CPU: 92 optimizer steps. A tiny
+# The toy preset (no --model): the bundled tiny encoder on the bundled toy task (--task nli, its
+# default), sized to finish in well under 3 minutes on a 2-core CPU: 92 optimizer steps. A tiny
 # model's step is all per-op overhead, so a few large batches beat many small ones (batch 64 x 92 steps
-# reaches the validation accuracy of Table 8's batch 16 x 374 steps). Explicit flags win.
+# reaches the validation accuracy of Table 8's batch 16 x 374 steps). Explicit flags win. These values
+# replace the paper preset's (see presets()).
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-OFFLINE_DEFAULTS = dict(
+TOY_VALUES = dict(
     model=os.path.join(ASSETS, "tiny-deberta"),
+    task="nli",
     epochs=2,  # validation accuracy plateaus after the first epoch
     batch_size=64,
     lr=1e-3,  # (with batch 16, 2e-3 collapsed the tiny model to a constant prediction)
@@ -187,7 +197,7 @@ def imbalance_indices(labels, ratios, seed):
     return kept[torch.randperm(len(kept), generator=generator)].tolist()
 
 
-def load_split(task_name, split, data_file, local_flag="--train-file / --validation-file FILE"):
+def load_split(task_name, split, data_file, local_flag="--data / --validation-file FILE"):
     """A `datasets.Dataset`: a local .json/.jsonl/.parquet/.csv file, or the split of the GLUE task on the
     hub (offline, an error naming `local_flag`, the flag that takes a file instead)."""
     import datasets
@@ -195,7 +205,7 @@ def load_split(task_name, split, data_file, local_flag="--train-file / --validat
     task = TASKS[task_name]
     if data_file is None:
         if task.hub_config is None:
-            raise ValueError(f"task {task_name!r} is not on the hub: give --train-file and --validation-file")
+            raise ValueError(f"task {task_name!r} is not on the hub: give --data and --validation-file")
         return load_hub_dataset("nyu-mll/glue", task.hub_config, split, local_flag)
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     extension = os.path.splitext(data_file)[1].lower()
@@ -340,92 +350,131 @@ Eq. 5 (no off-diagonal covariance) and Eq. 7 (top-1/all singular values = 1) are
 """
 
 
+def presets(task_name):
+    """
+    Every setting's default for --task `task_name`: {"toy": {...}, "paper": {...}}. The paper preset
+    (--model given) is Sec. 3.1 with Table 8's row of the task, on the task's GLUE data from the hub
+    (MNLI when no --task is given); the toy task nli is read from assets/data under either preset.
+    """
+    task = TASKS[task_name]
+    local_task = task_name == "nli"  # the toy task: files only
+    paper = dict(
+        model=None, task="mnli",
+        data=os.path.join(ASSETS, "data", "nli_train.jsonl") if local_task else None,
+        validation_file=[os.path.join(ASSETS, "data", "nli_validation.jsonl")] if local_task else None,
+        out=os.path.join("out", "nlu"), method="balora",
+        # Table 8 (DeBERTa-v3-base): the task's row; rank 8 everywhere, linear schedule, no weight decay
+        epochs=task.epochs, batch_size=task.batch_size, micro_batch_size=None, lr=task.lr, alpha=task.lora_alpha,
+        rank=8, dropout=0.0, targets=TARGET_MODULES, warmup_ratio=0.0, grad_clip=1.0, max_length=256,
+        # BA-LoRA (Sec. 3.1, NLU): lambda = (0.15, 0.03, 0.03), k = 5. The paper gives no NLU temperature and
+        # the official code (llm172/BA-LoRA) only ships the NLG script, whose setting is --distill_temp 2.0
+        # (also B.4); D.1 says T is fixed per backbone and reused across datasets, so 2.0 here too.
+        lambda1=0.15, lambda2=0.03, lambda3=0.03, svd_k=5, temperature=2.0,
+        lambda1_schedule="constant", focus_schedule="constant", imbalance=None,
+        seed=42, eval_every=0, save_every=0, max_steps=0, resume=False, dtype="fp32", device=None,
+        no_progress=False, report_to="none", dry_run=False,
+    )
+    return {"toy": dict(paper, **TOY_VALUES), "paper": paper}
+
+
+def paper_preset_as_help():
+    """The paper preset as --help shows it: a value Table 8 sets per task is listed for every GLUE task."""
+    per_task = {name: presets(name)["paper"] for name, task in TASKS.items() if task.hub_config}
+    shown_values = {}
+    for key, value in per_task["mnli"].items():
+        if len({shown(preset[key]) for preset in per_task.values()}) == 1:
+            shown_values[key] = value
+        else:
+            shown_values[key] = "Table 8 by --task: " + ", ".join(f"{name} {shown(p[key])}" for name, p in per_task.items())
+    return shown_values
+
+
+def imbalance_ratios(text, task_name):
+    """--imbalance "100:10:1" -> (100.0, 10.0, 1.0); None -> None (balanced)."""
+    if text is None:
+        return None
+    if TASKS[task_name].num_labels == 1:
+        raise ValueError(f"--imbalance needs classes, task {task_name!r} is a regression")
+    try:
+        return tuple(float(ratio) for ratio in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--imbalance {text!r}: expected ratios like 100:10:1") from None
+
+
+NONE_MEANS = {"model": "your checkpoint", "data": "the task's train split from the hub (nyu-mll/glue)",
+              "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
+              "imbalance": "balanced", "device": "cuda when available"}
+ALIASES = {"--lora-r": ("--rank", int), "--lora-alpha": ("--alpha", float), "--lora-dropout": ("--dropout", float),
+           "--train-file": ("--data", str)}  # old name: (new flag, type)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="BA-LoRA fine-tuning of a DeBERTa-v3 encoder on a GLUE task (Sec. 2.2.1, B.3, B.4).",
-        epilog=REGRESSION_NOTE,
+        epilog=REGRESSION_NOTE + "\n" + deprecated_epilog(ALIASES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model",
-                        help="DeBERTa-v3 model directory (config.json, weights, spm.model); default: the offline block (assets/tiny-deberta)")
-    parser.add_argument("--task", choices=sorted(TASKS), default="nli",
-                        help="GLUE task, or 'nli' = the bundled toy 3-class NLI task (default)")
-    parser.add_argument("--train-file",
-                        help=".json/.jsonl/.parquet/.csv with the task's columns; default: the hub (nyu-mll/glue), or assets/data for 'nli'")
-    parser.add_argument("--validation-file", nargs="+",
-                        help="one file per validation split of the task (MNLI: matched, then mismatched)")
-    parser.add_argument("--out", default="out/nlu",
-                        help="output directory: log.jsonl, checkpoint.pt, best.pt, adapter/, peft_adapter/")
-    parser.add_argument("--method", choices=list(METHODS), default="balora",
-                        help="lora | pissa | balora (PiSSA + Reg) | lora+reg (Table 10)")
-    # Table 8 per task (None = the task's row, or the offline block without --model)
-    parser.add_argument("--epochs", type=int, help="default: the task's row of Table 8 (offline block without --model)")
-    parser.add_argument("--batch-size", type=int,
-                        help="examples per optimizer step, over all processes (default: Table 8 / offline block)")
-    parser.add_argument("--micro-batch-size", type=int,
-                        help="examples per forward on one process, the batch the regularizers see (default: batch size / world size)")
-    parser.add_argument("--lr", type=float,
-                        help="AdamW peak learning rate, no weight decay (default: Table 8 / offline block)")
-    parser.add_argument("--lora-alpha", type=float, help="default: Table 8 / offline block")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (B.4: 8 on every task)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--targets", default=TARGET_MODULES,
-                        help="comma-separated module-name suffixes to adapt (default: every encoder linear, PiSSA's DeBERTa setup)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.0,
-                        help="linear warm-up fraction of the steps before the linear decay")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--max-length", type=int, help="tokens per example (default 256, 64 offline)")
-    # BA-LoRA (Sec. 3.1, NLU): λ1 = 0.15, λ2 = 0.03, λ3 = 0.03, k = 5
-    parser.add_argument("--lambda1", type=float, default=0.15, help="consistency weight (Eq. 4)")
-    parser.add_argument("--lambda2", type=float, default=0.03, help="diversity weight (Eq. 5)")
-    parser.add_argument("--lambda3", type=float, default=0.03, help="SVD weight (Eq. 7)")
-    parser.add_argument("--svd-k", type=int, default=5,
-                        help="k of Eq. 7 (Sec. 3.1: 5). With k >= D classes the ratio is 1 for every batch, a constant "
-                             "without gradient: on GLUE (D <= 3) the SVD term only acts with k < D")
-    # The paper gives no NLU temperature and the official code (llm172/BA-LoRA) only ships the NLG
-    # script, whose setting is --distill_temp 2.0 (also B.4); D.1 says T is fixed per backbone and
-    # reused across datasets, so the one published value, 2.0, is the default here too.
-    parser.add_argument("--temperature", type=float, default=2.0,
-                        help="T of Eq. 4 (B.4's value; the paper gives none for NLU)")
-    parser.add_argument("--lambda1-schedule", choices=["constant", "cosine"], default="constant",
-                        help="Sec. 3.1 gives constant NLU weights; 'cosine' is B.4's NLG schedule")
-    parser.add_argument("--focus-schedule", choices=["constant", "two_phase"], default="constant",
-                        help="λ2/λ3 schedule; 'two_phase' is B.4's NLG schedule")
-    parser.add_argument("--imbalance",
-                        help="e.g. 100:10:1 keeps 100%% / 10%% / 1%% of the training examples of classes 0, 1, 2 (B.3)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: every epoch)")
-    parser.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: every epoch)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: all epochs)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 autocast for the forward passes")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    flag = preset_flag(parser, presets("nli")["toy"], paper_preset_as_help(), NONE_MEANS)
+    flag("--model", help="DeBERTa-v3 model directory (config.json, weights, spm.model); giving one selects the paper preset")
+    flag("--task", choices=sorted(TASKS), help="GLUE task, or nli: the bundled toy 3-class NLI task (local files only)")
+    flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
+    flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
+    flag("--out", help="output directory: log.jsonl, config.json, checkpoint.pt, best.pt, adapter/, peft_adapter/, curves.png")
+    flag("--method", choices=list(METHODS), help="lora | pissa | balora (PiSSA + Reg) | lora+reg (Table 10)")
+    flag("--epochs", type=int, help="passes over the training set")
+    flag("--batch-size", type=int, help="examples per optimizer step, over all processes")
+    flag("--micro-batch-size", type=int, help="examples per forward on one process, the batch the regularizers see")
+    flag("--lr", type=float, help="AdamW peak learning rate, no weight decay")
+    flag("--rank", type=int, help="LoRA rank r")
+    flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
+    flag("--dropout", type=float, help="LoRA dropout")
+    flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
+    flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
+    flag("--grad-clip", type=float, help="max gradient norm (0: off)")
+    flag("--max-length", type=int, help="tokens per example")
+    flag("--lambda1", type=float, help="consistency weight (Eq. 4)")
+    flag("--lambda2", type=float, help="diversity weight (Eq. 5)")
+    flag("--lambda3", type=float, help="SVD weight (Eq. 7)")
+    flag("--svd-k", type=int, help="k of Eq. 7 (Sec. 3.1: 5). With k >= D classes the ratio is 1 for every batch, a "
+                                   "constant without gradient: on GLUE (D <= 3) the SVD term only acts with k < D")
+    flag("--temperature", type=float, help="T of Eq. 4 (B.4's value; the paper gives none for NLU)")
+    flag("--lambda1-schedule", choices=["constant", "cosine"],
+         help="Sec. 3.1 gives constant NLU weights; 'cosine' is B.4's NLG schedule")
+    flag("--focus-schedule", choices=["constant", "two_phase"], help="λ2/λ3 schedule; 'two_phase' is B.4's NLG schedule")
+    flag("--imbalance", help="e.g. 100:10:1 keeps 100%% / 10%% / 1%% of the training examples of classes 0, 1, 2 (B.3)")
+    flag("--seed", type=int, help="head and adapter init, data order, dropout")
+    flag("--eval-every", type=int, help="evaluate every N optimizer steps (0: every epoch)")
+    flag("--save-every", type=int, help="write checkpoint.pt every N steps (0: every epoch)")
+    flag("--max-steps", type=int, help="stop after N optimizer steps (0: all epochs)")
+    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    flag("--dtype", choices=["fp32", "bf16"], help="bf16 autocast for the forward passes")
+    flag("--device", help="cpu or cuda")
+    flag("--no-progress", action="store_true", help="no tqdm bar")
+    flag("--report-to", choices=["none", "tensorboard", "wandb"],
+         help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
+    flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
+    add_deprecated_aliases(parser, ALIASES)
     args = parser.parse_args(argv)
 
+    # the task first: it picks the Table 8 row of the paper preset (and the toy task's files)
+    args.task = args.task or presets("nli")["paper" if args.model is not None else "toy"]["task"]
+    resolve_settings(args, presets(args.task))
     task = TASKS[args.task]
-    defaults = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, lora_alpha=task.lora_alpha, max_length=256)
-    args.offline_default = args.model is None
-    if args.offline_default:
-        defaults.update(OFFLINE_DEFAULTS)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.task == "nli":
-        args.train_file = args.train_file or os.path.join(ASSETS, "data", "nli_train.jsonl")
-        args.validation_file = args.validation_file or [os.path.join(ASSETS, "data", "nli_validation.jsonl")]
     if args.validation_file is not None and len(args.validation_file) != len(task.validation_splits):
         raise ValueError(f"--validation-file: task {args.task!r} has the validation split(s) {list(task.validation_splits)}, "
                          f"got {len(args.validation_file)} file(s)")
-    if args.imbalance is not None:
-        if task.num_labels == 1:
-            raise ValueError(f"--imbalance needs classes, task {args.task!r} is a regression")
-        try:
-            args.imbalance = tuple(float(ratio) for ratio in args.imbalance.split(":"))
-        except ValueError:
-            raise ValueError(f"--imbalance {args.imbalance!r}: expected ratios like 100:10:1") from None
+    imbalance_ratios(args.imbalance, args.task)  # a bad --imbalance is an error now, not after the model loads
+    check_report_to(args.report_to)
     return args
+
+
+def data_note(args):
+    """The settings block's line on the data: files, or the GLUE task's splits from the hub."""
+    task = TASKS[args.task]
+    train = shown(args.data) if args.data else f"the hub's nyu-mll/glue {task.hub_config} train split"
+    validation = shown(args.validation_file) if args.validation_file else f"the hub's {', '.join(task.validation_splits)}"
+    balance = f", imbalanced {args.imbalance} (B.3)" if args.imbalance else ""
+    return f"data: task {args.task}, train {train}{balance}; validation {validation}"
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +483,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    preset = presets(args.task)[args.preset]
+    if args.dry_run:
+        print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
+        print(json.dumps(settings_record(args), indent=1))
+        return settings_record(args)
     rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
+    if is_master:
+        print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
     task = TASKS[args.task]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     micro_batch_size = args.micro_batch_size or args.batch_size // world_size
@@ -446,24 +502,25 @@ def main(argv=None):
 
     # model: pretrained encoder + fresh pooler/classifier, then LoRA on the encoder's linears
     if not os.path.isdir(args.model):
-        hint = " (the offline default's bundled encoder: build it with tools/make_assets.py)" if args.offline_default else ""
+        hint = " (the toy preset's bundled encoder: build it with tools/make_assets.py)" if args.preset == "toy" else ""
         raise FileNotFoundError(f"--model {args.model!r} is not a model directory{hint}")
     tokenizer = DebertaTokenizer(args.model)
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
     init, regularized = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularized else (0.0, 0.0, 0.0)
-    balora.add_lora(model, args.targets.split(","), r=args.lora_r, alpha=args.lora_alpha, init=init,
-                    dropout=args.lora_dropout, trainable=("classifier", "pooler"))
+    balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
+                    dropout=args.dropout, trainable=("classifier", "pooler"))
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     torch.manual_seed(args.seed + rank)  # training-time randomness (dropout) differs per rank
 
     # data
-    train_split = load_split(args.task, "train", args.train_file)
-    train_ids, train_labels = encode_split(train_split, args.task, tokenizer, args.max_length, args.train_file or "train")
-    if args.imbalance is not None:
-        keep = imbalance_indices(train_labels, args.imbalance, args.seed)
+    train_split = load_split(args.task, "train", args.data)
+    train_ids, train_labels = encode_split(train_split, args.task, tokenizer, args.max_length, args.data or "train")
+    imbalance = imbalance_ratios(args.imbalance, args.task)
+    if imbalance is not None:
+        keep = imbalance_indices(train_labels, imbalance, args.seed)
         train_ids, train_labels = [train_ids[i] for i in keep], train_labels[keep]
     validation = {}
     for i, split in enumerate(task.validation_splits):
@@ -481,7 +538,7 @@ def main(argv=None):
 
     optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     scheduler = lr_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps, "linear")
-    step, best = 0, {"value": -math.inf, "metrics": None}
+    step, best, reporter = 0, {"value": -math.inf, "metrics": None}, None
     checkpoint_path, best_path, log_path = (os.path.join(args.out, f) for f in ("checkpoint.pt", "best.pt", "log.jsonl"))
     if args.resume:
         if not os.path.isfile(checkpoint_path):
@@ -496,13 +553,15 @@ def main(argv=None):
         remove_stale_temp_files(args.out)
         with open(log_path, "w") as f:
             f.writelines(kept)
-        if args.offline_default:
-            toy = ", ".join(f"{key}={getattr(args, key)}" for key in OFFLINE_DEFAULTS if key != "model")
-            print(f"no --model given: offline default run on {args.model} ({toy}); pass --model for Table 8's settings")
+        write_config(args, preset, derived=dict(
+            train_examples=len(train_ids), validation_examples={split: len(ids) for split, (ids, _) in validation.items()},
+            total_steps=total_steps, world_size=world_size, micro_batch_size=micro_batch_size,
+            accumulation_steps=accumulation_steps))
+        reporter = Reporter(args.report_to, args.out, settings_record(args))
         if task.num_labels > 1:
             counts = torch.bincount(train_labels, minlength=task.num_labels).tolist()
-            imbalance = f" (--imbalance {':'.join(f'{r:g}' for r in args.imbalance)})" if args.imbalance else ""
-            print(f"train examples per class: {dict(enumerate(counts))}{imbalance}")
+            imbalanced = f" (--imbalance {args.imbalance})" if args.imbalance else ""
+            print(f"train examples per class: {dict(enumerate(counts))}{imbalanced}")
         print(f"task {args.task}: {len(train_ids)} train, {', '.join(f'{len(v[0])} {k}' for k, v in validation.items())}")
         print(f"{args.method}: {total_steps} steps of {args.batch_size} examples ({world_size} process(es) × "
               f"{accumulation_steps} micro-batches of {micro_batch_size}), λ = {lambdas}")
@@ -520,7 +579,9 @@ def main(argv=None):
             best.update(value=value, metrics=results)
             trainable = {name: p.detach().cpu().clone() for name, p in raw_model.named_parameters() if p.requires_grad}
             atomic_torch_save(trainable, best_path)
-        append_jsonl(log_path, {"step": step, "epoch": step / steps_per_epoch, "validation": results})
+        record = {"step": step, "epoch": step / steps_per_epoch, "validation": results}
+        append_jsonl(log_path, record)
+        reporter.log(record)
         tqdm.write(f"step {step}: " + ", ".join(f"{split} {name} {v:.4f}" for split, r in results.items() for name, v in r.items()))
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_master or args.no_progress, dynamic_ncols=True)
@@ -548,7 +609,7 @@ def main(argv=None):
             check_finite(student.detach(), step + 1, "student logits", checkpoint_path)
             loss, components = objective(task, student, teacher, labels, (l1, l2, l3), args.temperature, args.svd_k)
             (loss / accumulation_steps).backward()
-            for name, value in {"loss": loss.detach(), **components}.items():
+            for name, value in {"total": loss.detach(), **components}.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accumulation_steps
         # the loss terms averaged over every micro-batch of the global batch (the same on every rank)
         names = sorted(totals)
@@ -556,7 +617,7 @@ def main(argv=None):
         if world_size > 1:
             torch.distributed.all_reduce(reduced)
         totals = dict(zip(names, (reduced / world_size).tolist()))
-        check_finite(totals["loss"], step + 1, "loss", checkpoint_path)
+        check_finite(totals["total"], step + 1, "loss", checkpoint_path)
         if args.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
             check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)
@@ -568,7 +629,9 @@ def main(argv=None):
         progress.update(1)
         progress.set_postfix({name: f"{v:.4f}" for name, v in totals.items()})
         if is_master:
-            append_jsonl(log_path, {"step": step, "lr": lr, "lambdas": [l1, l2, l3], **totals})
+            record = {"step": step, "lr": lr, "lambda1": l1, "lambda2": l2, "lambda3": l3, **totals}
+            append_jsonl(log_path, record)
+            reporter.log(record)
         end_of_epoch, last = step % steps_per_epoch == 0, step == total_steps
         if last or (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
             run_evaluation(step)
@@ -584,8 +647,11 @@ def main(argv=None):
                 raw_model.get_parameter(name).copy_(value)
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
         balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="SEQ_CLS")
+        reporter.close()
+        plot.plot_run(args.out)
         results = {"best": best["metrics"], "baseline": baseline, "steps": step, "seconds": time.time() - start_time}
-        print(f"trained {step} steps in {results['seconds']:.1f}s; adapter in {os.path.join(args.out, 'adapter')}")
+        print(f"trained {step} steps in {results['seconds']:.1f}s; adapter in {os.path.join(args.out, 'adapter')}, "
+              f"curves in {os.path.join(args.out, plot.CURVES)}")
         for split, metrics in best["metrics"].items():
             print(f"best {split}: " + ", ".join(f"{name} {v:.4f}" for name, v in metrics.items()))
         baseline_name = "constant (training-mean) baseline" if task.num_labels == 1 else "majority-class baseline"

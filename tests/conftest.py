@@ -121,3 +121,41 @@ def _non_finite_tensors(directory):
 def non_finite_tensors():
     """A function: directory -> ([(file, key) of non-finite tensors], number of tensor files read)."""
     return _non_finite_tensors
+
+
+# --- what a training run reports (curves.png, TensorBoard) ---------------------------------------------
+
+
+def _check_curves(out, log):
+    """<out>/curves.png exists, and each of its panels draws its log field at every step that logged one."""
+    import plot
+
+    assert os.path.getsize(os.path.join(out, plot.CURVES)) > 0  # drawn by the run itself
+    drawn = plot.plot_run(str(out))
+    for title, fields in plot.PANELS:
+        for field in fields:
+            points = [(float(r["step"]), float(r[field])) for r in log if r.get(field) is not None]
+            assert points, f"the run logged no {field}"
+            assert list(zip(*drawn[title][field])) == points, (title, field)
+    return drawn
+
+
+def _tensorboard_scalars(directory):
+    """{tag: [(step, value)]} of the event files under `directory`, read by tensorboard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture
+def check_curves():
+    """A function: (out, log records) -> what curves.png draws, checked against the log's fields."""
+    return _check_curves
+
+
+@pytest.fixture
+def tensorboard_scalars():
+    """A function: directory -> {tag: [(step, value)]} of its TensorBoard event files."""
+    return _tensorboard_scalars

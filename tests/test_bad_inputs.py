@@ -39,7 +39,7 @@ def nlg_flags(out, model=LLAMA, data=NLG_DATA, *extra):
 
 
 def nlu_flags(out, train=NLI_TRAIN, *extra):
-    return ["--model", DEBERTA, "--train-file", train, "--validation-file", NLI_VALIDATION, "--out", str(out),
+    return ["--model", DEBERTA, "--task", "nli", "--data", train, "--validation-file", NLI_VALIDATION, "--out", str(out),
             "--max-length", "32", "--batch-size", "8", "--max-steps", "1", "--no-progress", *extra]
 
 

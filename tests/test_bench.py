@@ -12,10 +12,16 @@ import bench  # noqa: E402
 
 
 @pytest.mark.slow
-def test_bench_smoke_writes_every_row_with_positive_finite_numbers(tmp_path):
-    out, json_path = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+def test_bench_smoke_writes_every_row_with_positive_finite_numbers(tmp_path, monkeypatch):
+    # a plain run writes out/bench/BENCHMARKS.md under the working directory, never the tracked file
+    tracked = os.path.join(bench.REPO, "BENCHMARKS.md")
+    tracked_before = open(tracked, "rb").read()
+    monkeypatch.chdir(tmp_path)
+    out, json_path = tmp_path / "out" / "bench" / "BENCHMARKS.md", tmp_path / "bench.json"
+    out.parent.mkdir(parents=True)
     out.write_text("# Benchmarks\n\nhand-written notes stay\n")
-    bench.main(["--shape", "smoke", "--steps", "2", "--warmup", "1", "--out", str(out), "--json", str(json_path)])
+    bench.main(["--shape", "smoke", "--steps", "2", "--warmup", "1", "--json", str(json_path)])
+    assert open(tracked, "rb").read() == tracked_before
 
     report = json.loads(json_path.read_text())
     results, ratios = report["results"]["off"], report["ratios"]["off"]

@@ -38,7 +38,7 @@ def test_train_export_and_evaluate_on_smollm2(smollm2_dir, method, tmp_path):
     out = tmp_path / method
     train_nlg.main(["--model", smollm2_dir, "--data", os.path.join(ASSETS, "data", "metamath_train.jsonl"),
                     "--method", method, "--prompt-format", "chat", "--max-steps", "3", "--max-samples", "6",
-                    "--batch-size", "2", "--micro-batch-size", "2", "--max-len", "160", "--rank", "4", "--alpha", "8",
+                    "--batch-size", "2", "--micro-batch-size", "2", "--max-length", "160", "--rank", "4", "--alpha", "8",
                     "--lr", "1e-3", "--dtype", "fp32", "--save-every", "0", "--pissa-niter", "4", "--out", str(out)])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [record["step"] for record in log] == [1, 2, 3] and all(record["task_tokens"] > 0 for record in log)

@@ -73,7 +73,7 @@ def tiny(tmp_path_factory):
 def tiny_args(tiny, out, *extra):
     """Flags for a small, fast run on the tiny model (everything explicit, no offline defaults)."""
     return ["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), "--rank", "4", "--alpha", "8",
-            "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--max-len", "96", "--save-every", "0",
+            "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--max-length", "96", "--save-every", "0",
             *extra]
 
 
@@ -193,7 +193,7 @@ def response_token_batch(tiny, rows):
 def test_task_loss_is_plain_cross_entropy_on_response_tokens(tiny, tmp_path):
     rows = tiny["rows"][:8]
     train_nlg.main(tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "lora",
-                             "--batch-size", "8", "--micro-batch-size", "2", "--max-len", "512"))
+                             "--batch-size", "8", "--micro-batch-size", "2", "--max-length", "512"))
     logged = read_log(tmp_path)[0]
     model = Llama.from_pretrained(tiny["model"])
     input_ids, attention_mask, valid = response_token_batch(tiny, rows)
@@ -226,7 +226,7 @@ def test_logged_regularizers_equal_balora_functions_on_the_batch(tiny, tmp_path,
     rows, svd_k = tiny["rows"][:4], Tokenizer(tiny["model"]).vocab_size - 2
     args = tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "balora",
                      "--batch-size", "4", "--micro-batch-size", "4", "--epochs", "2", "--save-every", "1",
-                     "--lambda-warmup-ratio", "0", "--svd-k", str(svd_k), "--top-k", "5", "--lr", "5e-2", "--max-len", "512", "--warmup-ratio", "0")
+                     "--lambda-warmup-ratio", "0", "--svd-k", str(svd_k), "--top-k", "5", "--lr", "5e-2", "--max-length", "512", "--warmup-ratio", "0")
     crash_after_saving(monkeypatch, at_step=1)
     with pytest.raises(KeyboardInterrupt):
         train_nlg.main(args)
@@ -427,11 +427,61 @@ def test_micro_batch_with_every_label_masked_is_skipped_and_counted(tiny, tmp_pa
 
 
 def test_run_with_every_label_masked_fails_and_writes_no_adapter(tiny, tmp_path):
-    """--max-len 8 cuts every example inside its prompt: no response token is left to train on."""
+    """--max-length 8 cuts every example inside its prompt: no response token is left to train on."""
     with pytest.warns(UserWarning, match="every label masked"), pytest.raises(RuntimeError, match="nothing was trained: 4 of 4"):
-        train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--max-len", "8", "--batch-size", "4",
+        train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--max-length", "8", "--batch-size", "4",
                                  "--micro-batch-size", "2", "--max-steps", "2"))
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "peft_adapter").exists()
+
+
+# -----------------------------------------------------------------------------
+# What a run reports: curves.png, TensorBoard, W&B
+
+
+def test_report_to_tensorboard_logs_every_number_of_the_log(tiny, tmp_path, tensorboard_scalars):
+    pytest.importorskip("tensorboard")
+    train_nlg.main(tiny_args(tiny, tmp_path, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3",
+                             "--lambda-warmup-ratio", "0", "--report-to", "tensorboard", "--no-progress"))
+    log = read_log(tmp_path)
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    numbers = {key for record in log for key, value in record.items() if key != "step" and value is not None}
+    assert set(scalars) == numbers and {"task", "consistency", "diversity", "svd", "total", "lr", "lambda1"} <= numbers
+    for tag, points in scalars.items():
+        expected = [(r["step"], r[tag]) for r in log if r.get(tag) is not None]
+        assert [step for step, _ in points] == [step for step, _ in expected], tag
+        assert [value for _, value in points] == pytest.approx([value for _, value in expected], rel=1e-6), tag  # float32 events
+
+
+def test_report_to_wandb_sends_the_log_records(tiny, tmp_path, monkeypatch):
+    """A stand-in wandb module records what the Reporter sends: the log's numbers, at the log's steps."""
+    import importlib.machinery
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda scalars, step: calls.append((step, scalars)), finish=lambda: calls.append("finish"))
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kwargs: calls.append(kwargs) or run
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    train_nlg.main(tiny_args(tiny, tmp_path, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
+                             "--report-to", "wandb", "--no-progress"))
+    init, *logged, finish = calls
+    assert init["project"] == "balora" and init["dir"] == str(tmp_path) and init["config"]["rank"] == 4
+    assert finish == "finish"
+    assert logged == [(r["step"], {k: v for k, v in r.items() if k != "step" and v is not None}) for r in read_log(tmp_path)]
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_writes_a_local_run(tiny, tmp_path, monkeypatch):
+    """The real wandb, WANDB_MODE=offline: no account or network, a run directory to `wandb sync` later."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_nlg.main(tiny_args(tiny, tmp_path, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
+                             "--report-to", "wandb", "--no-progress"))
+    (run_file,) = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "wandb") for name in names
+                   if name.endswith(".wandb")]
+    assert os.path.getsize(run_file) > 0
 
 
 # -----------------------------------------------------------------------------
@@ -439,18 +489,31 @@ def test_run_with_every_label_masked_fails_and_writes_no_adapter(tiny, tmp_path)
 
 
 @pytest.mark.slow
-def test_default_run_learns_and_writes_adapter_and_log(tmp_path):
+def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
     model_dir = os.path.join(REPO, "assets", "tiny-llama")
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         pytest.fail("assets/tiny-llama is missing: run tools/make_assets.py")
     # the defaults of `python train_nlg.py`, with half the steps to keep CI short
-    train_nlg.main(["--out", str(tmp_path), "--max-steps", "12"])
+    argv = ["--out", str(tmp_path), "--max-steps", "12"]
+    train_nlg.main(argv)
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == list(range(1, 13))
     assert all(r[k] is not None for r in log[-1:] for k in ("consistency", "diversity", "svd"))
     assert os.path.isfile(tmp_path / "adapter" / "balora_config.json")
     assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_config.json")
-    assert os.path.isfile(tmp_path / "loss.png")  # matplotlib is in the test environment
+    check_curves(tmp_path, log)
+
+    # config.json: the toy preset with the two flags given, every setting, and the checkpoint's resume
+    # config is its share of them (one rule)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["preset"] == "toy" and config["changed"] == {"out": str(tmp_path), "max_steps": 12}
+    expected = {key: train_nlg.normalized(value) for key, value in train_nlg.TOY.items()}
+    expected.update(config["changed"], preset="toy")
+    assert config["settings"] == expected
+    assert config["derived"] == {"prompt_format": "alpaca", "examples": 384, "total_steps": 12, "world_size": 1,
+                                 "gradient_accumulation": 2}  # batch 16 = 1 process x 2 x micro-batch 8
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert saved == {key: value for key, value in config["settings"].items() if key not in train_nlg.RESUME_MAY_CHANGE}
 
     # The task loss falls: response-token CE on the first 64 training examples, pretrained model
     # vs the same model with the saved adapter (per-step log values are too noisy at loss ~0.05).

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+import train_nlg
 import train_nlu
 
 # -----------------------------------------------------------------------------
@@ -169,12 +170,12 @@ def test_flag_errors_are_named():
 
 def test_table8_defaults_and_offline_block():
     args = train_nlu.parse_args(["--model", "some/dir", "--task", "qnli"])
-    assert (args.epochs, args.batch_size, args.lr, args.lora_alpha, args.lora_r) == (10, 32, 1e-4, 16, 8)
+    assert (args.epochs, args.batch_size, args.lr, args.alpha, args.rank) == (10, 32, 1e-4, 16, 8)
     args = train_nlu.parse_args(["--model", "some/dir", "--task", "stsb", "--lr", "1e-3"])
-    assert (args.epochs, args.batch_size, args.lr, args.lora_alpha) == (20, 8, 1e-3, 8)
+    assert (args.epochs, args.batch_size, args.lr, args.alpha) == (20, 8, 1e-3, 8)
     args = train_nlu.parse_args([])
     assert args.model.endswith(os.path.join("assets", "tiny-deberta")) and args.task == "nli"
-    assert args.train_file.endswith("nli_train.jsonl") and args.validation_file[0].endswith("nli_validation.jsonl")
+    assert args.data.endswith("nli_train.jsonl") and args.validation_file[0].endswith("nli_validation.jsonl")
     assert (args.lambda1, args.lambda2, args.lambda3, args.svd_k, args.temperature) == (0.15, 0.03, 0.03, 5, 2.0)
 
 
@@ -238,8 +239,31 @@ def tiny(tmp_path_factory):
 
 
 def tiny_flags(tiny, out, *extra):
-    return ["--model", tiny["model"], "--train-file", tiny["train"], "--validation-file", tiny["validation"],
+    return ["--model", tiny["model"], "--task", "nli", "--data", tiny["train"], "--validation-file", tiny["validation"],
             "--out", str(out), "--max-length", "16", "--lr", "5e-3", "--no-progress", *extra]
+
+
+def test_report_to_tensorboard_logs_training_and_validation_numbers(tiny, tmp_path, tensorboard_scalars, check_curves):
+    pytest.importorskip("tensorboard")
+    train_nlu.main(tiny_flags(tiny, tmp_path, "--batch-size", "8", "--max-steps", "4", "--eval-every", "2",
+                              "--report-to", "tensorboard"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    training = [r for r in log if "validation" not in r]
+    assert {"task", "consistency", "diversity", "svd", "total", "lr", "lambda1", "lambda2", "lambda3"} <= set(scalars)
+    for tag in ("task", "total", "svd", "lambda1"):
+        assert scalars[tag] == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in training], tag
+    accuracy = [(r["step"], pytest.approx(r["validation"]["validation"]["accuracy"], rel=1e-6))
+                for r in log if "validation" in r]
+    assert len(accuracy) == 2 and scalars["validation/validation/accuracy"] == accuracy
+    check_curves(tmp_path, log)
+
+
+def test_rank_larger_than_a_layer_is_named(tiny, tmp_path):
+    layer = r"'deberta\.encoder\.layer\.0\.attention\.self\.query_proj' \(32 x 32\)"
+    with pytest.raises(ValueError, match=r"rank r=40 \(--rank\) exceeds the dimensions of " + layer):
+        train_nlu.main(tiny_flags(tiny, tmp_path / "out", "--rank", "40"))
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -336,7 +360,7 @@ def test_ddp_two_processes_equal_one(tiny, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     """A run stopped after its step-2 checkpoint and resumed ends where the uninterrupted run ends."""
-    flags = ["--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--lora-dropout", "0.1"]
+    flags = ["--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--dropout", "0.1"]
     straight = tmp_path / "straight"
     train_nlu.main(tiny_flags(tiny, straight, *flags))
 
@@ -383,7 +407,7 @@ def test_regression_task_runs(tiny, tmp_path):
              "label": round(rng.uniform(0, 5), 2)} for _ in range(24)]
     train_file = write_jsonl(tmp_path / "train.jsonl", rows[:16])
     validation_file = write_jsonl(tmp_path / "validation.jsonl", rows[16:])
-    results = train_nlu.main(["--model", tiny["model"], "--task", "stsb", "--train-file", train_file, "--validation-file", validation_file,
+    results = train_nlu.main(["--model", tiny["model"], "--task", "stsb", "--data", train_file, "--validation-file", validation_file,
                               "--out", str(tmp_path / "out"), "--max-length", "16", "--max-steps", "2", "--no-progress"])
     assert set(results["best"]["validation"]) == {"pearson", "spearman"}
     assert math.isfinite(results["best"]["validation"]["pearson"])
@@ -396,7 +420,7 @@ ASSET_MODEL = os.path.join(REPO, "assets", "tiny-deberta")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(ASSET_MODEL), reason="assets/tiny-deberta is missing (build it with tools/make_assets.py)")
-def test_default_run_beats_majority_baseline(tmp_path):
+def test_default_run_beats_majority_baseline(tmp_path, check_curves):
     """`python train_nlu.py` (the offline default block) on the bundled pretrained tiny encoder and toy NLI task."""
     # the default's first epoch, 46 of its 92 steps (the linear schedule then decays over those 46)
     results = train_nlu.main(["--out", str(tmp_path), "--no-progress", "--max-steps", "46"])
@@ -405,6 +429,18 @@ def test_default_run_beats_majority_baseline(tmp_path):
     assert os.path.isfile(tmp_path / "adapter" / "balora_adapter.safetensors")
     assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_model.safetensors")
 
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    drawn = check_curves(tmp_path, log)
+    validation = [(float(r["step"]), r["validation"]["validation"]["accuracy"]) for r in log if "validation" in r]
+    assert len(validation) == 1 and list(zip(*drawn["validation validation accuracy"]["validation accuracy"])) == validation
+
+    # config.json: the toy preset with the three flags given, and every setting
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["preset"] == "toy" and config["changed"] == {"out": str(tmp_path), "no_progress": True, "max_steps": 46}
+    expected = {key: train_nlg.normalized(value) for key, value in train_nlu.presets("nli")["toy"].items()}
+    expected.update(config["changed"], preset="toy")
+    assert config["settings"] == expected
+    assert config["derived"]["total_steps"] == 46 and config["derived"]["train_examples"] == 3000
 
 def test_peft_export_loads_with_auto_peft_model_for_sequence_classification(tiny, tmp_path):
     """<out>/peft_adapter names its task (SEQ_CLS): AutoPeftModelForSequenceClassification builds the

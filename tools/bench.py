@@ -2,7 +2,8 @@
 Cost of a BA-LoRA training step next to LoRA, PiSSA and transformers+peft (paper Sec. 3.2.5, Table 5;
 App. C.8, Table 14), all measured in ONE run so that every ratio compares numbers taken side by side.
 
-    python tools/bench.py --shape tiny                       # CPU, a few minutes; updates BENCHMARKS.md
+    python tools/bench.py --shape tiny                       # CPU, a few minutes -> out/bench/BENCHMARKS.md
+    python tools/bench.py --shape tiny --update-docs         # the same, updating the tracked BENCHMARKS.md
     python tools/bench.py --shape llama2-7b --device cuda    # Llama-2-7B config, random bf16 weights
     python tools/bench.py --shape tiny --profile balora      # torch.profiler table of one variant
 
@@ -49,7 +50,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import balora  # noqa: E402
 import model  # noqa: E402
 from train_nlg import autocast_context  # noqa: E402
@@ -493,6 +495,7 @@ def write_section(path, key, text):
     """Replace the section between this shape/device's markers in `path` (append it if new); keep the rest."""
     begin, end = f"<!-- bench:{key} begin -->\n", f"<!-- bench:{key} end -->\n"
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
         new = head + begin + text + end + rest.split(end, 1)[1]
@@ -530,11 +533,17 @@ def main(argv=None):
                         help="default: both for llama2-7b, off otherwise")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="subset to run (the ratios need all of them)")
-    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose section for this run is replaced")
+    parser.add_argument("--out", default=None,
+                        help="markdown file whose section for this run is replaced (default: out/bench/BENCHMARKS.md)")
+    parser.add_argument("--update-docs", action="store_true", help="write the tracked BENCHMARKS.md instead")
     parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     parser.add_argument("--profile", choices=VARIANTS, default=None,
                         help="print torch.profiler's op table for one variant instead of benchmarking")
     args = parser.parse_args(argv)
+    if args.update_docs and args.out:
+        parser.error("--update-docs writes BENCHMARKS.md: give it or --out, not both")
+    if args.out is None:
+        args.out = os.path.join(REPO, "BENCHMARKS.md") if args.update_docs else os.path.join("out", "bench", "BENCHMARKS.md")
     device = torch.device(args.device)
     if args.shape == "llama2-7b" and device.type != "cuda":
         raise ValueError("--shape llama2-7b needs --device cuda (a 7B model does not train on a CPU)")

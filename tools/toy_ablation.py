@@ -12,12 +12,14 @@ The paper's ablation at toy scale, on the bundled tiny models (assets/, built by
     Table 12's silhouettes and minority-class recall);
   - every cell is the mean ± std over the paper's three seeds (42, 1024, 2024).
 
-    python tools/toy_ablation.py                       # 10 to 20 minutes on a 2-core CPU
+    python tools/toy_ablation.py                       # 16 minutes on a 2-core CPU -> out/ablation/
+    python tools/toy_ablation.py --update-docs         # the same, into assets/ablation/ (the committed run)
     python tools/toy_ablation.py --seeds 42 --nlu-steps 20 --gsm8k-limit 20   # a quick look
 
 The trainers and the evaluator are called in-process through their main(argv). Writes results.json,
-README.md (the tables) and ablation.png to --out (default assets/ablation/). The numbers are what
-they are: at this scale the regularizers may or may not help, and the README says which.
+README.md (the tables) and ablation.png to --out (default out/ablation/; with --update-docs the
+tracked assets/ablation/). The numbers are what they are: at this scale the regularizers may or may
+not help, and the README says which.
 """
 
 import argparse
@@ -247,13 +249,17 @@ nli_validation. Silhouettes (cosine) in the logit space; minority = contradictio
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(ASSETS, "ablation"))
+    parser.add_argument("--out", default=None, help="output directory (default: out/ablation)")
+    parser.add_argument("--update-docs", action="store_true", help="write into the tracked assets/ablation/ instead")
     parser.add_argument("--work", help="run directories (adapters, logs); default: a temporary directory")
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--nlg-steps", type=int, default=0, help="cap on NLG steps (0: train_nlg's one offline epoch)")
     parser.add_argument("--nlu-steps", type=int, default=300, help="NLU optimizer steps per run (1.6 epochs of nli_train)")
     parser.add_argument("--gsm8k-limit", type=int, default=60, help="toy GSM8K questions scored per run")
     args = parser.parse_args(argv)
+    if args.update_docs and args.out:
+        parser.error("--update-docs writes assets/ablation/: give it or --out, not both")
+    args.out = os.path.join(ASSETS, "ablation") if args.update_docs else args.out or os.path.join("out", "ablation")
     for path in (LLAMA, DEBERTA):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path!r} is missing: build the assets with tools/make_assets.py first")
