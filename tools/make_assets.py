@@ -565,6 +565,25 @@ def encoder_vs_random(path, train_rows, validation_rows, seed=0):
 # -----------------------------------------------------------------------------
 # README and entry point
 
+# Shipped verbatim from public repositories (not generated here): README.md describes them, the
+# file table and --check leave them out.
+SHIPPED = {"data/gsm8k", "data/wikitext-2", "mt_bench", "real_experiment"}
+SHIPPED_SECTION = """## Real benchmark data (shipped verbatim, not generated)
+
+Read from public repositories with the project's `fetch` tool and copied byte for byte; each keeps
+its license next to it. `tools/real_experiment.py` reads them (issue 17); `eval.py gsm8k` and
+`eval.py ppl` read them with `--data`.
+
+| path | what it is | source (repository, path, commit) | license |
+| --- | --- | --- | --- |
+| `data/gsm8k/train.jsonl`, `data/gsm8k/test.jsonl` | GSM8K (Cobbe et al. 2021): 7,473 / 1,319 grade-school math problems `{question, answer}`, answers with `<<calculator>>` annotations, ending `#### N` | openai/grade-school-math, `grade_school_math/data/train.jsonl`, `test.jsonl`, commit 3101c7d5072418e28b9008a6636bde82a006892c | MIT (`data/gsm8k/LICENSE`, copied from the repository) |
+| `data/wikitext-2/test.txt` | Wikitext-2 test split (Merity et al. 2016), the tokenized version with `<unk>` (4,358 lines, 1,256,449 bytes) | pytorch/examples, `word_language_model/data/wikitext-2/test.txt`, commit 77f55b912142e11fcfdf5b530231fb9c52f181e8 | CC BY-SA 3.0 (the Wikitext license, `data/wikitext-2/LICENSE`) |
+
+SHA-256: `train.jsonl` 17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465,
+`test.jsonl` 3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14,
+`wikitext-2/test.txt` d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0.
+"""
+
 
 # assets/mt_bench/: copied, not built (eval.py mtbench reads it); its provenance for the README.
 MT_BENCH_README = """## MT-Bench (copied from FastChat, not built here)
@@ -612,8 +631,10 @@ Face layout, so the code that loads them also loads real checkpoints.
 | `data/gsm8k_test.jsonl` | {report['sizes']['gsm8k_test']} `{{question, answer}}` problems of the same mix, none of them (word for word) in the pretraining corpus or the fine-tuning set; answers end "#### N" |
 | `data/nli_train.jsonl`, `data/nli_validation.jsonl` | {report['sizes']['nli_train']} / {report['sizes']['nli_validation']} balanced MNLI-shaped pairs `{{premise, hypothesis, label}}`, 0 = entailment, 1 = neutral, 2 = contradiction, from three rule-labelled template families: compare a person's age with a number, match an object's color, match a person's place (the hypothesis is neutral when it names someone/something the premise does not) |
 | `data/ppl.txt` | {report['sizes']['ppl']} held-out paragraphs of the pretraining distribution's plain text (never a pretraining document): the "pretrained knowledge" perplexity probe of Appendix C.7 |
-| `ablation/` | not built here: `tools/toy_ablation.py` writes the toy ablation (Table 4, 10, 12 rows) there |
+| `ablation/` | not built here: `python tools/toy_ablation.py --update-docs` writes the toy ablation (Table 4, 10, 12 rows) there (without the flag: to out/ablation/) |
 | `mt_bench/` | not built here: MT-Bench's 80 questions, GPT-4 reference answers and judge prompts, shipped verbatim from FastChat (see below) |
+| `data/gsm8k/`, `data/wikitext-2/` | not built here: the real GSM8K train/test sets and Wikitext-2 test, shipped verbatim (see below) |
+| `real_experiment/` | not built here: `python tools/real_experiment.py --update-docs` writes the SmolLM2-135M experiment there (without the flag: to out/real_experiment/) |
 
 ## How the models were pretrained
 
@@ -657,6 +678,7 @@ of the clean validation set's age contradictions neutral (validation accuracy of
   {deberta['random_finetuned_accuracy']:.1%} (chance 33.3%).
 
 {MT_BENCH_README}
+{SHIPPED_SECTION}
 ## Files
 
 {file_table(out)}
@@ -666,11 +688,12 @@ of the clean validation set's age contradictions neutral (validation accuracy of
 
 
 def asset_files(out):
-    """Relative paths of everything this script writes (assets/ablation/ belongs to toy_ablation.py,
-    assets/mt_bench/ is copied from FastChat)."""
+    """Relative paths of everything this script writes (assets/ablation/ belongs to toy_ablation.py;
+    the SHIPPED folders are copied from public repositories)."""
     paths = []
     for root, dirs, files in os.walk(out):
-        dirs[:] = sorted(d for d in dirs if not (root == out and d in ("ablation", "mt_bench")))
+        dirs[:] = sorted(d for d in dirs if not (root == out and d == "ablation")
+                         and os.path.relpath(os.path.join(root, d), out) not in SHIPPED)
         paths += [os.path.relpath(os.path.join(root, name), out) for name in sorted(files)]
     return sorted(p for p in paths if p != "README.md") + ["README.md"] * os.path.isfile(os.path.join(out, "README.md"))
 
