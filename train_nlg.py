@@ -542,7 +542,7 @@ def parse_args(argv=None):
     flag("--focus-schedule", choices=["two_phase", "constant"], help="lambda2, lambda3: off, ramp, on (B.4)")
     flag("--lambda-warmup-ratio", type=float, help="focus schedule: share of steps with lambda2 = lambda3 = 0")
     flag("--lambda-rampup-ratio", type=float, help="focus schedule: share of steps ramping them up")
-    flag("--svd-k", type=int, help="k of Eq. 12: the top-k singular values whose energy share is raised")
+    flag("--svd-k", type=int, help="k of Eq. 12: the top-k singular values whose sum, over the logits' Frobenius norm, is raised")
     flag("--top-k", type=int, help="diversity (Eq. 10-11): entropy over the top-K tokens")
     flag("--temperature", type=float, help="distillation temperature T of Eq. 9")
     flag("--reg-tokens", choices=["task", "all"], help="regularize the response tokens (task) or every non-padded token (all)")
