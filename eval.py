@@ -518,19 +518,26 @@ def sliding_windows(num_tokens, max_length, stride):
 
 
 @torch.no_grad()
-def perplexity(model, token_ids, max_length, stride):
-    """exp(sum of token NLLs / number of scored tokens) of `token_ids` (a list) under a causal LM."""
+def window_logits(model, token_ids, max_length, stride):
+    """
+    For each sliding window (sliding_windows): the float32 logits (S, V) of the positions that predict
+    its scored tokens, and those S target tokens. Logits at position t predict token t + 1, so only the
+    positions before the scored targets are needed: the LM head runs on those (stride rows, not the
+    whole window).
+    """
     device = next(model.parameters()).device
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-    nll_sum, num_scored = 0.0, 0
     windows = list(sliding_windows(len(ids), max_length, stride))
     for begin, end, first_target in tqdm(windows, desc="ppl", leave=False):
-        # logits at position t predict token t + 1: only the positions before the scored targets are
-        # needed, so the LM head runs on those (stride rows, not the whole window)
         scored = torch.zeros(1, end - begin, dtype=torch.bool, device=device)
         scored[0, first_target - begin - 1:end - begin - 1] = True
-        predicted = model(ids[begin:end][None], output_mask=scored).float()
-        targets = ids[first_target:end]
+        yield model(ids[begin:end][None], output_mask=scored).float(), ids[first_target:end]
+
+
+def perplexity(model, token_ids, max_length, stride):
+    """exp(sum of token NLLs / number of scored tokens) of `token_ids` (a list) under a causal LM."""
+    nll_sum, num_scored = 0.0, 0
+    for predicted, targets in window_logits(model, token_ids, max_length, stride):
         nll_sum += F.cross_entropy(predicted, targets, reduction="sum").double().item()
         num_scored += len(targets)
     if num_scored == 0:

@@ -59,8 +59,8 @@ def test_metrics_match_naive_float64_references():
     assert real_experiment.topk_entropy(logits, 5) == pytest.approx(expected, rel=1e-12)
     # energy share and Eq. 12's ratio from the singular values of an SVD (not the Gram matrix the code uses)
     sigma = torch.linalg.svdvals(logits.double())
-    assert real_experiment.svd_ratio(logits, 3) == pytest.approx(sigma[:3].sum().item() / torch.linalg.norm(logits.double()).item(), rel=1e-10)
-    assert real_experiment.spectral_energy_ratio(logits, 3) == pytest.approx((sigma[:3] ** 2).sum().item() / (sigma ** 2).sum().item(), rel=1e-10)
+    assert real_experiment.svd_ratio(real_experiment.logit_spectrum(logits), 3) == pytest.approx(sigma[:3].sum().item() / torch.linalg.norm(logits.double()).item(), rel=1e-10)
+    assert real_experiment.spectral_energy_ratio(real_experiment.logit_spectrum(logits), 3) == pytest.approx((sigma[:3] ** 2).sum().item() / (sigma ** 2).sum().item(), rel=1e-10)
     # KL(base || tuned) summed over rows, one row at a time from the definition
     p_base, p_tuned = base.double().softmax(-1), logits.double().softmax(-1)
     expected_kl = sum((p_base[i] * (p_base[i] / p_tuned[i]).log()).sum().item() for i in range(len(logits)))

@@ -161,20 +161,19 @@ def logit_spectrum(logits):
     return torch.linalg.eigvalsh(z @ z.T).flip(-1).clamp_min(0)
 
 
-def svd_ratio(logits, k):
-    """sum_{i<=k} sigma_i / ||Z||_F, the ratio L_SVDR = -(it) raises (Eq. 12), with exact singular values."""
-    squared = logit_spectrum(logits)
-    return (squared[:k].sqrt().sum() / squared.sum().sqrt()).item()
+def svd_ratio(squared_sigma, k):
+    """sum_{i<=k} sigma_i / ||Z||_F from logit_spectrum: the ratio L_SVDR = -(it) raises (Eq. 12), exactly."""
+    return (squared_sigma[:k].sqrt().sum() / squared_sigma.sum().sqrt()).item()
 
 
-def spectral_energy_ratio(logits, k):
+def spectral_energy_ratio(squared_sigma, k):
     """
-    sum_{i<=k} sigma_i^2 / sum_i sigma_i^2: the share of Z's energy in its top-k singular directions.
-    Not the same as Eq. 12's ratio: for a fixed norm, sum sigma_i over the top k grows when energy moves
-    from sigma_1 to sigma_2..k, so L_SVDR can raise its own ratio while this share falls.
+    sum_{i<=k} sigma_i^2 / sum_i sigma_i^2 from logit_spectrum: the share of Z's energy in its top-k
+    singular directions. Not the same as Eq. 12's ratio: for a fixed norm, sum sigma_i over the top k
+    grows when energy moves from sigma_1 to sigma_2..k, so L_SVDR can raise its own ratio while this
+    share falls.
     """
-    squared = logit_spectrum(logits)
-    return (squared[:k].sum() / squared.sum()).item()
+    return (squared_sigma[:k].sum() / squared_sigma.sum()).item()
 
 
 def kl_sum(base_log_probs, tuned_logits):
@@ -196,18 +195,14 @@ def response_logits(model, batches):
     return outputs
 
 
-@torch.no_grad()
 def wikitext_logits(model, token_ids, window, stride):
-    """Per sliding window (eval.py's): the float32 logits of the scored positions and their targets."""
-    device = next(model.parameters()).device
-    ids = torch.tensor(token_ids, dtype=torch.long)
-    outputs = []
-    for begin, end, first_target in evaluate.sliding_windows(len(ids), window, stride):
-        scored = torch.zeros(1, end - begin, dtype=torch.bool)
-        scored[0, first_target - begin - 1:end - begin - 1] = True
-        logits = model(ids[begin:end][None].to(device), output_mask=scored.to(device))
-        outputs.append((logits.float().cpu(), ids[first_target:end]))
-    return outputs
+    """Per sliding window of eval.py ppl: the float32 logits of the scored positions (on the CPU) and their targets."""
+    return [(logits.cpu(), targets.cpu()) for logits, targets in evaluate.window_logits(model, token_ids, window, stride)]
+
+
+def nll_sum(outputs):
+    """Summed cross-entropy (float64) of (logits, targets) pairs."""
+    return sum(F.cross_entropy(logits.double(), targets, reduction="sum").item() for logits, targets in outputs)
 
 
 def base_log_probs(outputs):
@@ -224,19 +219,18 @@ def measure(model, reference, budget):
     """Every continuous metric of one model: task CE, drift and each term's target."""
     responses = response_logits(model, reference["heldout"])
     tokens = sum(len(targets) for _, targets in responses)
-    ce = sum(F.cross_entropy(logits.double(), targets, reduction="sum").item() for logits, targets in responses)
     wikitext = wikitext_logits(model, reference["wikitext_ids"], reference["ppl_window"], budget["ppl_stride"])
     wiki_tokens = sum(len(targets) for _, targets in wikitext)
-    wiki_nll = sum(F.cross_entropy(logits.double(), targets, reduction="sum").item() for logits, targets in wikitext)
+    spectra = [logit_spectrum(logits) for logits, _ in responses]  # one eigensolve per micro-batch, two ratios
     return {
-        "gsm8k_ce": ce / tokens,
-        "wikitext_ppl": math.exp(wiki_nll / wiki_tokens),
+        "gsm8k_ce": nll_sum(responses) / tokens,
+        "wikitext_ppl": math.exp(nll_sum(wikitext) / wiki_tokens),
         "wikitext_kl": sum(kl_sum(b, logits) for b, (logits, _) in zip(reference["wikitext_base"], wikitext)) / wiki_tokens,
         "gsm8k_kl": sum(kl_sum(b, logits) for b, (logits, _) in zip(reference["heldout_base"], responses)) / tokens,
         # token-weighted over micro-batches, as the regularizers average over each micro-batch's M tokens
         "topk_entropy": sum(topk_entropy(logits, TOP_K) * len(t) for logits, t in responses) / tokens,
-        "svd_ratio": sum(svd_ratio(logits, SVD_K) * len(t) for logits, t in responses) / tokens,
-        "energy_ratio": sum(spectral_energy_ratio(logits, SVD_K) * len(t) for logits, t in responses) / tokens,
+        "svd_ratio": sum(svd_ratio(sq, SVD_K) * len(t) for sq, (_, t) in zip(spectra, responses)) / tokens,
+        "energy_ratio": sum(spectral_energy_ratio(sq, SVD_K) * len(t) for sq, (_, t) in zip(spectra, responses)) / tokens,
         "heldout_tokens": tokens, "wikitext_tokens": wiki_tokens,
     }
 
