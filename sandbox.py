@@ -143,12 +143,20 @@ del install_guard
 """.replace("EXIT_CODE", str(BLOCKED_EXIT_CODE))
 
 
+def hidden_interpreter_paths():
+    """The interpreter's directories (a venv's prefix, site-packages) under /tmp, which the work dir's
+    tmpfs would hide: bound back read-only, or a venv made in /tmp could not start in the sandbox."""
+    paths = {sys.prefix, os.path.dirname(sys.executable), *site.getsitepackages()}
+    return sorted(path for path in paths if path.startswith("/tmp/") and os.path.isdir(path))
+
+
 def bwrap_arguments(work_bytes):
     """bwrap's options for one run (see the module docstring); the command line follows them."""
+    rebound = [arg for path in hidden_interpreter_paths() for arg in ("--ro-bind", path, path)]
     return ["--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns",
             "--die-with-parent", "--new-session", "--clearenv",
             "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-            "--size", str(work_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+            "--size", str(work_bytes), "--tmpfs", "/tmp", *rebound, "--chdir", "/tmp"]
 
 
 @cache

@@ -34,6 +34,18 @@ def test_bwrap_sandboxes_here_when_required():
     assert sandbox.bwrap_problem() is None
 
 
+@needs_bwrap
+def test_an_interpreter_in_a_venv_under_tmp_still_runs_in_the_sandbox(tmp_path):
+    # the work dir is a tmpfs on /tmp: without the read-only re-bind, a venv in /tmp (pytest's tmp_path
+    # is one) disappears inside the sandbox and bwrap cannot exec its python
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    code = ("import sys; sys.path.insert(0, %r); import sandbox; print(sandbox.bwrap_problem()); "
+            "print(sandbox.run_program('def f():\\n    return 1\\n', 'assert f() == 1\\n')['status'])" % ROOT)
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "passed"], out.stdout + out.stderr
+
+
 def test_a_missing_bwrap_is_reported(monkeypatch):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     sandbox.bwrap_problem.cache_clear()
