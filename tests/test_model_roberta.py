@@ -201,3 +201,97 @@ def test_input_longer_than_the_positions_is_refused(classification_pair):
     too_long = config["max_position_embeddings"] - config["pad_token_id"]
     with pytest.raises(ValueError, match="max_position_embeddings - pad_token_id - 1"):
         ours(torch.full((1, too_long), 5))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: ours against transformers' RobertaTokenizer on the same files
+
+SENTENCES = [
+    "The cat sat on the mat.", "A dog ran under the rug, quickly!", "  leading and  double  spaces ",
+    "naïve café — déjà vu 😀", "tabs\tand\nnewlines", "numbers 12345 and symbols #@$%^&*()",
+    "<s> written out, and </s> too", "", "x",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_dirs(tmp_path_factory):
+    """A small byte-level BPE (vocab.json + merges.txt) and the tokenizer.json transformers writes for it."""
+    import tokenizers
+
+    corpus = [" ".join(SENTENCES[i % 7].split()[: 1 + i % 5]) + f" word{i % 37} the cat" for i in range(400)]
+    trainer = tokenizers.ByteLevelBPETokenizer()
+    trainer.train_from_iterator(corpus, vocab_size=400, min_frequency=2,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    files = str(tmp_path_factory.mktemp("roberta-bpe"))
+    trainer.save_model(files)
+    reference = transformers.RobertaTokenizer.from_pretrained(files)
+    json_dir = str(tmp_path_factory.mktemp("roberta-tokenizer-json"))
+    reference.save_pretrained(json_dir)
+    for name in ("vocab.json", "merges.txt"):  # tokenizer.json alone must do
+        if os.path.exists(os.path.join(json_dir, name)):
+            os.remove(os.path.join(json_dir, name))
+    return reference, files, json_dir
+
+
+@pytest.mark.parametrize("source", ["vocab+merges", "tokenizer.json"])
+def test_tokenizer_matches_transformers(bpe_dirs, source):
+    from data import RobertaTokenizer
+
+    reference, files, json_dir = bpe_dirs
+    ours = RobertaTokenizer(files if source == "vocab+merges" else json_dir)
+    assert (ours.cls_id, ours.pad_id, ours.sep_id, ours.unk_id) == (0, 1, 2, 3) == (
+        reference.cls_token_id, reference.pad_token_id, reference.sep_token_id, reference.unk_token_id)
+    pieces = set()
+    for a in SENTENCES:
+        expected = reference(a)["input_ids"]
+        assert ours.encode(a) == expected, a
+        pieces.update(expected[1:-1])
+        for b in [text for text in SENTENCES[::-1] if text]:  # transformers takes an empty text_b for no pair
+            assert ours.encode(a, b) == reference(a, b)["input_ids"], (a, b)
+            for max_length in (5, 9, 14):  # truncation of the longer text first, as transformers' longest_first
+                assert ours.encode(a, b, max_length=max_length) == reference(
+                    a, b, truncation="longest_first", max_length=max_length)["input_ids"], (a, b, max_length)
+        assert ours.encode(a, max_length=4) == reference(a, truncation=True, max_length=4)["input_ids"]
+    assert len(pieces) > 50  # the texts exercise many merges and raw bytes, not a handful of tokens
+    assert ours.encode("a b")[:1] == [0] and ours.encode("a", "b").count(2) == 3  # <s> a </s></s> b </s>
+
+
+def test_tokenizer_batches_pad_with_pad_id_and_names_missing_files(bpe_dirs, tmp_path):
+    from data import RobertaTokenizer
+
+    _, files, _ = bpe_dirs
+    tokenizer = RobertaTokenizer(files)
+    input_ids, attention_mask = tokenizer.encode_batch(["the cat", "a dog ran under the rug"], ["sat", "on the mat"])
+    short = tokenizer.encode("the cat", "sat")
+    assert input_ids[0].tolist() == short + [1] * (input_ids.shape[1] - len(short))  # <pad> = 1
+    assert attention_mask.sum(1).tolist() == [len(short), input_ids.shape[1]]
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.json"):
+        RobertaTokenizer(str(tmp_path))
+    vocab = json.loads(open(os.path.join(files, "vocab.json")).read())
+    del vocab["<pad>"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(open(os.path.join(files, "merges.txt")).read())
+    with pytest.raises(ValueError, match=r"vocab.json: no \['<pad>'\]"):
+        RobertaTokenizer(str(tmp_path))
+
+
+def test_pair_truncation_is_the_tokenizers_librarys():
+    """Every split of len(a), len(b) in 1..8 into budgets 0..9, against transformers' RobertaTokenizer."""
+    from data import truncate_longest_first, truncate_longest_first_tokenizers
+
+    # one token per letter: "a a a" is a, Ġa, Ġa
+    reference = transformers.RobertaTokenizer(
+        vocab={"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4, "Ġa": 5, "b": 6, "Ġb": 7}, merges=[])
+    differs_from_slow = 0
+    for length_a in range(1, 9):
+        for length_b in range(1, 9):
+            for budget in range(10):
+                ids = reference(" a" * length_a, " b" * length_b, truncation="longest_first",
+                                max_length=budget + 4)["input_ids"]
+                expected = (sum(i in (4, 5) for i in ids), sum(i in (6, 7) for i in ids))
+                a, b = truncate_longest_first_tokenizers(list(range(length_a)), list(range(length_b)), budget)
+                assert (len(a), len(b)) == expected, (length_a, length_b, budget)
+                assert a == list(range(len(a))) and b == list(range(len(b)))  # cut from the end
+                slow = truncate_longest_first(list(range(length_a)), list(range(length_b)), budget)
+                differs_from_slow += tuple(map(len, slow)) != expected
+    assert differs_from_slow > 0  # the two rules do differ (on the odd token), so the test can tell them apart
