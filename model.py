@@ -933,13 +933,23 @@ ROBERTA_KEYS = {
 
 def roberta_key(hf_key):
     """Our parameter name of a Hugging Face RoBERTa key, through ROBERTA_KEYS; None if it has none."""
-    module, _, leaf = hf_key.rpartition(".")
+    return _through_table(hf_key, ROBERTA_KEYS)
+
+
+def roberta_hf_key(name):
+    """The Hugging Face key of one of our RoBERTa parameter names: ROBERTA_KEYS read backwards (peft export)."""
+    return _through_table(name, {ours: hf for hf, ours in ROBERTA_KEYS.items()})
+
+
+def _through_table(key, table):
+    """`key` (module.leaf) mapped by a {module template: module template} table whose `{}` is the layer index."""
+    module, _, leaf = key.rpartition(".")
     parts = module.split(".")
     layer = next((part for part in parts if part.isdigit()), None)
     template = ".".join("{}" if part == layer else part for part in parts)
-    if template not in ROBERTA_KEYS:
+    if template not in table:
         return None
-    return f"{ROBERTA_KEYS[template].format(layer)}.{leaf}"
+    return f"{table[template].format(layer)}.{leaf}"
 
 
 def _is_roberta_unused(hf_key):
