@@ -355,7 +355,8 @@ class RobertaTokenizer:
         backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
         backend.decoder = tokenizers.decoders.ByteLevel()
         # "<s>" written in a text is the special token, not the bytes <, s, > (as in transformers)
-        backend.add_special_tokens([token for token in RobertaTokenizer.special_tokens if backend.token_to_id(token) is not None])
+        backend.add_special_tokens([token for token in RobertaTokenizer.special_tokens
+                                    if backend.token_to_id(token) is not None])
         return backend
 
     def encode(self, text_a, text_b=None, max_length=128):

@@ -9,7 +9,7 @@ The two base models BA-LoRA is evaluated on, written from scratch in plain PyTor
 Both load Hugging Face-format checkpoints (config.json + safetensors, sharded or not, or
 pytorch_model*.bin) without the transformers library. Module names mirror the Hugging Face
 parameter names, so a checkpoint key is a parameter name and LoRA target names (q_proj, ...)
-are the ones users know from peft.
+are the ones users know from peft; RoBERTa's keys, named otherwise, go through one table (ROBERTA_KEYS).
 """
 
 import json
@@ -907,8 +907,8 @@ class DebertaClassifier(nn.Module):
 # head of dense + tanh + out_proj on the first token <s>. That is DeBERTa-v3's layer stack without the
 # disentangled terms, so it is the same modules under other flags (roberta_config), and its
 # Hugging Face names (RobertaForSequenceClassification) map onto ours through this one table
-# (`{}`: the layer index; every entry has .weight, all but the embeddings have .bias too; the encoder
-# module is named `deberta` whichever the family):
+# (`{}`: the layer index; the three embedding tables have .weight, every other entry .weight and .bias;
+# the encoder module is named `deberta` whichever the family):
 
 ROBERTA_KEYS = {
     "roberta.embeddings.word_embeddings":                  "deberta.embeddings.word_embeddings",
