@@ -6,6 +6,7 @@ train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only mod
                      (sentencepiece), with the checkpoint's BOS/EOS rules and chat template, behaving
                      as transformers' AutoTokenizer on the same directory
   DebertaTokenizer   DeBERTa-v3's spm.model, [CLS] A [SEP] (B [SEP])
+  RobertaTokenizer   RoBERTa's byte-level BPE (tokenizer.json or vocab.json + merges.txt), <s> A </s>(</s> B </s>)
   load_records       rows of a local .jsonl/.json/.parquet file or of a `datasets` hub name
   query_and_response the (query, response) of a record under --format
   prompt_ids, tokenize_example, collate
@@ -298,7 +299,7 @@ class DebertaTokenizer:
         return [self.cls_id] + a + [self.sep_id] + b + [self.sep_id]
 
     def encode_batch(self, texts_a, texts_b=None, max_length=128):
-        """(input_ids, attention_mask) LongTensors (B, longest), right padded with [PAD] = 0."""
+        """(input_ids, attention_mask) LongTensors (B, longest), right padded with pad_id ([PAD] = 0, RoBERTa: <pad>)."""
         if texts_b is not None and len(texts_b) != len(texts_a):
             raise ValueError(f"texts_b has {len(texts_b)} texts for {len(texts_a)} texts_a")
         sequences = [self.encode(a, None if texts_b is None else texts_b[n], max_length) for n, a in enumerate(texts_a)]
@@ -309,6 +310,70 @@ class DebertaTokenizer:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         return input_ids, attention_mask
+
+
+# -----------------------------------------------------------------------------
+# RoBERTa tokenizer (train_nlu.py, eval.py glue / cluster on a RoBERTa --model)
+
+
+class RobertaTokenizer:
+    """
+    RoBERTa's byte-level BPE (GPT-2's: text as bytes mapped to printable characters, "Ġ" marking a
+    leading space, merges.txt's merges applied in rank order), run by the `tokenizers` library from
+    tokenizer.json, or from vocab.json + merges.txt as transformers' RobertaTokenizer builds it. A
+    sentence is <s> A </s>, a pair <s> A </s></s> B </s> (RoBERTa's doubled separator). The ids of
+    <s>, <pad>, </s>, <unk> are read from the vocabulary (roberta-base: 0, 1, 2, 3).
+    """
+
+    special_tokens = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+    def __init__(self, path):
+        import tokenizers
+
+        json_file, vocab_file, merges_file = (os.path.join(path, name)
+                                              for name in ("tokenizer.json", "vocab.json", "merges.txt"))
+        if os.path.isfile(json_file):
+            self.backend, source = tokenizers.Tokenizer.from_file(json_file), json_file
+        elif os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+            self.backend, source = self._from_vocab_and_merges(path, vocab_file, merges_file), vocab_file
+        else:
+            raise FileNotFoundError(f"{path!r} has no RoBERTa tokenizer: expected tokenizer.json or vocab.json + merges.txt")
+        ids = {token: self.backend.token_to_id(token) for token in self.special_tokens[:4]}
+        missing = [token for token, token_id in ids.items() if token_id is None]
+        if missing:
+            raise ValueError(f"{source}: no {missing} in the vocabulary, which RoBERTa's special tokens need")
+        self.cls_id, self.pad_id, self.sep_id, self.unk_id = (ids[token] for token in self.special_tokens[:4])
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _from_vocab_and_merges(path, vocab_file, merges_file):
+        """transformers' RobertaTokenizer on the two files: plain BPE, byte-level pre-tokenizer, specials whole."""
+        import tokenizers
+
+        add_prefix_space = _read_json(os.path.join(path, "tokenizer_config.json")).get("add_prefix_space", False)
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab_file, merges_file))
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        # "<s>" written in a text is the special token, not the bytes <, s, > (as in transformers)
+        backend.add_special_tokens([token for token in RobertaTokenizer.special_tokens
+                                    if backend.token_to_id(token) is not None])
+        return backend
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """<s> A </s>(</s> B </s>) ids, at most max_length; a pair is truncated longest-first."""
+        a = self.backend.encode(text_a, add_special_tokens=False).ids
+        if text_b is None:
+            if max_length < 2:
+                raise ValueError(f"max_length={max_length}: a sentence needs at least 2 (<s>, </s>)")
+            return [self.cls_id] + a[: max_length - 2] + [self.sep_id]
+        if max_length < 4:
+            raise ValueError(f"max_length={max_length}: a pair needs at least 4 (<s>, </s>, </s>, </s>)")
+        a, b = truncate_longest_first_tokenizers(a, self.backend.encode(text_b, add_special_tokens=False).ids,
+                                                 max_length - 4)
+        return [self.cls_id] + a + [self.sep_id, self.sep_id] + b + [self.sep_id]
+
+    # the same batching as DeBERTa's: right padded with this tokenizer's pad id
+    encode_batch = DebertaTokenizer.encode_batch
 
 
 def truncate_longest_first(a, b, budget):
@@ -324,6 +389,25 @@ def truncate_longest_first(a, b, budget):
     drop_a = (excess - gap) // 2 + (gap if len(a) > len(b) else 0)
     drop_b = excess - drop_a
     return a[: len(a) - drop_a], b[: len(b) - drop_b]
+
+
+def truncate_longest_first_tokenizers(a, b, budget):
+    """
+    The `tokenizers` library's "longest_first" (transformers' RobertaTokenizer runs it): as
+    truncate_longest_first, the shorter text is kept whole if the longer can still have as many
+    tokens, else both get half the budget; but the odd token of an odd budget goes to the longer text
+    (b on ties), where truncate_longest_first gives it to a.
+    """
+    if len(a) + len(b) <= budget:
+        return a, b
+    a_is_longer = len(a) > len(b)
+    shorter = len(b) if a_is_longer else len(a)
+    if shorter <= budget - shorter:  # the longer is cut down to what the shorter leaves
+        keep_shorter, keep_longer = shorter, budget - shorter
+    else:  # both are cut to half
+        keep_shorter, keep_longer = budget // 2, budget - budget // 2
+    keep_a, keep_b = (keep_longer, keep_shorter) if a_is_longer else (keep_shorter, keep_longer)
+    return a[:keep_a], b[:keep_b]
 
 
 # -----------------------------------------------------------------------------

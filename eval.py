@@ -17,7 +17,7 @@ C.6, C.7):
     python eval.py humaneval --data HumanEval.jsonl --completions samples.jsonl --allow-code-execution  # no model
     python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
-    python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2
+    python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2   # DeBERTa or RoBERTa DIR
     python eval.py math --data MATH_test.jsonl --completions vllm_outputs.jsonl   # score given outputs
     python eval.py mtbench --model DIR --adapter DIR --judge-url https://api.openai.com/v1 --judge-model gpt-4
 
@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 import balora
 import sandbox
-from data import (PROMPT_FORMATS, DebertaTokenizer, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
+from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config
 from train_nlg import shown
-from train_nlu import TASKS, accuracy, collate, compute_metrics, encode_split, load_split
+from train_nlu import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -454,8 +454,8 @@ def silhouette_report(features, labels):
 
 def project_2d(features, method="tsne"):
     """
-    (N, 2) points and the method used: t-SNE as Appendix B.3 (perplexity 30, seed 42) when scikit-learn
-    is installed, else (or with method="pca") the top-2 principal components.
+    (N, 2) points and the method used: t-SNE as Appendix B.3 (perplexity 30, 1000 iterations, seed 42)
+    when scikit-learn is installed, else (or with method="pca") the top-2 principal components.
     """
     x = torch.as_tensor(features, dtype=torch.float64)
     if method == "tsne":
@@ -463,7 +463,8 @@ def project_2d(features, method="tsne"):
             from sklearn.manifold import TSNE
 
             perplexity = min(30.0, (len(x) - 1) / 3)  # t-SNE needs perplexity < N
-            return TSNE(2, perplexity=perplexity, random_state=42, init="pca").fit_transform(x.numpy()), "t-SNE"
+            tsne = TSNE(2, perplexity=perplexity, max_iter=1000, random_state=42, init="pca")
+            return tsne.fit_transform(x.numpy()), "t-SNE"
         except ImportError:
             pass
     centered = x - x.mean(0)
@@ -716,10 +717,11 @@ def load_llama(args):
 
 
 def load_classifier(args, task):
-    """DebertaClassifier with the adapter's LoRA factors, pooler and classification head."""
+    """DebertaClassifier (DeBERTa-v3 or RoBERTa) with the adapter's LoRA factors, pooler and classification
+    head, and the encoder's tokenizer."""
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
                                               dtype=DTYPES[args.dtype], device=args.device)
-    return apply_adapter(model, args.adapter), DebertaTokenizer(args.model)
+    return apply_adapter(model, args.adapter), TOKENIZERS[model.config.model_type](args.model)
 
 
 @torch.no_grad()

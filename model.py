@@ -2,12 +2,14 @@
 The two base models BA-LoRA is evaluated on, written from scratch in plain PyTorch:
 
   1. Llama: a LLaMA-style decoder (LLaMA-2/3, Mistral, Qwen2) for the NLG experiments.
-  2. Deberta: a DeBERTa-v3-style encoder with a classification head for the NLU (GLUE) experiments.
+  2. Deberta: a DeBERTa-v3-style encoder with a classification head for the NLU (GLUE) experiments;
+     with other config flags it is RoBERTa (absolute positions, plain attention, RoBERTa's head), the
+     encoder of Table 3, Table 9, Fig. 3 and Table 12.
 
 Both load Hugging Face-format checkpoints (config.json + safetensors, sharded or not, or
 pytorch_model*.bin) without the transformers library. Module names mirror the Hugging Face
 parameter names, so a checkpoint key is a parameter name and LoRA target names (q_proj, ...)
-are the ones users know from peft.
+are the ones users know from peft; RoBERTa's keys, named otherwise, go through one table (ROBERTA_KEYS).
 """
 
 import json
@@ -101,7 +103,8 @@ def checkpoint_keys(path):
     return keys
 
 
-def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, allow_missing=lambda key: False):
+def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, allow_missing=lambda key: False,
+                         rename=lambda key: key):
     """
     Copy every tensor of the checkpoint at `path` into the parameter/buffer of the same name.
 
@@ -111,6 +114,8 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
     file: PiSSA's SVD and every output would be NaN) raise one ValueError listing them.
     `ignore(key)` skips a checkpoint key; `allow_missing(key)` excuses a model key the checkpoint
     lacks (e.g. a fresh classification head, which the caller then initializes off the meta device).
+    `rename(key)` is the model's name of a checkpoint key (None: no such parameter), for families
+    whose Hugging Face names are not ours (RoBERTa, through ROBERTA_KEYS).
     """
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
@@ -118,16 +123,17 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
     for key, tensor in iter_checkpoint_tensors(path):
         if ignore(key):
             continue
+        checkpoint_key, key = key, rename(key)
         if key not in own:
-            unexpected.append(key)
+            unexpected.append(checkpoint_key)
             continue
         target = own[key]
         if tuple(target.shape) != tuple(tensor.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            mismatched.append(f"{checkpoint_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
             continue
         tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            non_finite.append(key)
+            non_finite.append(checkpoint_key)
         _assign(model, key, tensor)
         loaded.add(key)
     tied = getattr(model, "tied_keys", {})  # e.g. lm_head.weight -> model.embed_tokens.weight
@@ -596,12 +602,20 @@ class DebertaConfig:
     cls_dropout: float = 0.1  # dropout before the classifier
     pad_token_id: int = 0
     initializer_range: float = 0.02  # std of a freshly initialized head
+    # The family flags: DeBERTa-v3's values here, RoBERTa's set by roberta_config (section below).
+    model_type: str = "deberta-v2"  # the checkpoint's key layout: deberta-v2 (our names) or roberta (ROBERTA_KEYS)
+    relative_attention: bool = True  # the shared relative-position table; False: none, pos_att_type is ()
+    max_position_embeddings: int = 0  # > 0: learned absolute positions, ids counted from pad_token_id + 1 (RoBERTa)
+    type_vocab_size: int = 0  # > 0: token-type embeddings added to the words (RoBERTa: 1)
+    pooler_activation: str = "gelu"  # the head's dense layer: gelu (DeBERTa's pooler) or tanh (RoBERTa's classifier.dense)
 
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict of model_type deberta-v2 (DeBERTa-v3 settings only)."""
+        """Read a Hugging Face config.json dict of model_type deberta-v2 (DeBERTa-v3 settings only) or roberta."""
+        if config.get("model_type") == "roberta":
+            return roberta_config(cls, config)
         if config.get("model_type") != "deberta-v2":
-            raise ValueError(f"model_type={config.get('model_type')!r} is not supported: expected 'deberta-v2'")
+            raise ValueError(f"model_type={config.get('model_type')!r} is not supported: expected 'deberta-v2' or 'roberta'")
         for key, hf_default, supported in _DEBERTA_V3_FLAGS:
             value = config.get(key, hf_default)
             if value != supported or type(value) is not type(supported):
@@ -704,8 +718,9 @@ class DisentangledSelfAttention(nn.Module):
         v = self.split_heads(self.value_proj(x))
         # 1. content->content: Q_i · K_j
         scores = q @ k.transpose(-1, -2)  # (B, nh, T, T)
-        positions = self.pos_dropout(rel_embeddings)  # (2 * buckets, hidden): one row per bucketed distance
-        index = rel_index.expand(B, self.n_head, T, T)
+        if self.pos_att_type:  # empty for RoBERTa: plain scaled dot-product attention, softmax(QK^T / sqrt(hd))
+            positions = self.pos_dropout(rel_embeddings)  # (2 * buckets, hidden): one row per bucketed distance
+            index = rel_index.expand(B, self.n_head, T, T)
         if "c2p" in self.pos_att_type:
             # 2. content->position: Q_i · K^r_{δ(i,j)}. Score every query against every relative-position
             #    key, (B, nh, T, 2 * buckets), then pick for (i, j) the column of row δ(i, j).
@@ -758,7 +773,11 @@ class DebertaLayer(nn.Module):
 
 
 class Deberta(nn.Module):
-    """The DeBERTa-v3 encoder: input_ids (B, T) -> last hidden states (B, T, hidden)."""
+    """
+    The DeBERTa-v3 encoder: input_ids (B, T) -> last hidden states (B, T, hidden). With RoBERTa's flags
+    (relative_attention False, absolute positions, token types) it is the RoBERTa encoder: the same
+    post-LayerNorm layers and GELU feed-forward, with plain attention.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -767,38 +786,57 @@ class Deberta(nn.Module):
             word_embeddings=nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id),
             LayerNorm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
         ))
+        if config.max_position_embeddings > 0:  # RoBERTa; its padding row (pad_token_id) is the pads' position
+            self.embeddings["position_embeddings"] = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                                  padding_idx=config.pad_token_id)
+        if config.type_vocab_size > 0:  # RoBERTa
+            self.embeddings["token_type_embeddings"] = nn.Embedding(config.type_vocab_size, config.hidden_size)
         if config.embedding_size != config.hidden_size:
             self.embeddings["embed_proj"] = nn.Linear(config.embedding_size, config.hidden_size, bias=False)
         self.encoder = nn.ModuleDict(dict(
             layer=nn.ModuleList(DebertaLayer(config) for _ in range(config.num_hidden_layers)),
-            rel_embeddings=nn.Embedding(2 * config.position_buckets, config.hidden_size),
-            LayerNorm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
         ))
+        if config.relative_attention:
+            self.encoder["rel_embeddings"] = nn.Embedding(2 * config.position_buckets, config.hidden_size)
+            self.encoder["LayerNorm"] = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         T = input_ids.shape[1]
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        # Embeddings: words only (no absolute positions, no token types in v3), projected to hidden
-        # if narrower, normalized, and zeroed at padded positions.
+        # Embeddings: words (DeBERTa-v3: no absolute positions, no token types; RoBERTa adds both),
+        # projected to hidden if narrower, normalized, and zeroed at padded positions.
         x = self.embeddings["word_embeddings"](input_ids)
+        if "token_type_embeddings" in self.embeddings:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.embeddings["token_type_embeddings"](token_type_ids)
+        if "position_embeddings" in self.embeddings:
+            x = x + self.embeddings["position_embeddings"](
+                padding_offset_position_ids(input_ids, self.config.pad_token_id, self.config.max_position_embeddings))
         if "embed_proj" in self.embeddings:
             x = self.embeddings["embed_proj"](x)
         x = self.embeddings["LayerNorm"](x) * mask.unsqueeze(-1).to(x.dtype)
         x = self.dropout(x)
         # (i, j) may attend iff both tokens are real: (B, 1, T, T), broadcast over heads.
         pair_mask = (mask[:, :, None] & mask[:, None, :]).unsqueeze(1)
-        rel_index = relative_position_index(T, self.config.position_buckets, self.config.max_relative_positions,
-                                            device=input_ids.device)
-        # One relative-embedding table shared by all layers, layer-normed once per forward (norm_rel_ebd).
-        rel_embeddings = self.encoder["LayerNorm"](self.encoder["rel_embeddings"].weight)
+        rel_index = rel_embeddings = None
+        if self.config.relative_attention:
+            rel_index = relative_position_index(T, self.config.position_buckets, self.config.max_relative_positions,
+                                                device=input_ids.device)
+            # One relative-embedding table shared by all layers, layer-normed once per forward (norm_rel_ebd).
+            rel_embeddings = self.encoder["LayerNorm"](self.encoder["rel_embeddings"].weight)
         for layer in self.encoder["layer"]:
             x = layer(x, pair_mask, rel_index, rel_embeddings)
         return x
 
 
 class DebertaClassifier(nn.Module):
-    """Deberta + the [CLS] pooler + a linear classifier; num_labels == 1 is regression (STS-B)."""
+    """
+    Deberta + the [CLS] pooler + a linear classifier; num_labels == 1 is regression (STS-B).
+    RoBERTa's head (classifier.dense + tanh + classifier.out_proj on <s>) is the same two layers with
+    tanh: ROBERTA_KEYS loads them as pooler.dense and classifier.
+    """
 
     def __init__(self, config, num_labels):
         super().__init__()
@@ -813,12 +851,13 @@ class DebertaClassifier(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_cls=False):
         """
         logits (B, num_labels), or (logits, cls (B, hidden)) with return_cls: the final layer's [CLS]
-        state, the features App. B.3 projects with t-SNE. token_type_ids is accepted for the usual call
-        signature and, as in DeBERTa-v3 (type_vocab_size 0), unused.
+        state, the features App. B.3 projects with t-SNE. token_type_ids (default all 0) is used by
+        RoBERTa and, as in DeBERTa-v3 (type_vocab_size 0), ignored by DeBERTa.
         """
-        cls = self.deberta(input_ids, attention_mask)[:, 0]
-        # Pool the first token ([CLS]): dense + gelu on its last hidden state.
-        pooled = F.gelu(self.pooler["dense"](self.pooler_dropout(cls)))
+        cls = self.deberta(input_ids, attention_mask, token_type_ids)[:, 0]
+        # Pool the first token ([CLS], RoBERTa's <s>): dense + gelu (RoBERTa: tanh) on its last hidden state.
+        activation = torch.tanh if self.config.pooler_activation == "tanh" else F.gelu
+        pooled = activation(self.pooler["dense"](self.pooler_dropout(cls)))
         logits = self.classifier(self.dropout(pooled))
         return (logits, cls) if return_cls else logits
 
@@ -837,6 +876,8 @@ class DebertaClassifier(nn.Module):
         with torch.device("meta"):
             model = cls(config, num_labels)
         keys = checkpoint_keys(path)
+        if config.model_type == "roberta":
+            return load_roberta_into(model, path, keys, dtype, device, seed).eval()
         if "classifier.weight" in keys:  # a sequence classification checkpoint: everything must be there
             load_checkpoint_into(model, path, dtype, device, ignore=_is_pretraining_only)
             return model.eval()
@@ -856,3 +897,135 @@ class DebertaClassifier(nn.Module):
             weight = torch.empty(linear.weight.shape).normal_(0.0, self.config.initializer_range, generator=generator)
             _assign(self, f"{name}.weight", weight.to(device=device, dtype=dtype))
             _assign(self, f"{name}.bias", torch.zeros(linear.bias.shape, device=device, dtype=dtype))
+
+
+# -----------------------------------------------------------------------------
+# RoBERTa: the encoder above with RoBERTa's flags
+#
+# RoBERTa (Liu et al., 2019) is BERT's post-LayerNorm encoder: learned absolute positions and a
+# token-type table added to the words, plain scaled dot-product attention, GELU feed-forward, and a
+# head of dense + tanh + out_proj on the first token <s>. That is DeBERTa-v3's layer stack without the
+# disentangled terms, so it is the same modules under other flags (roberta_config), and its
+# Hugging Face names (RobertaForSequenceClassification) map onto ours through this one table
+# (`{}`: the layer index; the three embedding tables have .weight, every other entry .weight and .bias;
+# the encoder module is named `deberta` whichever the family):
+
+ROBERTA_KEYS = {
+    "roberta.embeddings.word_embeddings":                  "deberta.embeddings.word_embeddings",
+    "roberta.embeddings.position_embeddings":              "deberta.embeddings.position_embeddings",
+    "roberta.embeddings.token_type_embeddings":            "deberta.embeddings.token_type_embeddings",
+    "roberta.embeddings.LayerNorm":                        "deberta.embeddings.LayerNorm",
+    "roberta.encoder.layer.{}.attention.self.query":       "deberta.encoder.layer.{}.attention.self.query_proj",
+    "roberta.encoder.layer.{}.attention.self.key":         "deberta.encoder.layer.{}.attention.self.key_proj",
+    "roberta.encoder.layer.{}.attention.self.value":       "deberta.encoder.layer.{}.attention.self.value_proj",
+    "roberta.encoder.layer.{}.attention.output.dense":     "deberta.encoder.layer.{}.attention.output.dense",
+    "roberta.encoder.layer.{}.attention.output.LayerNorm": "deberta.encoder.layer.{}.attention.output.LayerNorm",
+    "roberta.encoder.layer.{}.intermediate.dense":         "deberta.encoder.layer.{}.intermediate.dense",
+    "roberta.encoder.layer.{}.output.dense":               "deberta.encoder.layer.{}.output.dense",
+    "roberta.encoder.layer.{}.output.LayerNorm":           "deberta.encoder.layer.{}.output.LayerNorm",
+    "classifier.dense":                                    "pooler.dense",  # then tanh
+    "classifier.out_proj":                                 "classifier",
+}
+# Not used by a classifier, skipped: the masked-LM head of the pretrained checkpoint (lm_head.*, as in
+# FacebookAI/roberta-base), RobertaModel's tanh pooler (roberta.pooler.*, which the classification head
+# does not read), and the position-id / token-type-id buffers older checkpoints stored.
+
+
+def roberta_key(hf_key):
+    """Our parameter name of a Hugging Face RoBERTa key, through ROBERTA_KEYS; None if it has none."""
+    return _through_table(hf_key, ROBERTA_KEYS)
+
+
+def roberta_hf_key(name):
+    """The Hugging Face key of one of our RoBERTa parameter names: ROBERTA_KEYS read backwards (peft export)."""
+    return _through_table(name, {ours: hf for hf, ours in ROBERTA_KEYS.items()})
+
+
+def _through_table(key, table):
+    """`key` (module.leaf) mapped by a {module template: module template} table whose `{}` is the layer index."""
+    module, _, leaf = key.rpartition(".")
+    parts = module.split(".")
+    layer = next((part for part in parts if part.isdigit()), None)
+    template = ".".join("{}" if part == layer else part for part in parts)
+    if template not in table:
+        return None
+    return f"{table[template].format(layer)}.{leaf}"
+
+
+def _is_roberta_unused(hf_key):
+    return hf_key.startswith(("lm_head.", "roberta.pooler.")) or hf_key.endswith(
+        ("embeddings.position_ids", "embeddings.token_type_ids"))
+
+
+def roberta_config(cls, config):
+    """DebertaConfig with RoBERTa's flags from a config.json dict of model_type roberta (defaults: transformers')."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: RoBERTa uses gelu")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type={config['position_embedding_type']!r} is not supported: "
+                         "RoBERTa uses absolute")
+    for key in ("is_decoder", "add_cross_attention"):
+        if config.get(key, False):
+            raise ValueError(f"{key}=True is not supported: an encoder only")
+    hidden, heads = config.get("hidden_size", 768), config.get("num_attention_heads", 12)
+    if hidden % heads != 0:
+        raise ValueError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    pad_token_id = config.get("pad_token_id", 1)
+    max_positions = config.get("max_position_embeddings", 512)
+    if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < max_positions - 1:
+        raise ValueError(f"pad_token_id={pad_token_id!r} is not supported: RoBERTa's positions start after it "
+                         f"and need it below max_position_embeddings - 1 = {max_positions - 1}")
+    hidden_dropout = config.get("hidden_dropout_prob", 0.1)
+    head_dropout = hidden_dropout if config.get("classifier_dropout") is None else config["classifier_dropout"]
+    return cls(
+        vocab_size=config.get("vocab_size", 50265),
+        hidden_size=hidden,
+        num_hidden_layers=config.get("num_hidden_layers", 12),
+        num_attention_heads=heads,
+        intermediate_size=config.get("intermediate_size", 3072),
+        embedding_size=hidden,
+        position_buckets=0, max_relative_positions=0, pos_att_type=(),  # no relative positions
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=hidden_dropout,
+        attention_probs_dropout_prob=config.get("attention_probs_dropout_prob", 0.1),
+        pooler_dropout=head_dropout,  # RoBERTa's head drops out before dense and before out_proj, at one rate
+        cls_dropout=head_dropout,
+        pad_token_id=pad_token_id,
+        initializer_range=config.get("initializer_range", 0.02),
+        model_type="roberta",
+        relative_attention=False,
+        max_position_embeddings=max_positions,
+        type_vocab_size=config.get("type_vocab_size", 2),
+        pooler_activation="tanh",
+    )
+
+
+def padding_offset_position_ids(input_ids, pad_token_id, max_position_embeddings):
+    """
+    RoBERTa's position ids (fairseq's make_positions): a real token's is pad_token_id + (its rank among
+    the row's non-pad tokens, from 1), a pad's is pad_token_id. With pad 1 the first token is at
+    position 2: rows 0 and 1 of the table are never a real token's. (B, T) LongTensor.
+    """
+    is_real = input_ids.ne(pad_token_id).long()
+    position_ids = torch.cumsum(is_real, dim=1) * is_real + pad_token_id
+    if input_ids.shape[1] + pad_token_id >= max_position_embeddings:
+        raise ValueError(f"input of {input_ids.shape[1]} tokens: RoBERTa's positions allow at most "
+                         f"max_position_embeddings - pad_token_id - 1 = {max_position_embeddings - pad_token_id - 1}")
+    return position_ids
+
+
+def load_roberta_into(model, path, keys, dtype, device, seed):
+    """
+    Load a RoBERTa directory into a DebertaClassifier of RoBERTa's config: a RobertaForSequenceClassification
+    with its head, or a pretrained-only checkpoint (RobertaForMaskedLM's roberta.* + lm_head.*, or a bare
+    RobertaModel whose keys lack the `roberta.` prefix) with a fresh classifier.dense + out_proj.
+    """
+    has_head = "classifier.out_proj.weight" in keys
+    bare = not any(key.startswith(("roberta.", "classifier.")) for key in keys)
+    as_hf = (lambda key: "roberta." + key) if bare else (lambda key: key)
+    load_checkpoint_into(model, path, dtype, device, ignore=lambda key: _is_roberta_unused(as_hf(key)),
+                         rename=lambda key: roberta_key(as_hf(key)),
+                         allow_missing=lambda key: not has_head and key.startswith(("pooler.", "classifier.")))
+    if not has_head:
+        model.init_head(seed, dtype, device)
+    return model

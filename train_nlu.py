@@ -1,15 +1,17 @@
 """
-BA-LoRA fine-tuning of a DeBERTa-v3 encoder on GLUE (Section 2.2.1, Section 3.1, Appendix B.3-B.4).
+BA-LoRA fine-tuning of a DeBERTa-v3 or RoBERTa encoder on GLUE (Section 2.2.1, Section 3.1, Appendix B.3-B.4).
 
     python train_nlu.py                                  # toy preset: bundled tiny encoder, toy 3-class NLI task
     OMP_NUM_THREADS=1 python train_nlu.py                # the same on a busy CPU (tiny ops: threads only spin)
     python train_nlu.py --model path/to/deberta-v3-base --task rte   # paper preset: Table 8's RTE row, GLUE from the hub
     python train_nlu.py --model ... --task mnli --imbalance 100:10:1     # the imbalanced MNLI of B.3
+    python train_nlu.py --model path/to/roberta-base --task mnli --imbalance 100:10:1 --epochs 3   # Fig. 3 / Table 12
     torchrun --nproc_per_node 2 train_nlu.py --model ... --task sst2
 
 Settings come from the toy preset (no --model) or the paper preset (--model given; MNLI unless --task
 says otherwise), as in train_nlg.py: --help shows both, a run prints what differs and saves every value
-to <out>/config.json.
+to <out>/config.json. The paper preset is Table 8's for a DeBERTa-v3 --model, Table 9's for a RoBERTa
+one (its config.json's model_type decides).
 
 One optimizer step: student logits (LoRA-adapted encoder + classification head) -> teacher logits
 (the same inputs through the pretrained encoder and the same, current head, B.3) -> Eq. 8 ->
@@ -29,8 +31,8 @@ from tqdm import tqdm
 
 import balora
 import plot
-from data import DebertaTokenizer, load_hub_dataset
-from model import DebertaClassifier
+from data import DebertaTokenizer, RobertaTokenizer, load_hub_dataset
+from model import DebertaClassifier, read_config, roberta_hf_key
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
 from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
 from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
@@ -88,6 +90,36 @@ TOY_VALUES = dict(
 # PiSSA's DeBERTa GLUE setup adapts every linear layer of the encoder (all-linear minus the head):
 # the attention projections, the attention output, and the two feed-forward layers.
 TARGET_MODULES = "query_proj,key_proj,value_proj,attention.output.dense,intermediate.dense,output.dense"
+
+# -----------------------------------------------------------------------------
+# RoBERTa-base (Table 3, Fig. 3, Table 12): Table 9's per-task rows, and B.4's settings shared by all
+# tasks: LoRA r = 8 and alpha = 8 on the query and value projections (HF's `query`, `value`, our
+# query_proj / value_proj: model.ROBERTA_KEYS), AdamW, linear schedule after a 6% warm-up, 512 tokens.
+
+ROBERTA_TABLE9 = {
+    #       batch size  epochs  peak lr
+    "mnli": (16,        30,     5e-4),
+    "sst2": (16,        60,     5e-4),
+    "mrpc": (16,        30,     4e-4),
+    "cola": (32,        80,     4e-4),
+    "qnli": (32,        25,     4e-4),
+    "qqp":  (16,        25,     5e-4),
+    "rte":  (32,        80,     4e-4),
+    "stsb": (16,        40,     4e-4),
+}
+ROBERTA_TABLE9["nli"] = ROBERTA_TABLE9["mnli"]  # the toy task is MNLI-shaped, as with Table 8
+ROBERTA_SETTINGS = dict(rank=8, alpha=8, targets="query_proj,value_proj", warmup_ratio=0.06, max_length=512)
+TOKENIZERS = {"deberta-v2": DebertaTokenizer, "roberta": RobertaTokenizer}  # by config.json's model_type
+
+
+def encoder_family(model_dir):
+    """
+    The model_type of --model's config.json ("roberta": Table 9's recipe), or "deberta-v2" without
+    one (no --model: the toy encoder; a directory without config.json is named when it loads).
+    """
+    if model_dir is None or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return "deberta-v2"
+    return read_config(model_dir).get("model_type")
 
 # -----------------------------------------------------------------------------
 # GLUE metrics (plain functions of predictions and labels; eval.py imports them)
@@ -339,6 +371,39 @@ def evaluate(model, task, input_ids, labels, batch_size, device, dtype, pad_id):
     return compute_metrics(task, torch.cat(logits), labels)
 
 
+def export_peft_adapter(model, out_dir, model_dir):
+    """
+    <out>/peft_adapter in peft's format (balora.export_peft) for AutoPeftModelForSequenceClassification.
+    RoBERTa's modules carry DeBERTa's names, so its export is renamed to transformers'
+    RobertaForSequenceClassification names (model.ROBERTA_KEYS read backwards), and its head
+    (classifier.dense + classifier.out_proj) is saved as the one module `classifier`, as peft does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    balora.export_peft(model, out_dir, model_dir, task_type="SEQ_CLS")
+    if model.config.model_type != "roberta":
+        return
+    weights_path, config_path = (os.path.join(out_dir, name) for name in ("adapter_model.safetensors", "adapter_config.json"))
+    prefix = "base_model.model."
+
+    def hf_module(module):  # the table maps parameter names: map module.weight, drop .weight
+        return roberta_hf_key(module + ".weight")[: -len(".weight")]
+
+    renamed = {}
+    for key, tensor in load_file(weights_path).items():
+        name = key[len(prefix):]
+        lora = next((leaf for leaf in (".lora_A.weight", ".lora_B.weight") if name.endswith(leaf)), None)
+        hf_name = hf_module(name[: -len(lora)]) + lora if lora else roberta_hf_key(name)  # LoRA factor, or head
+        renamed[prefix + hf_name] = tensor
+    save_file(renamed, weights_path)
+    with open(config_path) as f:
+        config = json.load(f)
+    config["target_modules"] = [hf_module(name) for name in config["target_modules"]]
+    config["modules_to_save"] = ["classifier"]
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
 # -----------------------------------------------------------------------------
 # Flags
 
@@ -350,11 +415,12 @@ Eq. 5 (no off-diagonal covariance) and Eq. 7 (top-1/all singular values = 1) are
 """
 
 
-def presets(task_name):
+def presets(task_name, family="deberta-v2"):
     """
     Every setting's default for --task `task_name`: {"toy": {...}, "paper": {...}}. The paper preset
-    (--model given) is Sec. 3.1 with Table 8's row of the task, on the task's GLUE data from the hub
-    (MNLI when no --task is given); the toy task nli is read from assets/data under either preset.
+    (--model given) is Sec. 3.1 with Table 8's row of the task (family "roberta": Table 9's row and
+    B.4's RoBERTa settings), on the task's GLUE data from the hub (MNLI when no --task is given); the
+    toy task nli is read from assets/data under either preset.
     """
     task = TASKS[task_name]
     local_task = task_name == "nli"  # the toy task: files only
@@ -374,6 +440,9 @@ def presets(task_name):
         seed=42, eval_every=0, save_every=0, max_steps=0, resume=False, dtype="fp32", device=None,
         no_progress=False, report_to="none", dry_run=False,
     )
+    if family == "roberta":
+        batch_size, epochs, lr = ROBERTA_TABLE9[task_name]
+        paper.update(batch_size=batch_size, epochs=epochs, lr=lr, **ROBERTA_SETTINGS)
     return {"toy": dict(paper, **TOY_VALUES), "paper": paper}
 
 
@@ -401,6 +470,12 @@ def imbalance_ratios(text, task_name):
         raise ValueError(f"--imbalance {text!r}: expected ratios like 100:10:1") from None
 
 
+ROBERTA_NOTE = (
+    "a RoBERTa --model (config.json model_type roberta) takes Table 9's recipe instead of Table 8's:\n  every task: "
+    + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ROBERTA_SETTINGS.items())
+    + "\n  per task, --batch-size --epochs --lr: "
+    + ", ".join(f"{name} {bs} {ep} {lr:g}" for name, (bs, ep, lr) in ROBERTA_TABLE9.items() if name != "nli"))
+
 NONE_MEANS = {"model": "your checkpoint", "data": "the task's train split from the hub (nyu-mll/glue)",
               "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
               "imbalance": "balanced", "device": "cuda when available"}
@@ -410,12 +485,13 @@ ALIASES = {"--lora-r": ("--rank", int), "--lora-alpha": ("--alpha", float), "--l
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="BA-LoRA fine-tuning of a DeBERTa-v3 encoder on a GLUE task (Sec. 2.2.1, B.3, B.4).",
-        epilog=REGRESSION_NOTE + "\n" + deprecated_epilog(ALIASES),
+        description="BA-LoRA fine-tuning of a DeBERTa-v3 or RoBERTa encoder on a GLUE task (Sec. 2.2.1, B.3, B.4).",
+        epilog=REGRESSION_NOTE + "\n" + ROBERTA_NOTE + "\n\n" + deprecated_epilog(ALIASES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flag = preset_flag(parser, presets("nli")["toy"], paper_preset_as_help(), NONE_MEANS)
-    flag("--model", help="DeBERTa-v3 model directory (config.json, weights, spm.model); giving one selects the paper preset")
+    flag("--model", help="DeBERTa-v3 (config.json, weights, spm.model) or RoBERTa (config.json, weights, tokenizer.json "
+                         "or vocab.json + merges.txt) model directory; giving one selects the paper preset")
     flag("--task", choices=sorted(TASKS), help="GLUE task, or nli: the bundled toy 3-class NLI task (local files only)")
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
     flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
@@ -458,7 +534,7 @@ def parse_args(argv=None):
 
     # the task first: it picks the Table 8 row of the paper preset (and the toy task's files)
     args.task = args.task or presets("nli")["paper" if args.model is not None else "toy"]["task"]
-    resolve_settings(args, presets(args.task))
+    resolve_settings(args, presets(args.task, encoder_family(args.model)))
     task = TASKS[args.task]
     if args.validation_file is not None and len(args.validation_file) != len(task.validation_splits):
         raise ValueError(f"--validation-file: task {args.task!r} has the validation split(s) {list(task.validation_splits)}, "
@@ -483,7 +559,7 @@ def data_note(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    preset = presets(args.task)[args.preset]
+    preset = presets(args.task, encoder_family(args.model))[args.preset]
     if args.dry_run:
         print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
         print(json.dumps(settings_record(args), indent=1))
@@ -504,8 +580,8 @@ def main(argv=None):
     if not os.path.isdir(args.model):
         hint = " (the toy preset's bundled encoder: build it with tools/make_assets.py)" if args.preset == "toy" else ""
         raise FileNotFoundError(f"--model {args.model!r} is not a model directory{hint}")
-    tokenizer = DebertaTokenizer(args.model)
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
+    tokenizer = TOKENIZERS[model.config.model_type](args.model)
     init, regularized = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularized else (0.0, 0.0, 0.0)
     balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
@@ -646,7 +722,7 @@ def main(argv=None):
             for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
                 raw_model.get_parameter(name).copy_(value)
         balora.save_adapter(raw_model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
-        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="SEQ_CLS")
+        export_peft_adapter(raw_model, os.path.join(args.out, "peft_adapter"), args.model)
         reporter.close()
         plot.plot_run(args.out)
         results = {"best": best["metrics"], "baseline": baseline, "steps": step, "seconds": time.time() - start_time}
