@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import balora
 from model import Llama, LlamaConfig, _assign, checkpoint_files, config_from, rope_inv_freq
@@ -72,19 +72,38 @@ def initial_factors_as_parameters(module):
 
 def shard(module, mesh, cpu_offload):
     """
-    fully_shard `module` (the parameters not already in a nested FSDP unit). With `cpu_offload`, the
-    frozen nn.Linear weights inside its LoRALinear layers get their own units whose shards live in
-    host memory (copied to the GPU for each forward), as does `module` itself when every parameter it
-    manages is frozen: the base is offloaded, the adapter and its optimizer step stay on the GPU.
+    fully_shard `module`, whose own parameters (those not in a nested FSDP unit yet) hold full tensors,
+    keeping one full tensor beyond the shards at a time. (fully_shard on the full tensors would make
+    every shard before freeing any full tensor: half a Block more at the peak.) So the parameters go
+    to the meta device, fully_shard makes meta shards (no memory), and each full tensor is then cut
+    into this rank's shard, which replaces its meta shard (FSDP picks it up at its first forward).
+
+    With `cpu_offload`, the frozen nn.Linear weights inside its LoRALinear layers get their own units
+    whose shards live in host memory (copied to the GPU for each forward), as does `module` itself
+    when every parameter it manages is frozen: the base is offloaded, the adapter and its optimizer
+    step stay on the GPU.
     """
+    full = {name: p.detach() for name, p in module.named_parameters() if not isinstance(p, DTensor)}
+    frozen = not any(p.requires_grad for p in module.parameters() if not isinstance(p, DTensor))
+    for name, tensor in full.items():
+        _assign(module, name, torch.empty_like(tensor, device="meta"))
+    tie = getattr(module, "tie_weights", lambda: None)  # the root: lm_head shares the new embedding
+    tie()
     offload = dict(offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())) if cpu_offload else {}
     if cpu_offload:
         for _, layer in balora.lora_layers(module):
             if not isinstance(layer.base, FSDPModule):  # the root's call finds its Blocks' done
                 fully_shard(layer.base, mesh=mesh, mp_policy=mixed_precision(), **offload)
-    managed = [p for p in module.parameters() if not isinstance(p, DTensor)]
-    frozen = not any(p.requires_grad for p in managed)
     fully_shard(module, mesh=mesh, mp_policy=mixed_precision(), **(offload if frozen else {}))
+    for name, meta_shard in list(module.named_parameters()):
+        if name not in full:
+            continue
+        # src_data_rank=None: every rank cuts its own shard out of its own full tensor, no communication
+        piece = distribute_tensor(full.pop(name), mesh, meta_shard.placements, src_data_rank=None)
+        local = piece.to_local().clone()  # its own memory, so the full tensor is freed here
+        _assign(module, name, DTensor.from_local(local, mesh, meta_shard.placements, shape=piece.shape,
+                                                 stride=piece.stride()))
+    tie()
 
 
 # -----------------------------------------------------------------------------
@@ -122,8 +141,10 @@ def _fill(module, prefix, names, index, dtype, device, problems):
         if tuple(tensor.shape) != expected:
             problems.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected}")
             continue
+        # in the checkpoint's dtype on the CPU, the tensor is a view of the file's memory map: no copy
         tensor = tensor.to(device=device, dtype=dtype)
-        if not torch.isfinite(tensor).all():
+        # min and max are NaN when any entry is, +-inf when one is: no temporary as large as the tensor
+        if not all(torch.isfinite(extreme) for extreme in torch.aminmax(tensor)):
             problems.append(f"NaN/inf in {key}")
         _assign(module, name, tensor)
 
@@ -330,14 +351,14 @@ def load_checkpoint(directory, model, optimizer, scheduler):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles torch.distributed.checkpoint's .metadata but refuses any other global (code)."""
+    """Unpickles torch.distributed.checkpoint's .metadata, refusing every global (code) it does not hold."""
 
-    ALLOWED = {("torch", "Size"), ("torch", "float32"), ("torch", "float64"), ("torch", "bfloat16"), ("torch", "float16"),
-               ("torch", "int64"), ("torch", "uint8"), ("torch", "strided"), ("torch", "contiguous_format"),
-               ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
     def find_class(self, module, name):
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not part of a checkpoint's metadata")
 
