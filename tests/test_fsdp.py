@@ -19,7 +19,6 @@ import train_nlg
 from test_train_nlg import free_port, read_log, tiny, tiny_args  # noqa: F401 (tiny is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 
 # balora, a micro-batch of 2 and every regularizer on from step 1 (svd_k 3 with top_k 5), 4 steps:
 # each rank runs 2 micro-batches per step, so accumulation and the reduce-scatter both take part.
@@ -69,6 +68,32 @@ def assert_same_run(single, sharded):
     return one, two
 
 
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    import fsdp
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps({"storage_data": RunsCode()}))
+    with pytest.raises(ValueError, match="global posix.system is not part of a checkpoint's metadata"):
+        fsdp.check_metadata(str(tmp_path))
+
+
+def test_fsdp_needs_torchrun_and_offload_needs_fsdp(tiny, tmp_path):
+    with pytest.raises(ValueError, match="--fsdp shards the model over the processes torchrun starts"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp"))
+    with pytest.raises(ValueError, match="--fsdp-cpu-offload offloads FSDP shards: give --fsdp too"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp-cpu-offload"))
+    assert not (tmp_path / "log.jsonl").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
 def test_fsdp_matches_one_process_and_exports_the_same_peft_adapter(tiny, tmp_path):
     train_nlg.main(tiny_args(tiny, tmp_path / "single", *COMMON))
     torchrun(os.path.join(REPO, "train_nlg.py"), *tiny_args(tiny, tmp_path / "fsdp", *COMMON, "--fsdp"))
@@ -83,6 +108,7 @@ def test_fsdp_matches_one_process_and_exports_the_same_peft_adapter(tiny, tmp_pa
     assert balora_configs[0] == balora_configs[1]
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_with_grad_checkpointing_and_cpu_offload_matches_one_process(tiny, tmp_path):
     bf16 = [*COMMON, "--dtype", "bf16", "--grad-checkpointing"]
     train_nlg.main(tiny_args(tiny, tmp_path / "single", *bf16))
@@ -107,6 +133,7 @@ train_nlg.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_fsdp_resume_after_kill_9_is_bit_identical(tiny, tmp_path):
     # 6 steps over 2 epochs, a checkpoint every 2; dropout > 0 makes the result depend on each rank's
     # restored RNG stream, not only on the weights and AdamW's state
@@ -197,6 +224,7 @@ def peaks(output):
     return [json.loads(line.split("PEAK ", 1)[1]) for line in output.splitlines() if "PEAK " in line]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 def test_fsdp_loading_peaks_below_half_the_model_plus_one_block_per_rank(tmp_path):
     torch.manual_seed(0)
