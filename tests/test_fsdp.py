@@ -45,7 +45,7 @@ def relative_difference(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
 
-def assert_same_run(single, sharded):
+def assert_same_run(single, sharded, factors=("lora_A", "lora_B", "lora_A0", "lora_B0")):
     """Per-step losses within 1e-6 relative, final adapters within 1e-6, the same token counts."""
     log_single, log_sharded = read_log(single), read_log(sharded)
     assert [r["step"] for r in log_single] == [r["step"] for r in log_sharded] == [1, 2, 3, 4]
@@ -61,7 +61,7 @@ def assert_same_run(single, sharded):
         assert (a["tokens"], a["task_tokens"]) == (b["tokens"], b["task_tokens"])
     assert all(log_single[-1][key] is not None for key in ("consistency", "diversity", "svd"))  # all took part
     one, two = adapter_tensors(single), adapter_tensors(sharded)
-    assert one.keys() == two.keys() and len(one) == 2 * 2 * 7 * 2  # 2 Blocks x 7 targets x (A, B, A0, B0)
+    assert one.keys() == two.keys() and len(one) == 2 * 7 * len(factors)  # 2 Blocks x 7 targets x factors
     for key in one:
         assert one[key].dtype == two[key].dtype == torch.float32
         assert (one[key] - two[key]).abs().max().item() <= 1e-6, key
@@ -115,6 +115,29 @@ def test_fsdp_bf16_with_grad_checkpointing_and_cpu_offload_matches_one_process(t
     torchrun(os.path.join(REPO, "train_nlg.py"),
              *tiny_args(tiny, tmp_path / "fsdp", *bf16, "--fsdp", "--fsdp-cpu-offload"))
     assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+
+
+@pytest.mark.slow
+def test_fsdp_with_tied_embeddings_and_lora_init_matches_one_process(tiny, tmp_path):
+    # SmolLM2's layout: lm_head is the embedding (one parameter in the root's FSDP unit); init="lora"
+    # keeps no A0 / B0, so the teacher of lora+reg is the base alone
+    from safetensors.torch import save_file
+
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    config = json.loads(open(os.path.join(tiny["model"], "config.json")).read())
+    (tied / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    state = load_file(os.path.join(tiny["model"], "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(tied / "model.safetensors"))
+    for name in os.listdir(tiny["model"]):
+        if name.startswith("tokenizer"):
+            (tied / name).write_bytes(open(os.path.join(tiny["model"], name), "rb").read())
+    common = [*COMMON, "--model", str(tied), "--method", "lora+reg"]
+    train_nlg.main(tiny_args(tiny, tmp_path / "single", *common))
+    torchrun(os.path.join(REPO, "train_nlg.py"), *tiny_args(tiny, tmp_path / "fsdp", *common, "--fsdp"))
+    one, _ = assert_same_run(tmp_path / "single", tmp_path / "fsdp", factors=("lora_A", "lora_B"))
+    assert not any(key.endswith(("lora_A0", "lora_B0")) for key in one)
 
 
 # The resumed run dies by SIGKILL right after its checkpoint of step DIE_AT (every rank, once all of
