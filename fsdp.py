@@ -126,15 +126,13 @@ def _checkpoint_index(path):
 def _fill(module, prefix, names, index, dtype, device, problems):
     """
     Materialize the parameters `names` of `module` (on the meta device) from the checkpoint tensors
-    prefix + name, in `dtype` on `device`, one tensor at a time. Appends to `problems` what is wrong.
+    prefix + name, in `dtype` on `device`, one tensor at a time. Appends to `problems` a shape that
+    differs and a tensor holding NaN/inf.
     """
     from safetensors import safe_open
 
     for name in names:
         key = prefix + name
-        if key not in index:
-            problems.append(f"missing weight {key}")
-            continue
         with safe_open(index[key], framework="pt", device="cpu") as f:
             tensor = f.get_tensor(key)
         expected = tuple(module.get_parameter(name).shape)
@@ -165,7 +163,9 @@ def load_sharded_llama(path, dtype, device, lora, cpu_offload=False):
     become parameters, and fully_shard keeps this rank's shard and frees the rest. The Blocks are
     adapted in the order add_lora adapts a whole model, so the random inits match a one-process run.
     Then the root's own tensors (embeddings, final norm, LM head) are read and the root is sharded.
-    Peak host memory per rank: its shards plus one full Block (the root's tensors at the end).
+    Peak host memory per rank: its shards, one full Block (the root's tensors at the end) and the
+    temporaries of one matrix (add_lora's NaN check; with PiSSA, its float32 SVD). Names that do not
+    match the model are refused before any tensor is read.
     Returns (model, dict(trainable=#params, total=#params)) as add_lora counts them.
     """
     config, _ = config_from(LlamaConfig, path)
@@ -174,11 +174,16 @@ def load_sharded_llama(path, dtype, device, lora, cpu_offload=False):
     with torch.device("meta"):
         model = Llama(config)
     model.requires_grad_(False)
-    problems, counts, loaded = [], dict(trainable=0, total=0), set(model.tied_keys)
+    # names first, before anything is read: a tied lm_head is the embedding, RoPE's table is recomputed
+    expected = {name for name, _ in model.named_parameters()}
+    missing = sorted(expected - set(index))
+    unexpected = sorted(key for key in index if key not in expected | set(model.tied_keys)
+                        and not key.endswith("rotary_emb.inv_freq"))
+    _raise_problems(path, ([f"missing weights: {missing}"] if missing else []) +
+                    ([f"unexpected weights: {unexpected}"] if unexpected else []))
+    problems, counts = [], dict(trainable=0, total=0)
     for i, block in enumerate(model.model.layers):
-        prefix, names = f"model.layers.{i}.", [name for name, _ in block.named_parameters()]
-        _fill(block, prefix, names, index, dtype, device, problems)
-        loaded.update(prefix + name for name in names)
+        _fill(block, f"model.layers.{i}.", [name for name, _ in block.named_parameters()], index, dtype, device, problems)
         _raise_problems(path, problems)  # a Block that did not load must not reach add_lora
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             adapted = balora.add_lora(block, **lora)  # quiet: one line per Block, on every rank, says little
@@ -187,11 +192,8 @@ def load_sharded_llama(path, dtype, device, lora, cpu_offload=False):
         initial_factors_as_parameters(block)
         shard(block, mesh, cpu_offload)
     root = [name for name, _ in model.named_parameters() if not name.startswith("model.layers.")]
-    _fill(model, "", root, index, dtype, device, problems)  # a tied lm_head is the embedding: listed once
+    _fill(model, "", root, index, dtype, device, problems)
     model.tie_weights()
-    unexpected = sorted(key for key in index if key not in loaded | set(root) and not key.endswith("rotary_emb.inv_freq"))
-    if unexpected:
-        problems.append(f"unexpected weights: {unexpected}")
     _raise_problems(path, problems)
     counts["total"] += sum(p.numel() for name, p in model.named_parameters() if name in root)
     model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)

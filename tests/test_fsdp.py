@@ -93,6 +93,31 @@ def test_fsdp_needs_torchrun_and_offload_needs_fsdp(tiny, tmp_path):
     assert not (tmp_path / "log.jsonl").exists()  # refused before anything was written
 
 
+def test_sharded_loading_names_missing_and_unexpected_weights_before_reading_any(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    import fsdp
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["model"], bad)
+    state = load_file(str(bad / "model.safetensors"))
+    del state["model.norm.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(bad / "model.safetensors"))
+    monkeypatch.setattr(fsdp, "_fill", lambda *args: pytest.fail("a tensor was read"))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"missing weights: \['model.norm.weight'\]; unexpected weights: \['extra.weight'\]"):
+            fsdp.load_sharded_llama(str(bad), torch.float32, torch.device("cpu"), dict(target_modules="all-linear", r=2, alpha=4))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_exports_the_same_peft_adapter(tiny, tmp_path):
     train_nlg.main(tiny_args(tiny, tmp_path / "single", *COMMON))
