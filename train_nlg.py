@@ -510,8 +510,8 @@ PAPER = dict(
     lambda1=0.025, lambda2=0.005, lambda3=0.005, lambda1_schedule="cosine", focus_schedule="two_phase",
     lambda_warmup_ratio=0.2, lambda_rampup_ratio=0.05, svd_k=10, top_k=20, temperature=2.0, reg_tokens="task",
     lr=2e-5, weight_decay=0.0, warmup_ratio=0.03, batch_size=32, micro_batch_size=4, epochs=1, max_steps=None,
-    grad_clip=1.0, dtype="bf16", grad_checkpointing=False, fsdp=False, fsdp_cpu_offload=False, device=None, seed=42, save_every=500, resume=False,
-    report_to="none", no_progress=False, dry_run=False,
+    grad_clip=1.0, dtype="bf16", grad_checkpointing=False, fsdp=False, fsdp_cpu_offload=False, device=None, seed=42,
+    save_every=500, resume=False, report_to="none", no_progress=False, dry_run=False,
 )
 # The toy preset (no --model): the bundled tiny model and toy data, 24 steps on a CPU in well under 3
 # minutes. A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
@@ -567,8 +567,8 @@ def parse_args(argv=None):
     flag("--fsdp-cpu-offload", action="store_true", help="with --fsdp: keep the frozen base's shards in host memory")
     flag("--device", help="cpu | cuda")
     flag("--seed", type=int, help="adapter init, data order, dropout")
-    flag("--save-every", type=int, help="write <out>/checkpoint.pt every N steps (0: never)")
-    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    flag("--save-every", type=int, help="write <out>/checkpoint.pt (--fsdp: <out>/checkpoint/) every N steps (0: never)")
+    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt (--fsdp: <out>/checkpoint/)")
     flag("--report-to", choices=["none", "tensorboard", "wandb"],
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
