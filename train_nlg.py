@@ -5,6 +5,7 @@ Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (p
     python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMathQA samples from the hub
     python train_nlg.py --model ... --dry-run             # print the settings in force and stop
     torchrun --standalone --nproc_per_node=4 train_nlg.py --model ...    # DDP, same global batch
+    torchrun --standalone --nproc_per_node=8 train_nlg.py --model ... --fsdp   # FSDP2: the model sharded (fsdp.py)
     python train_nlg.py --model ~/.cache/balora/smollm2-135m-instruct --data FILE ...   # an instruct model, in its chat template
 
 Settings come from one of two presets, toy (no --model) or paper (--model given); every flag's --help
@@ -14,6 +15,11 @@ every value to <out>/config.json. One loop, read top to bottom: parse flags -> l
 BA-LoRA regularizers -> backward) -> clip -> step -> log -> maybe save. The first section holds the
 training infrastructure train_nlu.py imports (distributed setup, atomic checkpoints, JSONL log and
 reporting, LR schedule, finite-loss check, autocast, presets and settings).
+
+Data parallelism (DDP or --fsdp) changes no loss: the regularizers (Eq. 9-12) are computed per
+micro-batch, on its own (M, V) logits, and rank r takes the r-th contiguous slice of each global
+batch, so every micro-batch, and every regularizer value, is the one a single process computes with
+the same --batch-size and --micro-batch-size; only the gradient sum is spread over the ranks.
 """
 
 import argparse
@@ -36,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import balora
+import fsdp
 import plot
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
 from model import Llama
@@ -503,8 +510,8 @@ PAPER = dict(
     lambda1=0.025, lambda2=0.005, lambda3=0.005, lambda1_schedule="cosine", focus_schedule="two_phase",
     lambda_warmup_ratio=0.2, lambda_rampup_ratio=0.05, svd_k=10, top_k=20, temperature=2.0, reg_tokens="task",
     lr=2e-5, weight_decay=0.0, warmup_ratio=0.03, batch_size=32, micro_batch_size=4, epochs=1, max_steps=None,
-    grad_clip=1.0, dtype="bf16", grad_checkpointing=False, device=None, seed=42, save_every=500, resume=False,
-    report_to="none", no_progress=False, dry_run=False,
+    grad_clip=1.0, dtype="bf16", grad_checkpointing=False, fsdp=False, fsdp_cpu_offload=False, device=None, seed=42,
+    save_every=500, resume=False, report_to="none", no_progress=False, dry_run=False,
 )
 # The toy preset (no --model): the bundled tiny model and toy data, 24 steps on a CPU in well under 3
 # minutes. A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
@@ -556,10 +563,12 @@ def parse_args(argv=None):
     flag("--grad-clip", type=float, help="max gradient norm")
     flag("--dtype", choices=["bf16", "fp32"], help="bf16: base weights bf16, adapter fp32, autocast")
     flag("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    flag("--fsdp", action="store_true", help="under torchrun: shard the model over the processes (FSDP2, see fsdp.py)")
+    flag("--fsdp-cpu-offload", action="store_true", help="with --fsdp: keep the frozen base's shards in host memory")
     flag("--device", help="cpu | cuda")
     flag("--seed", type=int, help="adapter init, data order, dropout")
-    flag("--save-every", type=int, help="write <out>/checkpoint.pt every N steps (0: never)")
-    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    flag("--save-every", type=int, help="write <out>/checkpoint.pt (--fsdp: <out>/checkpoint/) every N steps (0: never)")
+    flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt (--fsdp: <out>/checkpoint/)")
     flag("--report-to", choices=["none", "tensorboard", "wandb"],
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
@@ -593,7 +602,12 @@ def main(argv=None):
     rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
     if is_master:
         print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
-    ddp = world_size > 1
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the model over the processes torchrun starts: launch with torchrun")
+    if args.fsdp_cpu_offload and not args.fsdp:
+        raise ValueError("--fsdp-cpu-offload offloads FSDP shards: give --fsdp too")
+    ddp = world_size > 1 and not args.fsdp
+    distributed = ddp or args.fsdp  # the ranks sum their token counts and losses
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.batch_size % (args.micro_batch_size * world_size):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batch-size "
@@ -617,13 +631,18 @@ def main(argv=None):
     # model: frozen base in --dtype, adapter in fp32 (balora keeps it fp32 on a bf16 base);
     # the same seed on every rank gives the same adapter init
     torch.manual_seed(args.seed)
-    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-    adapter = balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                              dropout=args.dropout, pissa_niter=args.pissa_niter)
+    lora = dict(target_modules=args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
+                dropout=args.dropout, pissa_niter=args.pissa_niter)
+    if args.fsdp:  # built on the meta device, each Block read, adapted and sharded in turn
+        model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
+    else:
+        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        adapter = balora.add_lora(model, **lora)
     params = [p for p in model.parameters() if p.requires_grad]
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
+    # (fully_shard changes the module in place: under --fsdp, model is raw_model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     torch.manual_seed(args.seed + rank)  # training-time randomness (LoRA dropout) differs per rank
@@ -634,12 +653,18 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")
+    if args.fsdp:  # sharded: <out>/checkpoint/step-<N>/ and the latest.json that names it
+        checkpoint_path = os.path.join(args.out, "checkpoint", fsdp.LATEST)
     config = run_config(args)
     start_step, skipped_batches, reporter = 0, 0, None
     if args.resume:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r}")
-        checkpoint = load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
+        if args.fsdp:
+            checkpoint = fsdp.load_checkpoint(os.path.dirname(checkpoint_path), raw_model, optimizer, scheduler)
+            set_rng_state(checkpoint["rng"])
+        else:
+            checkpoint = load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
         check_resume_config(checkpoint["config"], config, checkpoint_path)
         start_step, skipped_batches = checkpoint["step"], checkpoint["data_state"]["skipped_batches"]
     skipped_at_start = skipped_batches
@@ -671,7 +696,7 @@ def main(argv=None):
         # The task loss is the mean CE over every response token of the GLOBAL batch, so it does not
         # depend on how the batch is split into micro-batches and ranks: count those tokens first.
         task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
-        if ddp:
+        if distributed:
             dist.all_reduce(task_tokens)
         step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule=args.lambda1_schedule,
                                                 focus_schedule=args.focus_schedule, warmup_ratio=args.lambda_warmup_ratio,
@@ -699,7 +724,8 @@ def main(argv=None):
                 sums["skipped"] += 1
                 warnings.warn(f"step {step + 1}: a micro-batch has every label masked (prompts longer than "
                               f"--max-length {args.max_length}?); skipping it")
-                if not (ddp and last_micro_step):
+                # FSDP all-gathers every Block in every forward, so each rank runs every pass
+                if not (args.fsdp or (ddp and last_micro_step)):
                     continue
                 micro_lambdas = (0.0, 0.0, 0.0)  # DDP: still run backward (a zero loss) for the all-reduce
             if ddp:
@@ -708,7 +734,9 @@ def main(argv=None):
                 student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
             task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
             teacher_logits = None
-            if micro_lambdas[0] > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
+            # consistency (Eq. 9) needs the pretrained model on the same rows (under FSDP: on every rank
+            # whenever the step needs it, since the teacher's forward is a collective too)
+            if (step_lambdas if args.fsdp else micro_lambdas)[0] > 0:
                 with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
                     # kept in the autocast dtype (bf16: half the memory); the KL reads it chunk by chunk in float32
                     teacher_logits = raw_model(input_ids, padding_mask, output_mask=output_mask)
@@ -720,7 +748,9 @@ def main(argv=None):
             generator = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + step) * 1_009 + micro_index)
             total, components = balora.nlg_objective(task_loss, student_logits, teacher_logits, micro_lambdas,
                                                       args.temperature, args.svd_k, args.top_k, generator=generator)
-            # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall
+            # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
+            # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
+            # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
             sums["task"] += task_sum.detach()
@@ -730,11 +760,13 @@ def main(argv=None):
                     sums[name] += components[name]
                     sums[name + "_n"] += 1
         reduced = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in sums.values()])
-        if ddp:
+        if distributed:
             dist.all_reduce(reduced)
         sums = dict(zip(sums, reduced.tolist()))
         check_finite(sums["total"], step + 1, "loss", checkpoint_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if args.fsdp:
+            grad_norm = grad_norm.full_tensor()  # a DTensor: the norm over every rank's shards
         check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)  # a finite loss can still have one
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -757,8 +789,13 @@ def main(argv=None):
                                   **{short[k]: f"{record[k]:.4f}" for k in short if record[k] is not None}})
             progress.update(1)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step + 1,
-                            data_state={"step": step + 1, "skipped_batches": skipped_batches}, config=config)
+            data_state = {"step": step + 1, "skipped_batches": skipped_batches}
+            if args.fsdp:
+                fsdp.save_checkpoint(os.path.dirname(checkpoint_path), raw_model, optimizer, scheduler, step + 1,
+                                     rng_state(), data_state, config)
+            else:
+                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step + 1, data_state=data_state,
+                                config=config)
     progress.close()
 
     # A run that never trained must not end "saved": its adapter would equal the initial one.
@@ -769,10 +806,12 @@ def main(argv=None):
                            f"steps (--max-steps {args.max_steps}); no adapter written")
     if is_master and skipped_batches:
         print(f"skipped {skipped_batches} micro-batches with every label masked (raise --max-length {args.max_length}?)")
+    # under FSDP the adapter is all-gathered first (every rank takes part), then written as always
+    adapter_model = fsdp.gathered_adapter(raw_model) if args.fsdp else raw_model
     if is_master:
-        check_finite_parameters(raw_model, os.path.join(args.out, "adapter"))
-        balora.save_adapter(raw_model, os.path.join(args.out, "adapter"))
-        balora.export_peft(raw_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
+        check_finite_parameters(adapter_model, os.path.join(args.out, "adapter"))
+        balora.save_adapter(adapter_model, os.path.join(args.out, "adapter"))
+        balora.export_peft(adapter_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
         reporter.close()
         plot.plot_run(args.out)
         print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')}); "
