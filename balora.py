@@ -123,6 +123,10 @@ class LoRALinear(nn.Module):
     def init(self):
         return "lora" if self.lora_A0 is None else "pissa"
 
+    @property
+    def dora(self):
+        return isinstance(self, DoRALinear)
+
     @torch.no_grad()
     def start_from(self, lora_A0, lora_B0):
         """
@@ -155,6 +159,71 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, init={self.init!r}"
 
+    def base_weight(self):
+        """The frozen weight W_res (out x in) the base layer computes with (dequantized for an NF4 base)."""
+        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
+
+    def merged_weight(self):
+        """The effective weight W_res + s * lora_B @ lora_A (out x in), summed in the adapter dtype (float32 or float64)."""
+        return self.base_weight().to(self.lora_A.dtype) + self.delta_weight()
+
+
+class DoRALinear(LoRALinear):
+    """
+    DoRA (Liu et al. 2024): LoRA with the weight split into a magnitude and a direction,
+
+        W' = m * V / ||V||_c,   V = W_res + s * lora_B @ lora_A   (out x in),   y = W' x + bias,
+
+    where ||V||_c is the L2 norm of each output row of V (the paper's column norm, in its in x out
+    layout): a vector of length out, like the trainable magnitude m (`lora_magnitude_vector`).
+    m starts at ||V||_c of the initial adapter, which is ||W||_c for init="lora" (B = 0) and for
+    init="pissa" too (W_res + s B0 A0 = W, peft's order: PiSSA first, then the magnitude), so
+    W' = W at the start. The norm is detached, a constant in backward (DoRA Sec. 4.3, as peft):
+    m and the factors get their gradients through the numerator only.
+
+    The forward is peft's: it reuses base(x) = W_res x + bias instead of forming W' x,
+        y = base(x) + (m / ||V||_c - 1) * W_res x~ + (m / ||V||_c) * s * lora_B lora_A x~,
+    with x~ = dropout(x) (= x without dropout, where this is exactly W' x + bias). The teacher
+    (pretrained_mode) is the LoRA layer with the initial factors, W_res + s B0 A0 = W: the initial
+    magnitude ||W||_c over the norm ||W||_c is 1, so the DoRA rescaling is skipped, not recomputed.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0, init="lora", pissa_niter=None):
+        super().__init__(base, r, alpha, dropout, init, pissa_niter)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """||V||_c = ||W_res + s * lora_B @ lora_A||_c: the L2 norm of each output row (out,), adapter dtype, no gradient."""
+        return torch.linalg.vector_norm(super().merged_weight(), dim=1)
+
+    def magnitude_scale(self):
+        """m / ||V||_c (out,): the factor that rescales each output row of V to the magnitude m."""
+        return self.lora_magnitude_vector / self.weight_norm()
+
+    def merged_weight(self):
+        """W' = m * V / ||V||_c (out x in), in the adapter dtype (delta_weight stays s * lora_B @ lora_A, as in peft)."""
+        return self.magnitude_scale()[:, None] * super().merged_weight()
+
+    def forward(self, x):
+        if self.pretrained:  # the initial layer: W_res + s B0 A0 = W, the magnitude scale is 1
+            return super().forward(x)
+        result = self.base(x)
+        x = x.to(self.lora_A.dtype)
+        scale = self.magnitude_scale()  # (out,), broadcast over the last dim of the outputs
+        if self.training and self.dropout.p > 0:
+            x = self.dropout(x)
+            base_result = F.linear(x, self.base_weight().to(x.dtype))  # W_res x~, without the bias
+        else:
+            base_result = result.to(x.dtype)
+            if self.base.bias is not None:
+                base_result = base_result - self.base.bias.to(x.dtype)
+        lora_result = self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return result + ((scale - 1) * base_result + scale * lora_result).to(result.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", dora=True"
+
 
 _NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
 
@@ -180,10 +249,10 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=()):
+def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False):
     """
     Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
-    nn.Linear) by a LoRALinear, never lm_head / classifier or a module inside `trainable`. Freeze all
+    nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module inside `trainable`. Freeze all
     other parameters except those of the modules named in `trainable` (e.g. ("classifier", "pooler")).
     Returns dict(trainable=#params, total=#params, replaced=[names]).
     """
@@ -217,8 +286,9 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
         for m in modules:
             m.requires_grad_(True)
     # PiSSA runs one SVD per matrix: minutes for a 7B model, so show progress
+    layer_class = DoRALinear if dora else LoRALinear
     for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
-        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
+        layer = layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
         _set_submodule(model, name, layer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -567,11 +637,11 @@ def _require_lora(model, caller):
 
 
 def merge_lora(model):
-    """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (float32 sum, model dtype)."""
+    """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (DoRA: m V / ||V||_c), float32 sum, model dtype."""
     for name, layer in _require_lora(model, "merge_lora"):
         with torch.no_grad():
             weight = layer.base.weight
-            weight.copy_((weight.float() + layer.delta_weight().float()).to(weight.dtype))
+            weight.copy_(layer.merged_weight().to(weight.dtype))
         _set_submodule(model, name, layer.base)
     return model
 
@@ -582,11 +652,11 @@ def trainable_state_dict(model):
 
 
 def _trainable_modules(model):
-    """Names of the modules owning trainable parameters other than LoRA factors (add_lora's `trainable`)."""
+    """Names of the modules owning trainable parameters other than LoRA / DoRA ones (add_lora's `trainable`)."""
     names = []
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        if p.requires_grad and leaf not in ("lora_A", "lora_B") and owner not in names:
+        if p.requires_grad and leaf not in ("lora_A", "lora_B", "lora_magnitude_vector") and owner not in names:
             names.append(owner)
     return names
 
@@ -603,9 +673,10 @@ CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
 
 def save_adapter(model, directory, training=None):
     """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable, and `training`: a dict of
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable, dora, and `training`: a dict of
     the run's settings its users need, e.g. train_nlu.py's task and max_length) and
-    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0 and the trainable modules' params).
+    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0, DoRA's lora_magnitude_vector and the
+    trainable modules' params).
     Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
     PiSSA used a randomized SVD that cannot be recomputed.
     """
@@ -615,7 +686,8 @@ def save_adapter(model, directory, training=None):
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
         dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model), **({"training": training} if training else {}),
+        trainable=_trainable_modules(model), dora=_uniform(layers, "dora"),
+        **({"training": training} if training else {}),
     )
     tensors = dict(trainable_state_dict(model))
     for name, layer in layers:
@@ -648,6 +720,8 @@ def adapter_problems(model, config, tensors):
         for factor in factors:
             expected[f"{name}.{factor}"] = ((config["r"], layer.in_features) if factor.startswith("lora_A")
                                             else (layer.out_features, config["r"]))
+        if config.get("dora", False):  # adapters saved before DoRA existed have no "dora" key
+            expected[f"{name}.lora_magnitude_vector"] = (layer.out_features,)
     for module_name in config["trainable"]:
         if module_name not in modules:
             problems.append(f"trainable module {module_name!r} is not in the model")
@@ -689,7 +763,7 @@ def load_adapter(model, directory):
         raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
     # init="lora" wraps the layers without an SVD; PiSSA layers then start from their saved factors
     add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
-             dropout=config["dropout"], trainable=config["trainable"])
+             dropout=config["dropout"], trainable=config["trainable"], dora=config.get("dora", False))
     if config["init"] == "pissa":
         for name, layer in lora_layers(model):
             layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
@@ -710,6 +784,10 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
     a rank-2r LoRA (peft's own PiSSA-to-LoRA conversion). It is exported with r' = 2r and
     alpha' = 2 alpha (an int when it is whole, as peft writes it), so peft's scaling alpha'/r' equals s.
     Trainable non-LoRA modules (e.g. the classifier) go to peft's modules_to_save.
+
+    DoRA (use_dora: true) adds each layer's magnitude m as `lora_magnitude_vector`. peft normalizes
+    V = W + s' B' A', which for the rank-2r PiSSA export is W + s (B A - B0 A0) = W_res + s B A, our V:
+    the same m and direction, so DoRA on a PiSSA init exports the same way.
     """
     from safetensors.torch import save_file
 
@@ -723,6 +801,8 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
             lora_B = torch.cat([lora_B, -layer.lora_B0], dim=1)  # (out, 2r)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B
+        if layer.dora:
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     modules_to_save = _trainable_modules(model)
     for module_name in modules_to_save:
         for param_name, p in model.get_submodule(module_name).named_parameters():
@@ -736,7 +816,7 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
         r=rank_factor * r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
         lora_dropout=_uniform(layers, "dropout_p"),
         target_modules=[name for name, _ in layers], modules_to_save=modules_to_save or None,
-        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=_uniform(layers, "dora"),
         inference_mode=True,
     )
     os.makedirs(out_dir, exist_ok=True)

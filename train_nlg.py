@@ -492,7 +492,9 @@ def global_batch_indices(num_samples, batch_size, step, seed):
 # Flags
 
 # --method -> (adapter initialization, BA-LoRA regularizers on?) as in Table 10.
-METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True)}
+METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True),
+           "dora": ("lora", False), "dora+reg": ("lora", True)}
+DORA_METHODS = ("dora", "dora+reg")  # their layers are balora.DoRALinear (trainable magnitude), Table 10's DoRA rows
 
 ASSETS = os.path.join(REPO, "assets")
 # The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
@@ -529,7 +531,8 @@ def parse_args(argv=None):
     flag("--max-samples", type=int, help="use the first N records")
     flag("--max-length", type=int, help="truncate examples to this many tokens")
     flag("--out", help="log.jsonl, config.json, checkpoint.pt, adapter/, peft_adapter/, curves.png")
-    flag("--method", choices=list(METHODS), help="lora | pissa | balora (pissa + regularizers) | lora+reg (Table 10)")
+    flag("--method", choices=list(METHODS),
+         help="lora | pissa | balora (pissa + regularizers) | lora+reg | dora | dora+reg (Table 10)")
     flag("--rank", type=int, help="LoRA rank r")
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")
@@ -619,7 +622,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     adapter = balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                              dropout=args.dropout, pissa_niter=args.pissa_niter)
+                              dropout=args.dropout, pissa_niter=args.pissa_niter, dora=args.method in DORA_METHODS)
     params = [p for p in model.parameters() if p.requires_grad]
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()

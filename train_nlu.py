@@ -32,7 +32,7 @@ import plot
 from data import DebertaTokenizer, load_hub_dataset
 from model import DebertaClassifier
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
-from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
+from train_nlg import DORA_METHODS, METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
 from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
 from train_nlg import Reporter, add_deprecated_aliases, check_report_to, deprecated_epilog, preset_flag, resolve_settings
 from train_nlg import settings_block, settings_record, shown, write_config
@@ -420,7 +420,7 @@ def parse_args(argv=None):
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
     flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
     flag("--out", help="output directory: log.jsonl, config.json, checkpoint.pt, best.pt, adapter/, peft_adapter/, curves.png")
-    flag("--method", choices=list(METHODS), help="lora | pissa | balora (PiSSA + Reg) | lora+reg (Table 10)")
+    flag("--method", choices=list(METHODS), help="lora | pissa | balora (PiSSA + Reg) | lora+reg | dora | dora+reg (Table 10)")
     flag("--epochs", type=int, help="passes over the training set")
     flag("--batch-size", type=int, help="examples per optimizer step, over all processes")
     flag("--micro-batch-size", type=int, help="examples per forward on one process, the batch the regularizers see")
@@ -509,7 +509,7 @@ def main(argv=None):
     init, regularized = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularized else (0.0, 0.0, 0.0)
     balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                    dropout=args.dropout, trainable=("classifier", "pooler"))
+                    dropout=args.dropout, trainable=("classifier", "pooler"), dora=args.method in DORA_METHODS)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
