@@ -8,6 +8,9 @@ BA-LoRA (Bias-Alleviating Low-Rank Adaptation, ICLR 2026) from scratch, in the o
   Eq. 9-13  NLG regularizers on the (M, V) logits of the valid (non-padded) tokens: consistency,
             focused top-K entropy, randomized-SVD energy ratio, and the weighted objective.
   App. B.4  the schedules of lambda1 (cosine) and lambda2/lambda3 ("two_phase" focus).
+  Table 10  DoRA (DoRALinear), the third adapter the regularizers are shown on.
+  Fig. 5    the 4-bit base of QLoRA / QPiSSA / QBA-LoRA: NF4 weights (NF4Linear), quantized after
+            PiSSA's SVD, so that QPiSSA quantizes the residual W_res.
   Then adapters as files: merge, save/load, and export to the peft format.
 
 Notation. The paper writes a linear layer as Y = X (W + A B) with W in R^{m x n} (m inputs, n outputs),
@@ -26,6 +29,10 @@ simply skips the adapter, so no copy is stored. Extra memory: one copy of the ad
 of the model. Modules left fully trainable (e.g. the classification head) are shared by teacher and
 student, as in the paper's NLU setup (App. B.3, B.4). `pretrained_mode` also puts the model in eval
 mode, like the official frozen teacher.
+
+The teacher on a 4-bit base is the quantized model, as QLoRA holds it: pretrained_mode computes
+Q(W_res) + s B0 A0 (init="pissa") or Q(W) (init="lora"), never the full-precision W, which is not
+kept. For QPiSSA that teacher is nearer to W than QLoRA's, by the smaller quantization error of W_res.
 
 Dtypes. The frozen base weight keeps the model dtype (e.g. bfloat16); the adapter factors are float32
 (float64 if the base is float64), like peft's `autocast_adapter_dtype`. The adapter casts its input to
@@ -127,6 +134,13 @@ class LoRALinear(nn.Module):
     def dora(self):
         return isinstance(self, DoRALinear)
 
+    @property
+    def quantize(self):
+        """The base's storage: "none", "nf4" or "nf4-dq" (NF4 with double quantization), as QUANTIZE names it."""
+        if isinstance(self.base, nn.Linear):
+            return "none"
+        return "nf4-dq" if self.base.double_quant else "nf4"
+
     @torch.no_grad()
     def start_from(self, lora_A0, lora_B0):
         """
@@ -225,6 +239,170 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
+# -----------------------------------------------------------------------------
+# The 4-bit base of QLoRA / QPiSSA / QBA-LoRA (Fig. 5): NF4 (Dettmers et al. 2023)
+
+NF4_BLOCKSIZE = 64  # weights per absmax constant (QLoRA's block size)
+ABSMAX_BLOCKSIZE = 256  # absmax constants per second-level constant in double quantization (QLoRA)
+
+
+def normal_float_levels():
+    """
+    The 16 NF4 levels (float32, ascending, -1 to 1), QLoRA's NormalFloat: quantiles of N(0, 1) so that
+    each level stands for an equal share of a normally distributed weight, with an exact 0 and one
+    more positive level than negative (15 nonzero values). 8 positive quantiles at probabilities from
+    `offset` down to 0.5 and 7 negative ones, then divided by the largest so the range is [-1, 1].
+    offset = 0.9677083 (QLoRA's constant, the mean of 1 - 1/(2*15) and 1 - 1/(2*16), rounded as
+    bitsandbytes rounds it) keeps the outermost quantile finite. The probabilities are float32 and the
+    quantiles float64 rounded to float32, which reproduces bitsandbytes' table bit for bit.
+    """
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # 8 values > 0
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # 7 values < 0
+    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
+    return levels / levels.max()
+
+
+def dynamic_levels():
+    """
+    The 256 levels (float32, ascending) of the signed 8-bit dynamic quantization that QLoRA's double
+    quantization applies to the absmax constants (Dettmers 2015, bitsandbytes' default map): for each
+    exponent e = 0..6, the 2^e midpoints of a linspace(0.1, 1, 2^e + 1) grid scaled by 10^(e - 6),
+    with both signs, plus 0 and 1: 2 * 127 + 2 = 256 levels, dense near 0 and covering [-1, 1].
+    """
+    levels = [0.0, 1.0]
+    for exponent in range(7):
+        bounds = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2
+        levels += ((10 ** (exponent - 6)) * means).tolist() + (-(10 ** (exponent - 6)) * means).tolist()
+    return torch.tensor(sorted(levels), dtype=torch.float32)
+
+
+def quantize_blockwise(values, levels, blocksize):
+    """
+    Block-wise absmax quantization of a flat float32 tensor (n,) to the nearest of `levels` (ascending,
+    spanning [-1, 1]): each block of `blocksize` values is divided by its absmax c (multiplied by 1 / c,
+    as bitsandbytes does; a zero block keeps c = 0 and quantizes to the level of 0) and every value gets
+    the index of the nearest level (ties to the lower one: the split points are the levels' midpoints).
+    n must be a multiple of blocksize. Returns (codes uint8 (n,), absmax float32 (n / blocksize,)).
+    """
+    blocks = values.float().view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(scaled.view(-1), midpoints).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes, absmax, levels, blocksize):
+    """levels[codes] * absmax of each code's block: the float32 values (n,) quantize_blockwise stands for."""
+    return (levels[codes.long()].view(-1, blocksize) * absmax[:, None]).view(-1)
+
+
+def nf4_quantize(weight, double_quant=False):
+    """
+    QLoRA's 4-bit NormalFloat quantization of a weight (any shape, numel a multiple of 64), as tensors:
+      codes   uint8 (numel / 2,): two 4-bit level indices per byte, the first value in the high nibble
+      absmax  float32 (numel / 64,): each block's scale, or with double_quant (QLoRA Sec. 3) its 8-bit
+              code: absmax_codes uint8 (numel / 64,), absmax_scale float32 (one per 256 blocks) and
+              absmax_offset float32 (): absmax - offset is quantized block-wise with dynamic_levels()
+    Bytes per weight: 0.5 + 4/64 = 0.5625, or with double quantization 0.5 + 1/64 + 4/(64 * 256) ~ 0.516.
+    """
+    flat = weight.detach().reshape(-1).float()
+    if flat.numel() % NF4_BLOCKSIZE:
+        raise ValueError(f"nf4_quantize: a weight of shape {tuple(weight.shape)} has {flat.numel()} values, "
+                         f"not a multiple of the block size {NF4_BLOCKSIZE}")
+    levels = normal_float_levels().to(flat.device)
+    codes, absmax = quantize_blockwise(flat, levels, NF4_BLOCKSIZE)
+    state = {"codes": (codes[0::2] << 4) | codes[1::2]}
+    if not double_quant:
+        state["absmax"] = absmax
+        return state
+    # the absmax constants are positive: center them (the mean) so the signed 8-bit levels fit them
+    offset = absmax.mean()
+    centered = absmax - offset
+    padding = -centered.numel() % ABSMAX_BLOCKSIZE  # a zero-padded last block: zeros do not change its absmax
+    absmax_codes, absmax_scale = quantize_blockwise(F.pad(centered, (0, padding)), dynamic_levels().to(flat.device),
+                                                    ABSMAX_BLOCKSIZE)
+    state.update(absmax_codes=absmax_codes[: centered.numel()], absmax_scale=absmax_scale, absmax_offset=offset)
+    return state
+
+
+def nf4_dequantize(state, shape, dtype):
+    """The weight (shape, dtype) that nf4_quantize's state stands for: level * absmax, in float32, then cast."""
+    if "absmax" in state:
+        absmax = state["absmax"]
+    else:  # double quantization: first the absmax constants, level * scale + offset
+        absmax_codes = state["absmax_codes"]
+        padding = -absmax_codes.numel() % ABSMAX_BLOCKSIZE
+        levels = dynamic_levels().to(absmax_codes.device)
+        absmax = dequantize_blockwise(F.pad(absmax_codes, (0, padding)), state["absmax_scale"], levels, ABSMAX_BLOCKSIZE)
+        absmax = absmax[: absmax_codes.numel()] + state["absmax_offset"]
+    packed = state["codes"]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)  # high nibble first
+    levels = normal_float_levels().to(packed.device)
+    return dequantize_blockwise(codes, absmax, levels, NF4_BLOCKSIZE).view(shape).to(dtype)
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """
+    x @ W^T for a frozen NF4 weight, dequantized in forward and again in backward: autograd would
+    otherwise keep each layer's dequantized W for backward, as much memory as the unquantized model.
+    Only x gets a gradient, dL/dx = dL/dy @ W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dequantize(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output @ ctx.layer.dequantize(grad_output.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """
+    A frozen linear layer whose weight is stored in NF4 (nf4_quantize): y = x @ dequant(W)^T + bias.
+    The weight is dequantized to the input's dtype (bf16 or fp32 compute, as QLoRA) in every forward
+    and backward and never kept; the bias stays in full precision. Buffers: the nf4_quantize state.
+    """
+
+    def __init__(self, linear, double_quant=False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype, self.double_quant = linear.weight.dtype, double_quant
+        for name, tensor in nf4_quantize(linear.weight, double_quant).items():
+            self.register_buffer(name, tensor)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype=None):
+        """The weight W (out x in) in `dtype` (default: the dtype of the weight that was quantized)."""
+        state = {name: buffer for name, buffer in self.named_buffers()}
+        return nf4_dequantize(state, (self.out_features, self.in_features), dtype or self.dtype)
+
+    def forward(self, x):
+        y = _NF4MatMul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_linear(self):
+        """An nn.Linear holding the dequantized weight (for merge_lora)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.dtype, device=self.codes.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def base_bytes(self):
+        """Bytes of the quantized weight (codes + constants), the bias left out."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, double_quant={self.double_quant}")
+
+
 _NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
 
 
@@ -249,13 +427,18 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False):
+def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False,
+             quantize="none"):
     """
     Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
     nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module inside `trainable`. Freeze all
     other parameters except those of the modules named in `trainable` (e.g. ("classifier", "pooler")).
-    Returns dict(trainable=#params, total=#params, replaced=[names]).
+    quantize="nf4" / "nf4-dq" then stores every frozen linear weight in NF4 (quantize_base), after the
+    PiSSA SVD: QPiSSA quantizes the residual W_res, not W. Returns dict(trainable=#params,
+    total=#params, replaced=[names]).
     """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"add_lora: quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("add_lora: the model already has LoRA adapters")
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -290,11 +473,45 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
     for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
         layer = layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
         _set_submodule(model, name, layer)
+    quantize_base(model, quantize)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     print(f"add_lora: {len(targets)} layers, trainable {n_trainable:,} / {n_total:,} params "
           f"({100 * n_trainable / n_total:.2f}%)")
     return dict(trainable=n_trainable, total=n_total, replaced=targets)
+
+
+# --quantize -> double quantization of the absmax constants? (None: the base stays in its dtype)
+QUANTIZE = {"none": None, "nf4": False, "nf4-dq": True}
+
+
+def quantize_base(model, quantize):
+    """
+    Store every frozen nn.Linear of the model (the bases inside the LoRALinear layers included, never
+    lm_head / classifier, as bitsandbytes' 4-bit loading in QLoRA) as an NF4Linear; quantize="none"
+    leaves the model as it is. Call it after PiSSA's SVD (add_lora does): the principal part stays in
+    the float32 adapter and only W_res is quantized (QPiSSA). A DoRA layer's magnitude restarts at the
+    norm of the quantized V, so the adapted model still starts at its (quantized) base.
+    Returns the bytes of the quantized weights and the number of weights they hold.
+    """
+    double_quant = QUANTIZE[quantize]
+    if double_quant is None:
+        return 0, 0
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in _NEVER_ADAPTED]
+    stored, weights = 0, 0
+    for name in names:
+        linear = model.get_submodule(name)
+        quantized = NF4Linear(linear, double_quant)
+        _set_submodule(model, name, quantized)
+        stored, weights = stored + quantized.base_bytes(), weights + linear.weight.numel()
+    for _, layer in lora_layers(model):
+        if layer.dora:
+            with torch.no_grad():
+                layer.lora_magnitude_vector.copy_(layer.weight_norm())
+    print(f"quantize_base: {len(names)} linear layers in {quantize}, {stored:,} bytes for {weights:,} weights "
+          f"({stored / max(weights, 1):.4f} bytes per weight)")
+    return stored, weights
 
 
 @contextmanager
@@ -639,10 +856,10 @@ def _require_lora(model, caller):
 def merge_lora(model):
     """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (DoRA: m V / ||V||_c), float32 sum, model dtype."""
     for name, layer in _require_lora(model, "merge_lora"):
+        base = layer.base if isinstance(layer.base, nn.Linear) else layer.base.dequantized_linear()
         with torch.no_grad():
-            weight = layer.base.weight
-            weight.copy_(layer.merged_weight().to(weight.dtype))
-        _set_submodule(model, name, layer.base)
+            base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
+        _set_submodule(model, name, base)
     return model
 
 
@@ -673,7 +890,7 @@ CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
 
 def save_adapter(model, directory, training=None):
     """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable, dora, and `training`: a dict of
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable, dora, quantize, and `training`: a dict of
     the run's settings its users need, e.g. train_nlu.py's task and max_length) and
     balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0, DoRA's lora_magnitude_vector and the
     trainable modules' params).
@@ -686,7 +903,7 @@ def save_adapter(model, directory, training=None):
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
         dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model), dora=_uniform(layers, "dora"),
+        trainable=_trainable_modules(model), dora=_uniform(layers, "dora"), quantize=_uniform(layers, "quantize"),
         **({"training": training} if training else {}),
     )
     tensors = dict(trainable_state_dict(model))
@@ -767,6 +984,8 @@ def load_adapter(model, directory):
     if config["init"] == "pissa":
         for name, layer in lora_layers(model):
             layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
+    # a 4-bit adapter was trained on the NF4 codes of W_res: rebuilt from the same W_res, they are the same
+    quantize_base(model, config.get("quantize", "none"))
     model.load_state_dict(tensors, strict=False)  # every key was checked by adapter_problems
     return model
 
@@ -788,6 +1007,11 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
     DoRA (use_dora: true) adds each layer's magnitude m as `lora_magnitude_vector`. peft normalizes
     V = W + s' B' A', which for the rank-2r PiSSA export is W + s (B A - B0 A0) = W_res + s B A, our V:
     the same m and direction, so DoRA on a PiSSA init exports the same way.
+
+    On a 4-bit base the adapter was trained against Q(W_res), but peft applies it to the weights it
+    loads: on the full-precision W it computes W + s (B A - B0 A0) = W_res + s B A, which differs from
+    the trained model by the quantization error W_res - Q(W_res); merge_lora (or load_adapter, which
+    re-quantizes) reproduces the trained model exactly.
     """
     from safetensors.torch import save_file
 
