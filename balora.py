@@ -473,9 +473,9 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
     for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
         layer = layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
         _set_submodule(model, name, layer)
-    quantize_base(model, quantize)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = sum(p.numel() for p in model.parameters())  # counted before the base weights become NF4 buffers
+    quantize_base(model, quantize)
     print(f"add_lora: {len(targets)} layers, trainable {n_trainable:,} / {n_total:,} params "
           f"({100 * n_trainable / n_total:.2f}%)")
     return dict(trainable=n_trainable, total=n_total, replaced=targets)

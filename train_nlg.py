@@ -501,7 +501,7 @@ ASSETS = os.path.join(REPO, "assets")
 PAPER = dict(
     model=None, data="meta-math/MetaMathQA", format="metamath", prompt_format=None, max_samples=100_000, max_length=512,
     out=os.path.join("out", "nlg"), method="balora", rank=128, alpha=128, dropout=0.0,
-    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", pissa_niter=None,
+    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", pissa_niter=None, quantize="none",
     lambda1=0.025, lambda2=0.005, lambda3=0.005, lambda1_schedule="cosine", focus_schedule="two_phase",
     lambda_warmup_ratio=0.2, lambda_rampup_ratio=0.05, svd_k=10, top_k=20, temperature=2.0, reg_tokens="task",
     lr=2e-5, weight_decay=0.0, warmup_ratio=0.03, batch_size=32, micro_batch_size=4, epochs=1, max_steps=None,
@@ -538,6 +538,7 @@ def parse_args(argv=None):
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
+    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
     flag("--lambda1", type=float, help="consistency weight (Eq. 9)")
     flag("--lambda2", type=float, help="diversity weight (Eq. 10)")
     flag("--lambda3", type=float, help="SVD weight (Eq. 12)")
@@ -622,7 +623,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     adapter = balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                              dropout=args.dropout, pissa_niter=args.pissa_niter, dora=args.method in DORA_METHODS)
+                              dropout=args.dropout, pissa_niter=args.pissa_niter, dora=args.method in DORA_METHODS,
+                              quantize=args.quantize)
     params = [p for p in model.parameters() if p.requires_grad]
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()

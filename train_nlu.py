@@ -365,7 +365,7 @@ def presets(task_name):
         out=os.path.join("out", "nlu"), method="balora",
         # Table 8 (DeBERTa-v3-base): the task's row; rank 8 everywhere, linear schedule, no weight decay
         epochs=task.epochs, batch_size=task.batch_size, micro_batch_size=None, lr=task.lr, alpha=task.lora_alpha,
-        rank=8, dropout=0.0, targets=TARGET_MODULES, warmup_ratio=0.0, grad_clip=1.0, max_length=256,
+        rank=8, dropout=0.0, targets=TARGET_MODULES, quantize="none", warmup_ratio=0.0, grad_clip=1.0, max_length=256,
         # BA-LoRA (Sec. 3.1, NLU): lambda = (0.15, 0.03, 0.03), k = 5. The paper gives no NLU temperature and
         # the official code (llm172/BA-LoRA) only ships the NLG script, whose setting is --distill_temp 2.0
         # (also B.4); D.1 says T is fixed per backbone and reused across datasets, so 2.0 here too.
@@ -429,6 +429,7 @@ def parse_args(argv=None):
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
+    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
     flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
     flag("--grad-clip", type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
@@ -509,7 +510,8 @@ def main(argv=None):
     init, regularized = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularized else (0.0, 0.0, 0.0)
     balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                    dropout=args.dropout, trainable=("classifier", "pooler"), dora=args.method in DORA_METHODS)
+                    dropout=args.dropout, trainable=("classifier", "pooler"), dora=args.method in DORA_METHODS,
+                    quantize=args.quantize)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
