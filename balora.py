@@ -225,13 +225,13 @@ class DoRALinear(LoRALinear):
         result = self.base(x)
         x = x.to(self.lora_A.dtype)
         scale = self.magnitude_scale()  # (out,), broadcast over the last dim of the outputs
+        base_result = result
         if self.training and self.dropout.p > 0:
             x = self.dropout(x)
-            base_result = F.linear(x, self.base_weight().to(x.dtype))  # W_res x~, without the bias
-        else:
-            base_result = result.to(x.dtype)
-            if self.base.bias is not None:
-                base_result = base_result - self.base.bias.to(x.dtype)
+            base_result = self.base(x.to(result.dtype))  # W_res x~ + bias (an NF4 base keeps no weight for backward)
+        base_result = base_result.to(x.dtype)
+        if self.base.bias is not None:
+            base_result = base_result - self.base.bias.to(x.dtype)  # W_res x~ alone
         lora_result = self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return result + ((scale - 1) * base_result + scale * lora_result).to(result.dtype)
 
@@ -431,8 +431,9 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
              quantize="none"):
     """
     Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
-    nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module inside `trainable`. Freeze all
-    other parameters except those of the modules named in `trainable` (e.g. ("classifier", "pooler")).
+    nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module
+    inside `trainable`. Freeze all other parameters except those of the modules named in `trainable`
+    (e.g. ("classifier", "pooler")).
     quantize="nf4" / "nf4-dq" then stores every frozen linear weight in NF4 (quantize_base), after the
     PiSSA SVD: QPiSSA quantizes the residual W_res, not W. Returns dict(trainable=#params,
     total=#params, replaced=[names]).
@@ -854,7 +855,10 @@ def _require_lora(model, caller):
 
 
 def merge_lora(model):
-    """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (DoRA: m V / ||V||_c), float32 sum, model dtype."""
+    """
+    Replace each LoRALinear by its base nn.Linear (an NF4 base: dequantized) with weight W_res + s B A
+    (DoRA: m V / ||V||_c), summed in the adapter dtype and cast to the model dtype.
+    """
     for name, layer in _require_lora(model, "merge_lora"):
         base = layer.base if isinstance(layer.base, nn.Linear) else layer.base.dequantized_linear()
         with torch.no_grad():
