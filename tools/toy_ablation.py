@@ -12,7 +12,7 @@ The paper's ablation at toy scale, on the bundled tiny models (assets/, built by
     Table 12's silhouettes and minority-class recall);
   - every cell is the mean ± std over the paper's three seeds (42, 1024, 2024).
 
-    python tools/toy_ablation.py                       # 21 minutes on a 2-core CPU -> out/ablation/
+    python tools/toy_ablation.py                       # 46 minutes on a busy 2-core CPU -> out/ablation/
     python tools/toy_ablation.py --update-docs         # the same, into assets/ablation/ (the committed run)
     python tools/toy_ablation.py --seeds 42 --nlu-steps 20 --gsm8k-limit 20   # a quick look
 
