@@ -8,6 +8,9 @@ BA-LoRA (Bias-Alleviating Low-Rank Adaptation, ICLR 2026) from scratch, in the o
   Eq. 9-13  NLG regularizers on the (M, V) logits of the valid (non-padded) tokens: consistency,
             focused top-K entropy, randomized-SVD energy ratio, and the weighted objective.
   App. B.4  the schedules of lambda1 (cosine) and lambda2/lambda3 ("two_phase" focus).
+  Table 10  DoRA (DoRALinear), the third adapter the regularizers are shown on.
+  Fig. 5    the 4-bit base of QLoRA / QPiSSA / QBA-LoRA: NF4 weights (NF4Linear), quantized after
+            PiSSA's SVD, so that QPiSSA quantizes the residual W_res.
   Then adapters as files: merge, save/load, and export to the peft format.
 
 Notation. The paper writes a linear layer as Y = X (W + A B) with W in R^{m x n} (m inputs, n outputs),
@@ -26,6 +29,10 @@ simply skips the adapter, so no copy is stored. Extra memory: one copy of the ad
 of the model. Modules left fully trainable (e.g. the classification head) are shared by teacher and
 student, as in the paper's NLU setup (App. B.3, B.4). `pretrained_mode` also puts the model in eval
 mode, like the official frozen teacher.
+
+The teacher on a 4-bit base is the quantized model, as QLoRA holds it: pretrained_mode computes
+Q(W_res) + s B0 A0 (init="pissa") or Q(W) (init="lora"), never the full-precision W, which is not
+kept. For QPiSSA that teacher is nearer to W than QLoRA's, by the smaller quantization error of W_res.
 
 Dtypes. The frozen base weight keeps the model dtype (e.g. bfloat16); the adapter factors are float32
 (float64 if the base is float64), like peft's `autocast_adapter_dtype`. The adapter casts its input to
@@ -123,6 +130,17 @@ class LoRALinear(nn.Module):
     def init(self):
         return "lora" if self.lora_A0 is None else "pissa"
 
+    @property
+    def dora(self):
+        return isinstance(self, DoRALinear)
+
+    @property
+    def quantize(self):
+        """The base's storage: "none", "nf4" or "nf4-dq" (NF4 with double quantization), as QUANTIZE names it."""
+        if isinstance(self.base, nn.Linear):
+            return "none"
+        return "nf4-dq" if self.base.double_quant else "nf4"
+
     @torch.no_grad()
     def start_from(self, lora_A0, lora_B0):
         """
@@ -155,6 +173,235 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, init={self.init!r}"
 
+    def base_weight(self):
+        """The frozen weight W_res (out x in) the base layer computes with (dequantized for an NF4 base)."""
+        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
+
+    def merged_weight(self):
+        """The effective weight W_res + s * lora_B @ lora_A (out x in), summed in the adapter dtype (float32 or float64)."""
+        return self.base_weight().to(self.lora_A.dtype) + self.delta_weight()
+
+
+class DoRALinear(LoRALinear):
+    """
+    DoRA (Liu et al. 2024): LoRA with the weight split into a magnitude and a direction,
+
+        W' = m * V / ||V||_c,   V = W_res + s * lora_B @ lora_A   (out x in),   y = W' x + bias,
+
+    where ||V||_c is the L2 norm of each output row of V (the paper's column norm, in its in x out
+    layout): a vector of length out, like the trainable magnitude m (`lora_magnitude_vector`).
+    m starts at ||V||_c of the initial adapter, which is ||W||_c for init="lora" (B = 0) and for
+    init="pissa" too (W_res + s B0 A0 = W, peft's order: PiSSA first, then the magnitude), so
+    W' = W at the start. The norm is detached, a constant in backward (DoRA Sec. 4.3, as peft):
+    m and the factors get their gradients through the numerator only.
+
+    The forward is peft's: it reuses base(x) = W_res x + bias instead of forming W' x,
+        y = base(x) + (m / ||V||_c - 1) * W_res x~ + (m / ||V||_c) * s * lora_B lora_A x~,
+    with x~ = dropout(x) (= x without dropout, where this is exactly W' x + bias). The teacher
+    (pretrained_mode) is the LoRA layer with the initial factors, W_res + s B0 A0 = W: the initial
+    magnitude ||W||_c over the norm ||W||_c is 1, so the DoRA rescaling is skipped, not recomputed.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0, init="lora", pissa_niter=None):
+        super().__init__(base, r, alpha, dropout, init, pissa_niter)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """||V||_c = ||W_res + s * lora_B @ lora_A||_c: the L2 norm of each output row (out,), adapter dtype, no gradient."""
+        return torch.linalg.vector_norm(super().merged_weight(), dim=1)
+
+    def magnitude_scale(self):
+        """m / ||V||_c (out,): the factor that rescales each output row of V to the magnitude m."""
+        return self.lora_magnitude_vector / self.weight_norm()
+
+    def merged_weight(self):
+        """W' = m * V / ||V||_c (out x in), in the adapter dtype (delta_weight stays s * lora_B @ lora_A, as in peft)."""
+        return self.magnitude_scale()[:, None] * super().merged_weight()
+
+    def forward(self, x):
+        if self.pretrained:  # the initial layer: W_res + s B0 A0 = W, the magnitude scale is 1
+            return super().forward(x)
+        result = self.base(x)
+        x = x.to(self.lora_A.dtype)
+        scale = self.magnitude_scale()  # (out,), broadcast over the last dim of the outputs
+        base_result = result
+        if self.training and self.dropout.p > 0:
+            x = self.dropout(x)
+            base_result = self.base(x.to(result.dtype))  # W_res x~ + bias (an NF4 base keeps no weight for backward)
+        base_result = base_result.to(x.dtype)
+        if self.base.bias is not None:
+            base_result = base_result - self.base.bias.to(x.dtype)  # W_res x~ alone
+        lora_result = self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return result + ((scale - 1) * base_result + scale * lora_result).to(result.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", dora=True"
+
+
+# -----------------------------------------------------------------------------
+# The 4-bit base of QLoRA / QPiSSA / QBA-LoRA (Fig. 5): NF4 (Dettmers et al. 2023)
+
+NF4_BLOCKSIZE = 64  # weights per absmax constant (QLoRA's block size)
+ABSMAX_BLOCKSIZE = 256  # absmax constants per second-level constant in double quantization (QLoRA)
+
+
+def normal_float_levels():
+    """
+    The 16 NF4 levels (float32, ascending, -1 to 1), QLoRA's NormalFloat: quantiles of N(0, 1) so that
+    each level stands for an equal share of a normally distributed weight, with an exact 0 and one
+    more positive level than negative (15 nonzero values). 8 positive quantiles at probabilities from
+    `offset` down to 0.5 and 7 negative ones, then divided by the largest so the range is [-1, 1].
+    offset = 0.9677083 (QLoRA's constant, the mean of 1 - 1/(2*15) and 1 - 1/(2*16), rounded as
+    bitsandbytes rounds it) keeps the outermost quantile finite. The probabilities are float32 and the
+    quantiles float64 rounded to float32, which reproduces bitsandbytes' table bit for bit.
+    """
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # 8 values > 0
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # 7 values < 0
+    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
+    return levels / levels.max()
+
+
+def dynamic_levels():
+    """
+    The 256 levels (float32, ascending) of the signed 8-bit dynamic quantization that QLoRA's double
+    quantization applies to the absmax constants (Dettmers 2015, bitsandbytes' default map): for each
+    exponent e = 0..6, the 2^e midpoints of a linspace(0.1, 1, 2^e + 1) grid scaled by 10^(e - 6),
+    with both signs, plus 0 and 1: 2 * 127 + 2 = 256 levels, dense near 0 and covering [-1, 1].
+    """
+    levels = [0.0, 1.0]
+    for exponent in range(7):
+        bounds = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2
+        levels += ((10 ** (exponent - 6)) * means).tolist() + (-(10 ** (exponent - 6)) * means).tolist()
+    return torch.tensor(sorted(levels), dtype=torch.float32)
+
+
+def quantize_blockwise(values, levels, blocksize):
+    """
+    Block-wise absmax quantization of a flat float32 tensor (n,) to the nearest of `levels` (ascending,
+    spanning [-1, 1]): each block of `blocksize` values is divided by its absmax c (multiplied by 1 / c,
+    as bitsandbytes does; a zero block keeps c = 0 and quantizes to the level of 0) and every value gets
+    the index of the nearest level (ties to the lower one: the split points are the levels' midpoints).
+    n must be a multiple of blocksize. Returns (codes uint8 (n,), absmax float32 (n / blocksize,)).
+    """
+    blocks = values.float().view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(scaled.view(-1), midpoints).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes, absmax, levels, blocksize):
+    """levels[codes] * absmax of each code's block: the float32 values (n,) quantize_blockwise stands for."""
+    return (levels[codes.long()].view(-1, blocksize) * absmax[:, None]).view(-1)
+
+
+def nf4_quantize(weight, double_quant=False):
+    """
+    QLoRA's 4-bit NormalFloat quantization of a weight (any shape, numel a multiple of 64), as tensors:
+      codes   uint8 (numel / 2,): two 4-bit level indices per byte, the first value in the high nibble
+      absmax  float32 (numel / 64,): each block's scale, or with double_quant (QLoRA Sec. 3) its 8-bit
+              code: absmax_codes uint8 (numel / 64,), absmax_scale float32 (one per 256 blocks) and
+              absmax_offset float32 (): absmax - offset is quantized block-wise with dynamic_levels()
+    Bytes per weight: 0.5 + 4/64 = 0.5625, or with double quantization 0.5 + 1/64 + 4/(64 * 256) ~ 0.516.
+    """
+    flat = weight.detach().reshape(-1).float()
+    if flat.numel() % NF4_BLOCKSIZE:
+        raise ValueError(f"nf4_quantize: a weight of shape {tuple(weight.shape)} has {flat.numel()} values, "
+                         f"not a multiple of the block size {NF4_BLOCKSIZE}")
+    levels = normal_float_levels().to(flat.device)
+    codes, absmax = quantize_blockwise(flat, levels, NF4_BLOCKSIZE)
+    state = {"codes": (codes[0::2] << 4) | codes[1::2]}
+    if not double_quant:
+        state["absmax"] = absmax
+        return state
+    # the absmax constants are positive: center them (the mean) so the signed 8-bit levels fit them
+    offset = absmax.mean()
+    centered = absmax - offset
+    padding = -centered.numel() % ABSMAX_BLOCKSIZE  # a zero-padded last block: zeros do not change its absmax
+    absmax_codes, absmax_scale = quantize_blockwise(F.pad(centered, (0, padding)), dynamic_levels().to(flat.device),
+                                                    ABSMAX_BLOCKSIZE)
+    state.update(absmax_codes=absmax_codes[: centered.numel()], absmax_scale=absmax_scale, absmax_offset=offset)
+    return state
+
+
+def nf4_dequantize(state, shape, dtype):
+    """The weight (shape, dtype) that nf4_quantize's state stands for: level * absmax, in float32, then cast."""
+    if "absmax" in state:
+        absmax = state["absmax"]
+    else:  # double quantization: first the absmax constants, level * scale + offset
+        absmax_codes = state["absmax_codes"]
+        padding = -absmax_codes.numel() % ABSMAX_BLOCKSIZE
+        levels = dynamic_levels().to(absmax_codes.device)
+        absmax = dequantize_blockwise(F.pad(absmax_codes, (0, padding)), state["absmax_scale"], levels, ABSMAX_BLOCKSIZE)
+        absmax = absmax[: absmax_codes.numel()] + state["absmax_offset"]
+    packed = state["codes"]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)  # high nibble first
+    levels = normal_float_levels().to(packed.device)
+    return dequantize_blockwise(codes, absmax, levels, NF4_BLOCKSIZE).view(shape).to(dtype)
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """
+    x @ W^T for a frozen NF4 weight, dequantized in forward and again in backward: autograd would
+    otherwise keep each layer's dequantized W for backward, as much memory as the unquantized model.
+    Only x gets a gradient, dL/dx = dL/dy @ W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dequantize(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output @ ctx.layer.dequantize(grad_output.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """
+    A frozen linear layer whose weight is stored in NF4 (nf4_quantize): y = x @ dequant(W)^T + bias.
+    The weight is dequantized to the input's dtype (bf16 or fp32 compute, as QLoRA) in every forward
+    and backward and never kept; the bias stays in full precision. Buffers: the nf4_quantize state.
+    """
+
+    def __init__(self, linear, double_quant=False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype, self.double_quant = linear.weight.dtype, double_quant
+        for name, tensor in nf4_quantize(linear.weight, double_quant).items():
+            self.register_buffer(name, tensor)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype=None):
+        """The weight W (out x in) in `dtype` (default: the dtype of the weight that was quantized)."""
+        state = {name: buffer for name, buffer in self.named_buffers()}
+        return nf4_dequantize(state, (self.out_features, self.in_features), dtype or self.dtype)
+
+    def forward(self, x):
+        y = _NF4MatMul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_linear(self):
+        """An nn.Linear holding the dequantized weight (for merge_lora)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.dtype, device=self.codes.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def base_bytes(self):
+        """Bytes of the quantized weight (codes + constants), the bias left out."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, double_quant={self.double_quant}")
+
 
 _NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
 
@@ -180,13 +427,19 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=()):
+def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False,
+             quantize="none"):
     """
     Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
-    nn.Linear) by a LoRALinear, never lm_head / classifier or a module inside `trainable`. Freeze all
-    other parameters except those of the modules named in `trainable` (e.g. ("classifier", "pooler")).
-    Returns dict(trainable=#params, total=#params, replaced=[names]).
+    nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module
+    inside `trainable`. Freeze all other parameters except those of the modules named in `trainable`
+    (e.g. ("classifier", "pooler")).
+    quantize="nf4" / "nf4-dq" then stores every frozen linear weight in NF4 (quantize_base), after the
+    PiSSA SVD: QPiSSA quantizes the residual W_res, not W. Returns dict(trainable=#params,
+    total=#params, replaced=[names]).
     """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"add_lora: quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("add_lora: the model already has LoRA adapters")
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -217,14 +470,49 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
         for m in modules:
             m.requires_grad_(True)
     # PiSSA runs one SVD per matrix: minutes for a 7B model, so show progress
+    layer_class = DoRALinear if dora else LoRALinear
     for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
-        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
+        layer = layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
         _set_submodule(model, name, layer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = sum(p.numel() for p in model.parameters())  # counted before the base weights become NF4 buffers
+    quantize_base(model, quantize)
     print(f"add_lora: {len(targets)} layers, trainable {n_trainable:,} / {n_total:,} params "
           f"({100 * n_trainable / n_total:.2f}%)")
     return dict(trainable=n_trainable, total=n_total, replaced=targets)
+
+
+# --quantize -> double quantization of the absmax constants? (None: the base stays in its dtype)
+QUANTIZE = {"none": None, "nf4": False, "nf4-dq": True}
+
+
+def quantize_base(model, quantize):
+    """
+    Store every frozen nn.Linear of the model (the bases inside the LoRALinear layers included, never
+    lm_head / classifier, as bitsandbytes' 4-bit loading in QLoRA) as an NF4Linear; quantize="none"
+    leaves the model as it is. Call it after PiSSA's SVD (add_lora does): the principal part stays in
+    the float32 adapter and only W_res is quantized (QPiSSA). A DoRA layer's magnitude restarts at the
+    norm of the quantized V, so the adapted model still starts at its (quantized) base.
+    Returns the bytes of the quantized weights and the number of weights they hold.
+    """
+    double_quant = QUANTIZE[quantize]
+    if double_quant is None:
+        return 0, 0
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in _NEVER_ADAPTED]
+    stored, weights = 0, 0
+    for name in names:
+        linear = model.get_submodule(name)
+        quantized = NF4Linear(linear, double_quant)
+        _set_submodule(model, name, quantized)
+        stored, weights = stored + quantized.base_bytes(), weights + linear.weight.numel()
+    for _, layer in lora_layers(model):
+        if layer.dora:
+            with torch.no_grad():
+                layer.lora_magnitude_vector.copy_(layer.weight_norm())
+    print(f"quantize_base: {len(names)} linear layers in {quantize}, {stored:,} bytes for {weights:,} weights "
+          f"({stored / max(weights, 1):.4f} bytes per weight)")
+    return stored, weights
 
 
 @contextmanager
@@ -567,12 +855,15 @@ def _require_lora(model, caller):
 
 
 def merge_lora(model):
-    """Replace each LoRALinear by its base nn.Linear with weight W_res + s B A (float32 sum, model dtype)."""
+    """
+    Replace each LoRALinear by its base nn.Linear (an NF4 base: dequantized) with weight W_res + s B A
+    (DoRA: m V / ||V||_c), summed in the adapter dtype and cast to the model dtype.
+    """
     for name, layer in _require_lora(model, "merge_lora"):
+        base = layer.base if isinstance(layer.base, nn.Linear) else layer.base.dequantized_linear()
         with torch.no_grad():
-            weight = layer.base.weight
-            weight.copy_((weight.float() + layer.delta_weight().float()).to(weight.dtype))
-        _set_submodule(model, name, layer.base)
+            base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
+        _set_submodule(model, name, base)
     return model
 
 
@@ -582,11 +873,11 @@ def trainable_state_dict(model):
 
 
 def _trainable_modules(model):
-    """Names of the modules owning trainable parameters other than LoRA factors (add_lora's `trainable`)."""
+    """Names of the modules owning trainable parameters other than LoRA / DoRA ones (add_lora's `trainable`)."""
     names = []
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        if p.requires_grad and leaf not in ("lora_A", "lora_B") and owner not in names:
+        if p.requires_grad and leaf not in ("lora_A", "lora_B", "lora_magnitude_vector") and owner not in names:
             names.append(owner)
     return names
 
@@ -603,9 +894,10 @@ CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
 
 def save_adapter(model, directory, training=None):
     """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable, and `training`: a dict of
+    Write balora_config.json (r, alpha, init, dropout, targets, trainable, dora, quantize, and `training`: a dict of
     the run's settings its users need, e.g. train_nlu.py's task and max_length) and
-    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0 and the trainable modules' params).
+    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0, DoRA's lora_magnitude_vector and the
+    trainable modules' params).
     Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
     PiSSA used a randomized SVD that cannot be recomputed.
     """
@@ -615,7 +907,8 @@ def save_adapter(model, directory, training=None):
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
         dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model), **({"training": training} if training else {}),
+        trainable=_trainable_modules(model), dora=_uniform(layers, "dora"), quantize=_uniform(layers, "quantize"),
+        **({"training": training} if training else {}),
     )
     tensors = dict(trainable_state_dict(model))
     for name, layer in layers:
@@ -648,6 +941,8 @@ def adapter_problems(model, config, tensors):
         for factor in factors:
             expected[f"{name}.{factor}"] = ((config["r"], layer.in_features) if factor.startswith("lora_A")
                                             else (layer.out_features, config["r"]))
+        if config.get("dora", False):  # adapters saved before DoRA existed have no "dora" key
+            expected[f"{name}.lora_magnitude_vector"] = (layer.out_features,)
     for module_name in config["trainable"]:
         if module_name not in modules:
             problems.append(f"trainable module {module_name!r} is not in the model")
@@ -689,10 +984,12 @@ def load_adapter(model, directory):
         raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
     # init="lora" wraps the layers without an SVD; PiSSA layers then start from their saved factors
     add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
-             dropout=config["dropout"], trainable=config["trainable"])
+             dropout=config["dropout"], trainable=config["trainable"], dora=config.get("dora", False))
     if config["init"] == "pissa":
         for name, layer in lora_layers(model):
             layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
+    # a 4-bit adapter was trained on the NF4 codes of W_res: rebuilt from the same W_res, they are the same
+    quantize_base(model, config.get("quantize", "none"))
     model.load_state_dict(tensors, strict=False)  # every key was checked by adapter_problems
     return model
 
@@ -710,6 +1007,15 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
     a rank-2r LoRA (peft's own PiSSA-to-LoRA conversion). It is exported with r' = 2r and
     alpha' = 2 alpha (an int when it is whole, as peft writes it), so peft's scaling alpha'/r' equals s.
     Trainable non-LoRA modules (e.g. the classifier) go to peft's modules_to_save.
+
+    DoRA (use_dora: true) adds each layer's magnitude m as `lora_magnitude_vector`. peft normalizes
+    V = W + s' B' A', which for the rank-2r PiSSA export is W + s (B A - B0 A0) = W_res + s B A, our V:
+    the same m and direction, so DoRA on a PiSSA init exports the same way.
+
+    On a 4-bit base the adapter was trained against Q(W_res), but peft applies it to the weights it
+    loads: on the full-precision W it computes W + s (B A - B0 A0) = W_res + s B A, which differs from
+    the trained model by the quantization error W_res - Q(W_res); merge_lora (or load_adapter, which
+    re-quantizes) reproduces the trained model exactly.
     """
     from safetensors.torch import save_file
 
@@ -723,6 +1029,8 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
             lora_B = torch.cat([lora_B, -layer.lora_B0], dim=1)  # (out, 2r)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B
+        if layer.dora:
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     modules_to_save = _trainable_modules(model)
     for module_name in modules_to_save:
         for param_name, p in model.get_submodule(module_name).named_parameters():
@@ -736,7 +1044,7 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
         r=rank_factor * r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
         lora_dropout=_uniform(layers, "dropout_p"),
         target_modules=[name for name, _ in layers], modules_to_save=modules_to_save or None,
-        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=_uniform(layers, "dora"),
         inference_mode=True,
     )
     os.makedirs(out_dir, exist_ok=True)

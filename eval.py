@@ -698,11 +698,23 @@ def generate_mt_bench_answers(args, questions, turns):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def apply_adapter(model, adapter):
-    """Put the BA-LoRA adapter directory `adapter` (balora.save_adapter) onto `model` and merge it."""
+def apply_adapter(model, adapter, quantize=None):
+    """
+    Put the BA-LoRA adapter directory `adapter` (balora.save_adapter) onto `model` and merge it.
+    quantize (--quantize): the base the model runs on. An adapter trained on a 4-bit base rebuilds
+    that base itself (load_adapter re-quantizes W_res to the same codes), so None means "as trained";
+    a different explicit value is an error. Without an adapter, "nf4" / "nf4-dq" evaluates the base
+    model with its linear weights in NF4 (QLoRA's frozen model, the teacher of a 4-bit run).
+    """
     if adapter is not None:
         balora.load_adapter(model, adapter)
-        balora.merge_lora(model)
+        trained = balora.lora_layers(model)[0][1].quantize
+        if quantize is not None and quantize != trained:
+            raise ValueError(f"--quantize {quantize}: the adapter {adapter} was trained on a {trained!r} base "
+                             f"(its {balora.CONFIG_NAME}); pass --quantize {trained} or leave it out")
+        balora.merge_lora(model)  # the merged weight of a 4-bit adapter is Q(W_res) + s B A, dense
+    elif quantize is not None:
+        balora.quantize_base(model.requires_grad_(False), quantize)
     return model.eval()
 
 
@@ -713,7 +725,7 @@ def load_llama(args):
         args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
         print(f"prompt format: {args.prompt_format}")
     model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    return apply_adapter(model, args.adapter), tokenizer
+    return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), tokenizer
 
 
 def load_classifier(args, task):
@@ -721,7 +733,7 @@ def load_classifier(args, task):
     head, and the encoder's tokenizer."""
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
                                               dtype=DTYPES[args.dtype], device=args.device)
-    return apply_adapter(model, args.adapter), TOKENIZERS[model.config.model_type](args.model)
+    return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), TOKENIZERS[model.config.model_type](args.model)
 
 
 @torch.no_grad()
@@ -1107,10 +1119,16 @@ def parse_args(argv=None):
         sub.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
         sub.add_argument("--out", default=os.path.join("out", "eval", f"{name}.json"), help="results JSON")
         sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype the model weights are loaded and run in")
+        quantize_flag(sub)
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="cpu | cuda (default: cuda when available, else cpu)")
         sub.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
         return sub
+
+    def quantize_flag(sub):
+        sub.add_argument("--quantize", default=None, choices=list(balora.QUANTIZE),
+                         help="the base's storage: nf4 / nf4-dq run the linear weights in 4-bit NormalFloat "
+                              "(default: as the adapter was trained; none without an adapter)")
 
     def prompt_format_flag(sub):
         sub.add_argument("--prompt-format", default=None, choices=list(PROMPT_FORMATS),
@@ -1184,6 +1202,7 @@ def parse_args(argv=None):
     sub.add_argument("--out", default=os.path.join("out", "eval", "mtbench.json"),
                      help="results JSON (default out/eval/mtbench.json)")
     sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
+    quantize_flag(sub)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="default: cuda when available, else cpu")
     sub.add_argument("--batch-size", type=int, default=16, help="answers generated at once (default 16)")

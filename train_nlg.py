@@ -499,14 +499,16 @@ def global_batch_indices(num_samples, batch_size, step, seed):
 # Flags
 
 # --method -> (adapter initialization, BA-LoRA regularizers on?) as in Table 10.
-METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True)}
+METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True),
+           "dora": ("lora", False), "dora+reg": ("lora", True)}
+DORA_METHODS = ("dora", "dora+reg")  # their layers are balora.DoRALinear (trainable magnitude), Table 10's DoRA rows
 
 ASSETS = os.path.join(REPO, "assets")
 # The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
 PAPER = dict(
     model=None, data="meta-math/MetaMathQA", format="metamath", prompt_format=None, max_samples=100_000, max_length=512,
     out=os.path.join("out", "nlg"), method="balora", rank=128, alpha=128, dropout=0.0,
-    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", pissa_niter=None,
+    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", pissa_niter=None, quantize="none",
     lambda1=0.025, lambda2=0.005, lambda3=0.005, lambda1_schedule="cosine", focus_schedule="two_phase",
     lambda_warmup_ratio=0.2, lambda_rampup_ratio=0.05, svd_k=10, top_k=20, temperature=2.0, reg_tokens="task",
     lr=2e-5, weight_decay=0.0, warmup_ratio=0.03, batch_size=32, micro_batch_size=4, epochs=1, max_steps=None,
@@ -536,12 +538,14 @@ def parse_args(argv=None):
     flag("--max-samples", type=int, help="use the first N records")
     flag("--max-length", type=int, help="truncate examples to this many tokens")
     flag("--out", help="log.jsonl, config.json, checkpoint.pt, adapter/, peft_adapter/, curves.png")
-    flag("--method", choices=list(METHODS), help="lora | pissa | balora (pissa + regularizers) | lora+reg (Table 10)")
+    flag("--method", choices=list(METHODS),
+         help="lora | pissa | balora (pissa + regularizers) | lora+reg | dora | dora+reg (Table 10)")
     flag("--rank", type=int, help="LoRA rank r")
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
+    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
     flag("--lambda1", type=float, help="consistency weight (Eq. 9)")
     flag("--lambda2", type=float, help="diversity weight (Eq. 10)")
     flag("--lambda3", type=float, help="SVD weight (Eq. 12)")
@@ -606,6 +610,11 @@ def main(argv=None):
         raise ValueError("--fsdp shards the model over the processes torchrun starts: launch with torchrun")
     if args.fsdp_cpu_offload and not args.fsdp:
         raise ValueError("--fsdp-cpu-offload offloads FSDP shards: give --fsdp too")
+    if args.fsdp and (args.method in DORA_METHODS or args.quantize != "none"):
+        # fsdp.gathered_adapter rebuilds plain LoRA layers, and NF4 codes are buffers FSDP does not shard
+        raise ValueError(f"--fsdp shards LoRA/PiSSA adapters on a full-precision base: --method {args.method} "
+                         f"--quantize {args.quantize} is not supported with it (drop --fsdp, or use another --method "
+                         f"and --quantize none)")
     ddp = world_size > 1 and not args.fsdp
     distributed = ddp or args.fsdp  # the ranks sum their token counts and losses
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -632,7 +641,8 @@ def main(argv=None):
     # the same seed on every rank gives the same adapter init
     torch.manual_seed(args.seed)
     lora = dict(target_modules=args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                dropout=args.dropout, pissa_niter=args.pissa_niter)
+                dropout=args.dropout, pissa_niter=args.pissa_niter, dora=args.method in DORA_METHODS,
+                quantize=args.quantize)
     if args.fsdp:  # built on the meta device, each Block read, adapted and sharded in turn
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:

@@ -34,7 +34,7 @@ import plot
 from data import DebertaTokenizer, RobertaTokenizer, load_hub_dataset
 from model import DebertaClassifier, read_config, roberta_hf_key
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
-from train_nlg import METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
+from train_nlg import DORA_METHODS, METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
 from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
 from train_nlg import Reporter, add_deprecated_aliases, check_report_to, deprecated_epilog, preset_flag, resolve_settings
 from train_nlg import settings_block, settings_record, shown, write_config
@@ -431,7 +431,7 @@ def presets(task_name, family="deberta-v2"):
         out=os.path.join("out", "nlu"), method="balora",
         # Table 8 (DeBERTa-v3-base): the task's row; rank 8 everywhere, linear schedule, no weight decay
         epochs=task.epochs, batch_size=task.batch_size, micro_batch_size=None, lr=task.lr, alpha=task.lora_alpha,
-        rank=8, dropout=0.0, targets=TARGET_MODULES, warmup_ratio=0.0, grad_clip=1.0, max_length=256,
+        rank=8, dropout=0.0, targets=TARGET_MODULES, quantize="none", warmup_ratio=0.0, grad_clip=1.0, max_length=256,
         # BA-LoRA (Sec. 3.1, NLU): lambda = (0.15, 0.03, 0.03), k = 5. The paper gives no NLU temperature and
         # the official code (llm172/BA-LoRA) only ships the NLG script, whose setting is --distill_temp 2.0
         # (also B.4); D.1 says T is fixed per backbone and reused across datasets, so 2.0 here too.
@@ -496,7 +496,7 @@ def parse_args(argv=None):
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
     flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
     flag("--out", help="output directory: log.jsonl, config.json, checkpoint.pt, best.pt, adapter/, peft_adapter/, curves.png")
-    flag("--method", choices=list(METHODS), help="lora | pissa | balora (PiSSA + Reg) | lora+reg (Table 10)")
+    flag("--method", choices=list(METHODS), help="lora | pissa | balora (PiSSA + Reg) | lora+reg | dora | dora+reg (Table 10)")
     flag("--epochs", type=int, help="passes over the training set")
     flag("--batch-size", type=int, help="examples per optimizer step, over all processes")
     flag("--micro-batch-size", type=int, help="examples per forward on one process, the batch the regularizers see")
@@ -505,6 +505,7 @@ def parse_args(argv=None):
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
+    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
     flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
     flag("--grad-clip", type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
@@ -585,7 +586,8 @@ def main(argv=None):
     init, regularized = METHODS[args.method]
     lambdas = (args.lambda1, args.lambda2, args.lambda3) if regularized else (0.0, 0.0, 0.0)
     balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=init,
-                    dropout=args.dropout, trainable=("classifier", "pooler"))
+                    dropout=args.dropout, trainable=("classifier", "pooler"), dora=args.method in DORA_METHODS,
+                    quantize=args.quantize)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)

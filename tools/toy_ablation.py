@@ -2,7 +2,7 @@
 The paper's ablation at toy scale, on the bundled tiny models (assets/, built by make_assets.py):
 
   - Table 4's rows: PiSSA (the baseline), + L_CR, + L_DR, + L_SVDR alone, and BA-LoRA (all three),
-    plus Table 10's plain LoRA and LoRA + Reg;
+    plus Table 10's other adapters: LoRA, LoRA + Reg, DoRA and DoRA + Reg;
   - NLG: tiny-llama fine-tuned on metamath_train (train_nlg.py's offline defaults), scored by
     eval.py: toy GSM8K accuracy, perplexity of ppl.txt (the pretrained-knowledge probe of C.7) and
     the share of the scored multiplication questions still answered with the flaw injected in
@@ -12,7 +12,7 @@ The paper's ablation at toy scale, on the bundled tiny models (assets/, built by
     Table 12's silhouettes and minority-class recall);
   - every cell is the mean ± std over the paper's three seeds (42, 1024, 2024).
 
-    python tools/toy_ablation.py                       # 16 minutes on a 2-core CPU -> out/ablation/
+    python tools/toy_ablation.py                       # 46 minutes on a busy 2-core CPU -> out/ablation/
     python tools/toy_ablation.py --update-docs         # the same, into assets/ablation/ (the committed run)
     python tools/toy_ablation.py --seeds 42 --nlu-steps 20 --gsm8k-limit 20   # a quick look
 
@@ -47,6 +47,8 @@ DATA = os.path.join(ASSETS, "data")
 METHODS = {
     "LoRA": ["--method", "lora"],
     "LoRA + Reg": ["--method", "lora+reg"],
+    "DoRA": ["--method", "dora"],
+    "DoRA + Reg": ["--method", "dora+reg"],
     "PiSSA (baseline)": ["--method", "pissa"],
     "+ L_CR": ["--method", "balora", "--lambda2", "0", "--lambda3", "0"],
     "+ L_DR": ["--method", "balora", "--lambda1", "0", "--lambda3", "0"],
@@ -205,7 +207,7 @@ def write_report(results, out):
                           ("minority_silhouette", "minority silhouette", 1, 3),
                           ("minority_recall", "minority recall (%)", 100, 1)]
     seeds = ", ".join(str(s) for s in results["seeds"])
-    text = f"""# Toy ablation (Table 4, Table 10's LoRA rows, Table 12)
+    text = f"""# Toy ablation (Table 4, Table 10's LoRA and DoRA rows, Table 12)
 
 `{" ".join(["python tools/toy_ablation.py", *results["argv"]])}`; seeds {seeds}; mean ± std over seeds;
 {results["minutes"]:.1f} minutes. Trainers at their offline defaults (train_nlg.py and train_nlu.py without
