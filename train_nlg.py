@@ -606,15 +606,15 @@ def main(argv=None):
     rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
     if is_master:
         print(settings_block(args, preset, NONE_MEANS, [data_note(args)]))
-    if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the model over the processes torchrun starts: launch with torchrun")
-    if args.fsdp_cpu_offload and not args.fsdp:
-        raise ValueError("--fsdp-cpu-offload offloads FSDP shards: give --fsdp too")
     if args.fsdp and (args.method in DORA_METHODS or args.quantize != "none"):
         # fsdp.gathered_adapter rebuilds plain LoRA layers, and NF4 codes are buffers FSDP does not shard
         raise ValueError(f"--fsdp shards LoRA/PiSSA adapters on a full-precision base: --method {args.method} "
                          f"--quantize {args.quantize} is not supported with it (drop --fsdp, or use another --method "
                          f"and --quantize none)")
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the model over the processes torchrun starts: launch with torchrun")
+    if args.fsdp_cpu_offload and not args.fsdp:
+        raise ValueError("--fsdp-cpu-offload offloads FSDP shards: give --fsdp too")
     ddp = world_size > 1 and not args.fsdp
     distributed = ddp or args.fsdp  # the ranks sum their token counts and losses
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

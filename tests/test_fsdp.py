@@ -90,6 +90,11 @@ def test_fsdp_needs_torchrun_and_offload_needs_fsdp(tiny, tmp_path):
         train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp"))
     with pytest.raises(ValueError, match="--fsdp-cpu-offload offloads FSDP shards: give --fsdp too"):
         train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp-cpu-offload"))
+    # the gathered adapter is plain LoRA and FSDP does not shard NF4 codes: refused, not silently wrong
+    with pytest.raises(ValueError, match="--method dora --quantize none is not supported with it"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp", "--method", "dora"))
+    with pytest.raises(ValueError, match="--method balora --quantize nf4 is not supported with it"):
+        train_nlg.main(tiny_args(tiny, tmp_path, "--fsdp", "--method", "balora", "--quantize", "nf4"))
     assert not (tmp_path / "log.jsonl").exists()  # refused before anything was written
 
 
