@@ -269,9 +269,14 @@ _CHUNK_ELEMENTS = 1 << 21
 
 
 def _row_chunks(*matrices):
-    """Matching chunks of rows of same-shaped (rows, classes) matrices, ~_CHUNK_ELEMENTS entries each."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(matrices[0].size(1), 1))
+    """Matching chunks of rows of (rows, columns) matrices, ~_CHUNK_ELEMENTS entries of the widest each."""
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(max(matrix.size(1) for matrix in matrices), 1))
     return zip(*(matrix.split(rows_per_chunk) for matrix in matrices))
+
+
+def _teacher_rows(teacher, teacher_head):
+    """A chunk of the teacher's logits: the rows themselves, or teacher_head(rows) of its hidden states."""
+    return teacher if teacher_head is None else teacher_head(teacher)
 
 
 class TemperedKL(torch.autograd.Function):
@@ -287,17 +292,23 @@ class TemperedKL(torch.autograd.Function):
 
     (the derivative of -sum_v p_v log softmax(z / T)_v, with sum_v p_v = 1). The teacher Z_P is a
     constant and gets no gradient. Computed in float32 (float64 for float64 input).
+
+    With `teacher_head`, `teacher` is not Z_P but the teacher's final hidden states H_P (M, hidden),
+    and Z_P = teacher_head(H_P) is computed a chunk of rows at a time, in forward and again in
+    backward (the fused linear + loss pattern of Liger-Kernel's fused linear cross-entropy): no
+    (M, V) teacher matrix ever exists, for the price of the teacher's LM head run twice.
     """
 
     @staticmethod
-    def forward(ctx, teacher_logits, student_logits, temperature):
-        ctx.save_for_backward(teacher_logits, student_logits)
-        ctx.temperature = temperature
+    def forward(ctx, teacher, student_logits, temperature, teacher_head=None):
+        ctx.save_for_backward(teacher, student_logits)
+        ctx.temperature, ctx.teacher_head = temperature, teacher_head
         dtype = _float32_or_wider(student_logits.dtype)
         kl_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
-        for teacher, student in _row_chunks(teacher_logits, student_logits):
+        for teacher_rows, student in _row_chunks(teacher, student_logits):
+            teacher_rows = _teacher_rows(teacher_rows, teacher_head)
             # temperature-softened log-distributions of teacher (P) and student (F)
-            log_p_teacher = F.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+            log_p_teacher = F.log_softmax(teacher_rows.to(dtype) / temperature, dim=-1)
             log_p_student = F.log_softmax(student.to(dtype) / temperature, dim=-1)
             # KL(P || F) = sum_classes P * (log P - log F), summed over the rows of this chunk;
             # in place (no autograd here), so a chunk needs two temporaries, not five
@@ -308,26 +319,34 @@ class TemperedKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl_sum):
-        teacher_logits, student_logits = ctx.saved_tensors
+        teacher, student_logits = ctx.saved_tensors
         temperature, dtype = ctx.temperature, _float32_or_wider(student_logits.dtype)
         grad_student = torch.empty_like(student_logits)
-        for teacher, student, grad in _row_chunks(teacher_logits, student_logits, grad_student):
+        for teacher_rows, student, grad in _row_chunks(teacher, student_logits, grad_student):
+            teacher_rows = _teacher_rows(teacher_rows, ctx.teacher_head)  # recomputed: nothing (M, V) was kept
             difference = F.softmax(student.to(dtype) / temperature, dim=-1)
-            difference -= F.softmax(teacher.to(dtype) / temperature, dim=-1)  # in place: one chunk of temporaries
+            difference -= F.softmax(teacher_rows.to(dtype) / temperature, dim=-1)  # in place: one chunk of temporaries
             grad.copy_(difference.mul_(grad_kl_sum / temperature))
-        return None, grad_student, None
+        return None, grad_student, None, None
 
 
-def nlu_consistency_loss(teacher_logits, student_logits, temperature):
+def nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
     """
     Eq. 4: L_CR = T^2 * KL(softmax(Z_P / T) || softmax(Z_F / T)), Z_P, Z_F (N, D).
 
     KL is summed over the D classes and averaged over the N rows. The teacher is a constant (detached).
     TemperedKL works through the rows in chunks and keeps nothing but its inputs for backward, so
     the cost in memory is one chunk's temporaries however large the vocabulary.
+    With `teacher_head` (a function of a chunk of rows, run without gradient), `teacher_logits` holds
+    the teacher's final hidden states (N, hidden) and Z_P = teacher_head(them), formed chunk by chunk.
     """
     _check_matrix("consistency loss", student_logits)
-    if teacher_logits.shape != student_logits.shape:
+    if teacher_head is not None:
+        _check_matrix("consistency loss (teacher hidden states)", teacher_logits)
+        if teacher_logits.size(0) != student_logits.size(0):
+            raise ValueError(f"consistency loss: {teacher_logits.size(0)} teacher hidden states for "
+                             f"{student_logits.size(0)} student logit rows")
+    elif teacher_logits.shape != student_logits.shape:
         raise ValueError(f"consistency loss: teacher logits {tuple(teacher_logits.shape)} and student "
                          f"logits {tuple(student_logits.shape)} differ in shape")
     if temperature <= 0:
@@ -335,7 +354,7 @@ def nlu_consistency_loss(teacher_logits, student_logits, temperature):
     num_rows = student_logits.size(0)
     if num_rows == 0:
         return _zero_loss(student_logits)
-    kl_sum = TemperedKL.apply(teacher_logits.detach(), student_logits, temperature)
+    kl_sum = TemperedKL.apply(teacher_logits.detach(), student_logits, temperature, teacher_head)
     # mean over rows, times T^2 to keep gradient magnitudes comparable to cross-entropy (Hinton et al.)
     return temperature**2 * kl_sum / num_rows
 
@@ -416,14 +435,17 @@ def nlu_objective(task_loss, student_logits, teacher_logits, lambdas, temperatur
 # Regularizers for NLG (Eq. 9-13): logits of the M valid (non-padded) tokens, (M, V)
 
 
-def nlg_consistency_loss(teacher_logits, student_logits, temperature):
+def nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
     """
     Eq. 9: L_CR = T^2 * (1/M) * sum_i KL(P_P(. | x, i; T) || P_F(. | x, i; T)), logits (M, V).
 
     This is Eq. 4 with one row per valid token and the vocabulary as classes, so it is computed by the
-    same chunked KL, which keeps no (M, V) copy of its own for backward.
+    same chunked KL, which keeps no (M, V) copy of its own for backward. With `teacher_head` (e.g. the
+    model's lm_head), `teacher_logits` is the teacher's final hidden states (M, hidden), and the (M, V)
+    teacher logits are never held whole: (M, hidden) instead of (M, V), V / hidden = 85x less for
+    SmolLM2-135M (49152 / 576), 7.8x for Llama-2-7B (32000 / 4096).
     """
-    return nlu_consistency_loss(teacher_logits, student_logits, temperature)
+    return nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head)
 
 
 def nlg_diversity_loss(logits, top_k):
@@ -501,15 +523,18 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     return -sigma.sum().to(z.dtype) / frobenius
 
 
-def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None):
+def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None,
+                  teacher_head=None):
     """
     Eq. 13: L_NLG = L_task + lambda1 L_CR (Eq. 9) + lambda2 L_DR (Eq. 10) + lambda3 L_SVDR (Eq. 12).
 
     Logits are those of the M valid tokens, (M, V). Returns (total, components) as nlu_objective.
+    With `teacher_head`, `teacher_logits` is the teacher's (M, hidden) final hidden states (see
+    nlg_consistency_loss).
     """
     _require_teacher(teacher_logits, lambdas)
     return _objective(task_loss, lambdas, {
-        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature),
+        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head),
         "diversity": lambda: nlg_diversity_loss(student_logits, top_k),
         "svd": lambda: nlg_svd_loss(student_logits, svd_k, generator=generator),
     })

@@ -344,6 +344,19 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run")
 
 
+def teacher_head(model, device, dtype):
+    """
+    The teacher's LM head for balora.nlg_consistency_loss, which runs it on chunks of the teacher's
+    final hidden states: under the teacher forward's autocast, so that each chunk of logits is the
+    one that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
+    current head is the pretrained one.
+    """
+    def head(hidden):
+        with autocast_context(device, dtype):
+            return model.lm_head(hidden)
+    return head
+
+
 def normalized(value):
     """A setting as it is recorded and compared: paths that exist are resolved (realpath), so `DIR/`
     and `DIR`, or a relative and an absolute spelling, are one value."""
@@ -707,19 +720,21 @@ def main(argv=None):
             with autocast_context(device, dtype):
                 student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
             task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
-            teacher_logits = None
+            teacher_hidden = None
             if micro_lambdas[0] > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
                 with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
-                    # kept in the autocast dtype (bf16: half the memory); the KL reads it chunk by chunk in float32
-                    teacher_logits = raw_model(input_ids, padding_mask, output_mask=output_mask)
+                    # the teacher's final hidden states (M, hidden), not its (M, V) logits: the KL forms
+                    # those chunk by chunk through the LM head (never adapted, so the teacher's own)
+                    teacher_hidden = raw_model(input_ids, padding_mask, output_mask=output_mask, return_hidden=True)
             # Scaled so that the sum over the global batch's micro-batches of total / num_micro_batches
             # is (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13.
             task_loss = task_sum * num_micro_batches / task_tokens.clamp(min=1)
             # randomized SVD sketch: one fixed stream per (step, micro-batch), the same for any world size
             micro_index = rank * grad_accum + micro_step
             generator = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + step) * 1_009 + micro_index)
-            total, components = balora.nlg_objective(task_loss, student_logits, teacher_logits, micro_lambdas,
-                                                      args.temperature, args.svd_k, args.top_k, generator=generator)
+            total, components = balora.nlg_objective(task_loss, student_logits, teacher_hidden, micro_lambdas,
+                                                      args.temperature, args.svd_k, args.top_k, generator=generator,
+                                                      teacher_head=teacher_head(raw_model, device, dtype))
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches

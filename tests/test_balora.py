@@ -145,6 +145,69 @@ def test_consistency_keeps_no_copy_of_the_logits_for_backward():
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+def test_consistency_through_the_teacher_head_equals_the_unfused_path(monkeypatch):
+    """
+    Teacher hidden states + its LM head, chunk by chunk, against the teacher logits computed whole:
+    same value and student gradient (float64; the issue asks <= 1e-6 relative, the paths differ only
+    in the order the head's rows are computed), and both against autograd's KL of the whole logits.
+    """
+    monkeypatch.setattr(balora, "_CHUNK_ELEMENTS", 7 * 300)  # 7 rows a chunk: 8 chunks, the last ragged
+    M, hidden, V = 53, 24, 300
+    head = nn.Linear(hidden, V, bias=False, dtype=torch.float64)
+    teacher_hidden = randn(M, hidden, seed=1)
+    student = randn(M, V, seed=2).requires_grad_()
+
+    def value_and_gradient(loss):
+        return loss.detach(), torch.autograd.grad(loss, student)[0]
+
+    fused = value_and_gradient(nlg_consistency_loss(teacher_hidden, student, 2.0, teacher_head=head))
+    with torch.no_grad():
+        teacher_logits = head(teacher_hidden)
+    unfused = value_and_gradient(nlg_consistency_loss(teacher_logits, student, 2.0))
+    log_p_student = F.log_softmax(student / 2.0, dim=-1)
+    autograd_kl = value_and_gradient(4.0 * F.kl_div(log_p_student, F.log_softmax(teacher_logits / 2.0, dim=-1),
+                                                    reduction="batchmean", log_target=True))
+    for reference in (unfused, autograd_kl):
+        assert rel_err(fused[0], reference[0]) <= 1e-12 and rel_err(fused[1], reference[1]) <= 1e-12
+    assert rel_err(fused[0], naive_consistency(teacher_logits, student.detach(), 2.0)) <= 1e-12
+    assert head.weight.grad is None  # the teacher is a constant
+
+
+def test_consistency_through_the_teacher_head_never_holds_the_teacher_logits(monkeypatch):
+    """
+    The memory pin: the head only ever sees chunks of rows, in forward and again in backward, and
+    autograd saves nothing V wide but the student's own logits, so no (M, V) teacher tensor is
+    alive during backward (nor at any other time).
+    """
+    monkeypatch.setattr(balora, "_CHUNK_ELEMENTS", 8 * 1000)  # 8 rows a chunk
+    M, hidden, V = 64, 16, 1000
+    linear = nn.Linear(hidden, V, bias=False)
+    head_rows = []
+
+    def head(rows):
+        head_rows.append((torch.is_grad_enabled(), rows.size(0)))
+        return linear(rows)
+
+    teacher_hidden = randn(M, hidden, seed=1, dtype=torch.float32)
+    student = randn(M, V, seed=2, dtype=torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = nlg_consistency_loss(teacher_hidden, student, 2.0, teacher_head=head)
+    forward_calls = len(head_rows)
+    loss.backward()
+    assert forward_calls == M // 8 and len(head_rows) == 2 * forward_calls  # recomputed in backward
+    assert all(rows == 8 and not grad_enabled for grad_enabled, rows in head_rows)
+    wide = [t for t in saved if t.dim() == 2 and t.size(1) == V]
+    assert [t.untyped_storage().data_ptr() for t in wide] == [student.untyped_storage().data_ptr()]
+    assert sum(t.numel() for t in saved if t.size(-1) != V) == M * hidden  # the hidden states, nothing more
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_consistency_through_the_teacher_head_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="5 teacher hidden states for 4 student logit rows"):
+        nlg_consistency_loss(randn(5, 3), randn(4, 10), 2.0, teacher_head=nn.Linear(3, 10, dtype=torch.float64))
+
+
 def exact_svd_loss(z, k):
     """Eq. 12 with the exact singular values, differentiable (torch, float64)."""
     return -torch.linalg.svdvals(z)[:k].sum() / torch.linalg.vector_norm(z)
