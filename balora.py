@@ -268,9 +268,15 @@ def _zero_loss(logits):
 _CHUNK_ELEMENTS = 1 << 21
 
 
-def _row_chunks(*matrices):
+# and in NLGObjectiveFused, whose chunks hold several temporaries at once next to the whole step's
+# activations (the step's peak): 4 MiB each
+_FUSED_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(*matrices, chunk_elements=None):
     """Matching chunks of rows of (rows, columns) matrices, ~_CHUNK_ELEMENTS entries of the widest each."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(max(matrix.size(1) for matrix in matrices), 1))
+    chunk_elements = _CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    rows_per_chunk = max(1, chunk_elements // max(max(matrix.size(1) for matrix in matrices), 1))
     return zip(*(matrix.split(rows_per_chunk) for matrix in matrices))
 
 
@@ -495,32 +501,44 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     if logits.numel() == 0:
         return _zero_loss(logits)
     z = logits.to(_float32_or_wider(logits.dtype))
-    num_tokens, vocab_size = z.shape
-    k = min(k, num_tokens, vocab_size)
-    sketch_size = min(k + oversample, num_tokens, vocab_size)
-    with torch.no_grad():
-        # Gaussian test matrix (V, l); Y = Z Omega samples the range of Z
-        omega = torch.randn(vocab_size, sketch_size, generator=generator, device=z.device, dtype=z.dtype)
-        Q = torch.linalg.qr(z @ omega).Q  # (M, l) orthonormal basis of the sampled range
-        # power iterations (Z Z^T)^q Z Omega sharpen the basis towards the top singular vectors;
-        # QR after every product keeps it well conditioned in floating point
-        for _ in range(niter):
-            Q = torch.linalg.qr(z.T @ Q).Q  # (V, l)
-            Q = torch.linalg.qr(z @ Q).Q  # (M, l)
-    # singular values of the (l, V) projection B = Q^T Z approximate the top singular values of Z.
-    # They are the square roots of the eigenvalues of the l x l Gram matrix B B^T: an eigensolve of
-    # a 15 x 15 matrix instead of an SVD of a 15 x 32000 one (~10x faster forward + backward), and
-    # eigvalsh's gradient U diag(g) U^T has no 1 / (sigma_i - sigma_j) terms. The Gram matrix is formed
-    # in float64 so that squaring costs no precision on the smaller sigma.
-    projection = (Q.T @ z).to(torch.float64)  # (l, V)
-    eigenvalues = torch.linalg.eigvalsh(projection @ projection.T).flip(-1)[:k]  # descending
-    # sigma = sqrt(lambda) for lambda > 0, else 0 with a zero (not infinite) gradient: rank(Z) < k
-    positive = eigenvalues > 0
-    sigma = torch.where(positive, eigenvalues, 1.0).sqrt() * positive
+    k = min(k, *z.shape)
+    Q = _range_basis(z, k, oversample, niter, generator)
+    # singular values of the (l, V) projection B = Q^T Z approximate the top singular values of Z
+    sigma_sum = _top_singular_sum((Q.T @ z).to(torch.float64), k)
     # normalize by the Frobenius norm (= sqrt of the sum of all sigma^2) instead of the full spectrum;
     # the clamp only matters for Z = 0, where the ratio is 0 / 0
     frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
-    return -sigma.sum().to(z.dtype) / frobenius
+    return -sigma_sum.to(z.dtype) / frobenius
+
+
+@torch.no_grad()
+def _range_basis(z, k, oversample, niter, generator):
+    """Halko et al. Alg. 4.4: an orthonormal basis Q (M, l), l = k + oversample, of Z's dominant range."""
+    num_tokens, vocab_size = z.shape
+    sketch_size = min(k + oversample, num_tokens, vocab_size)
+    # Gaussian test matrix (V, l); Y = Z Omega samples the range of Z
+    omega = torch.randn(vocab_size, sketch_size, generator=generator, device=z.device, dtype=z.dtype)
+    Q = torch.linalg.qr(z @ omega).Q  # (M, l) orthonormal basis of the sampled range
+    # power iterations (Z Z^T)^q Z Omega sharpen the basis towards the top singular vectors;
+    # QR after every product keeps it well conditioned in floating point
+    for _ in range(niter):
+        Q = torch.linalg.qr(z.T @ Q).Q  # (V, l)
+        Q = torch.linalg.qr(z @ Q).Q  # (M, l)
+    return Q
+
+
+def _top_singular_sum(projection, k):
+    """
+    Sum of the k largest singular values of the (l, V) float64 projection B = Q^T Z, as the square
+    roots of the eigenvalues of the l x l Gram matrix B B^T: an eigensolve of a 15 x 15 matrix instead
+    of an SVD of a 15 x 32000 one (~10x faster forward + backward), and eigvalsh's gradient
+    U diag(g) U^T has no 1 / (sigma_i - sigma_j) terms. float64 so that squaring costs no precision
+    on the smaller sigma.
+    """
+    eigenvalues = torch.linalg.eigvalsh(projection @ projection.T).flip(-1)[:k]  # descending
+    # sigma = sqrt(lambda) for lambda > 0, else 0 with a zero (not infinite) gradient: rank(Z) < k
+    positive = eigenvalues > 0
+    return (torch.where(positive, eigenvalues, 1.0).sqrt() * positive).sum()
 
 
 def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None,
@@ -538,6 +556,128 @@ def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperatur
         "diversity": lambda: nlg_diversity_loss(student_logits, top_k),
         "svd": lambda: nlg_svd_loss(student_logits, svd_k, generator=generator),
     })
+
+
+class NLGObjectiveFused(torch.autograd.Function):
+    """
+    Eq. 13 with the task cross-entropy on the (M, V) logits, whose gradient is computed in forward
+    into ONE (M, V) tensor: that tensor is all that is kept for backward.
+
+    Why: as separate autograd terms, the backward of Eq. 13 holds at once the cross-entropy's saved
+    log-probabilities and its two (M, V) gradients, each regularizer's (M, V) gradient before autograd
+    adds it to the others, and the logits the regularizers saved, while all of the model's activations
+    are alive: the peak of the step. Here the buffer is filled term by term, in place:
+      - Eq. 12 (not a sum over rows), with B = Q^T Z and Q constant as in nlg_svd_loss:
+        d/dZ [-S(B) / ||Z||_F] = -Q (dS/dB) / ||Z||_F + S Z / ||Z||_F^3, one matmul into the buffer
+        and one in-place multiply-add (autograd would hold both (M, V) terms before summing them);
+      - the task term, Eq. 9 and Eq. 10 are sums over rows, so they run a chunk of rows at a time
+        (temporaries are chunk sized) and add the chunk's gradient into the buffer's rows: the task
+        cross-entropy and Eq. 10 by the very functions of the unfused path under autograd; Eq. 9 by
+        TemperedKL's two formulas at once, so that each chunk of teacher logits (from the teacher's
+        hidden states through `teacher_head`, or given) is formed once, not once per direction.
+    Outputs (total, values), values = (task cross-entropy sum, L_CR, L_DR, L_SVDR), 0 where not computed.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, targets, task_scale, teacher, teacher_head, lambdas, temperature, svd_k,
+                top_k, generator):
+        z = student_logits.to(_float32_or_wider(student_logits.dtype))
+        num_rows = z.size(0)
+        values = torch.zeros(4, dtype=z.dtype, device=z.device)  # task sum, consistency, diversity, svd
+        grad = None
+        if lambdas[2] != 0 and z.numel() > 0:
+            k = min(svd_k, *z.shape)
+            Q = _range_basis(z, k, 5, 2, generator)  # nlg_svd_loss's oversample and niter
+            projection = (Q.T @ z).to(torch.float64).requires_grad_()
+            with torch.enable_grad():
+                sigma_sum = _top_singular_sum(projection, k)
+                (d_sigma_sum,) = torch.autograd.grad(sigma_sum, projection)
+            sigma_sum, projection = sigma_sum.detach().to(z.dtype), None  # (l, V) float64: free it now
+            frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
+            values[3] = -sigma_sum / frobenius
+            grad = Q @ d_sigma_sum.to(z.dtype)  # (M, V): the buffer itself
+            grad.mul_(-lambdas[2] / frobenius).addcmul_(z, lambdas[2] * sigma_sum / frobenius**3)
+        if grad is None:
+            grad = torch.zeros_like(z)
+        rows_terms = targets is not None or lambdas[0] != 0 or lambdas[1] != 0
+        offset = 0
+        for z_rows, grad_rows in (_row_chunks(z, grad, chunk_elements=_FUSED_CHUNK_ELEMENTS)
+                                  if rows_terms and num_rows > 0 else ()):
+            chunk = slice(offset, offset + z_rows.size(0))
+            offset = chunk.stop
+            if lambdas[0] != 0:  # Eq. 9: T^2 / M * sum of the rows' KL, gradient T / M * (P_F - P_P)
+                log_p_teacher = F.log_softmax(_teacher_rows(teacher[chunk], teacher_head).to(z.dtype) / temperature, -1)
+                log_p_student = F.log_softmax(z_rows / temperature, dim=-1)
+                p_teacher = log_p_teacher.exp()
+                values[1] += temperature**2 / num_rows * p_teacher.mul(log_p_teacher.sub_(log_p_student)).sum()
+                grad_rows += log_p_student.exp_().sub_(p_teacher).mul_(lambdas[0] * temperature / num_rows)
+                del log_p_teacher, log_p_student, p_teacher  # free the chunk's temporaries before the next term's
+            if targets is None and lambdas[1] == 0:
+                continue
+            leaf = z_rows.detach().requires_grad_()
+            with torch.enable_grad():
+                total = leaf.new_zeros(())
+                if targets is not None:
+                    task_sum = F.cross_entropy(leaf, targets[chunk], ignore_index=-100, reduction="sum")
+                    values[0] += task_sum.detach()
+                    total = total + task_scale * task_sum
+                if lambdas[1] != 0:
+                    diversity = leaf.size(0) / num_rows * nlg_diversity_loss(leaf, top_k)  # its part of the mean
+                    values[2] += diversity.detach()
+                    total = total + lambdas[1] * diversity
+                (grad_chunk,) = torch.autograd.grad(total, leaf)
+            grad_rows += grad_chunk
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(values)
+        total = values[1:] @ torch.tensor(lambdas, dtype=z.dtype, device=z.device)
+        if targets is not None:
+            total = total + task_scale * values[0]
+        return total, values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total,) + (None,) * 9
+
+
+def nlg_objective_fused(student_logits, targets, task_scale, teacher_logits, lambdas, temperature, svd_k, top_k,
+                        generator=None, teacher_head=None):
+    """
+    Eq. 13 as nlg_objective, with the task term computed here too: L_task = task_scale * sum_i CE(z_i, y_i)
+    over the rows whose target y_i is not -100 (targets (M,), or None for no task term). Values and
+    gradients are those of F.cross_entropy(reduction="sum") + nlg_objective (tests pin them), at the
+    memory of one (M, V) gradient (NLGObjectiveFused). teacher_logits / teacher_head as nlg_objective.
+    Returns (total, components): "task_sum" (the cross-entropy sum), "task" (scaled) and each
+    regularizer computed, detached.
+    """
+    _check_matrix("nlg_objective_fused", student_logits)
+    if len(lambdas) != 3:
+        raise ValueError(f"lambdas must be (lambda1, lambda2, lambda3), got {lambdas!r}")
+    _require_teacher(teacher_logits, lambdas)
+    if targets is not None and targets.shape != student_logits.shape[:1]:
+        raise ValueError(f"nlg_objective_fused: targets {tuple(targets.shape)} for {student_logits.size(0)} logit rows")
+    if lambdas[0] != 0:
+        if (teacher_head is None and teacher_logits.shape != student_logits.shape) or (
+                teacher_head is not None and teacher_logits.size(0) != student_logits.size(0)):
+            raise ValueError(f"nlg_objective_fused: teacher {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} do not match")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        teacher_logits = teacher_logits.detach()
+    if lambdas[1] != 0 and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if lambdas[2] != 0 and svd_k < 1:
+        raise ValueError(f"svd k must be >= 1, got {svd_k}")
+    total, values = NLGObjectiveFused.apply(student_logits, targets, task_scale, teacher_logits, teacher_head,
+                                            tuple(float(w) for w in lambdas), temperature, svd_k, top_k, generator)
+    components = {}
+    if targets is not None:
+        components.update(task_sum=values[0], task=task_scale * values[0])
+    for index, (name, weight) in enumerate(zip(("consistency", "diversity", "svd"), lambdas)):
+        if weight != 0:
+            components[name] = values[index + 1]
+    return total, components
 
 
 # -----------------------------------------------------------------------------

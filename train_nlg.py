@@ -719,7 +719,6 @@ def main(argv=None):
                 model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
             with autocast_context(device, dtype):
                 student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
-            task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
             teacher_hidden = None
             if micro_lambdas[0] > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
                 with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
@@ -728,17 +727,19 @@ def main(argv=None):
                     teacher_hidden = raw_model(input_ids, padding_mask, output_mask=output_mask, return_hidden=True)
             # Scaled so that the sum over the global batch's micro-batches of total / num_micro_batches
             # is (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13.
-            task_loss = task_sum * num_micro_batches / task_tokens.clamp(min=1)
+            task_scale = num_micro_batches / task_tokens.clamp(min=1)
             # randomized SVD sketch: one fixed stream per (step, micro-batch), the same for any world size
             micro_index = rank * grad_accum + micro_step
             generator = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + step) * 1_009 + micro_index)
-            total, components = balora.nlg_objective(task_loss, student_logits, teacher_hidden, micro_lambdas,
-                                                      args.temperature, args.svd_k, args.top_k, generator=generator,
-                                                      teacher_head=teacher_head(raw_model, device, dtype))
+            # task_scale * (cross-entropy sum over the response tokens) + Eq. 13's regularizers, with the
+            # gradient formed in forward into one (M, V) tensor (see balora.NLGObjectiveFused)
+            total, components = balora.nlg_objective_fused(
+                student_logits, targets[valid_mask], task_scale, teacher_hidden, micro_lambdas, args.temperature,
+                args.svd_k, args.top_k, generator=generator, teacher_head=teacher_head(raw_model, device, dtype))
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
-            sums["task"] += task_sum.detach()
+            sums["task"] += components["task_sum"]
             sums["tokens"] += attention_mask.sum()
             for name in ("consistency", "diversity", "svd"):
                 if name in components:

@@ -4,6 +4,7 @@ App. C.8, Table 14), all measured in ONE run so that every ratio compares number
 
     python tools/bench.py --shape tiny                       # CPU, a few minutes -> out/bench/BENCHMARKS.md
     python tools/bench.py --shape tiny --update-docs         # the same, updating the tracked BENCHMARKS.md
+    python tools/bench.py --shape smollm2-135m               # SmolLM2-135M's config, random weights (CPU: ~15 min)
     python tools/bench.py --shape llama2-7b --device cuda    # Llama-2-7B config, random bf16 weights
     python tools/bench.py --shape tiny --profile balora      # torch.profiler table of one variant
 
@@ -14,13 +15,18 @@ round robin in one process (one step of each in turn), so that a busy machine sl
   balora                           PiSSA + the three NLG regularizers at the paper's defaults
   pissa+consistency / +diversity / +svd   one regularizer alone on top of PiSSA
   peft-lora                        the peer baseline: transformers LlamaForCausalLM (sdpa) + peft LoRA
+  official                         the paper's own recipe (llm172/BA-LoRA train.py): transformers + peft
+                                   PiSSA, a second full model as teacher, its loss code on (B, T, V) logits
 A step is the one of train_nlg.py (whose loop is inline, so it is written once more here, line for
 line): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
-LM head on the M valid rows only) -> task loss on the (M, V) valid-token logits in float32 -> teacher
-forward under balora.pretrained_mode (only when lambda1 > 0) -> balora.nlg_objective -> backward ->
-gradient clipping -> AdamW. Adapters are float32 for bf16 models, in peft as in ours.
-Inside the balora steps we also time the teacher forward, and after them each regularizer's forward +
+LM head on the M valid rows only) -> teacher forward under balora.pretrained_mode to its final hidden
+states (only when lambda1 > 0) -> balora.nlg_objective_fused (task cross-entropy + Eq. 13, gradient
+formed in forward) -> backward -> gradient clipping -> AdamW. Adapters are float32 for bf16 models,
+in peft as in ours. The peer steps are described at build_peft and build_official / official_loss.
+Inside every step we time the student and teacher forwards (for transformers models the student
+forward includes their cross-entropy), and after the balora steps each term of Eq. 13 alone, forward +
 backward on the (M, V) valid-token logits, round robin, so their shares come from the same minutes.
+CPU threads: --threads (default 1) for every variant, and OMP_NUM_THREADS for the memory children.
 
 Peak memory is the memory the training steps add on top of what was allocated before the model was
 built (so it counts weights, adapters, optimizer state, activations and logits):
@@ -31,7 +37,8 @@ built (so it counts weights, adapters, optimizer state, activations and logits):
        with glibc serving every block of 64 KiB or more by mmap, so that freed memory leaves RSS.
 Timing: CUDA events with a synchronize at the end of each step on GPU; time.perf_counter on CPU.
 
-tools/ may use transformers and peft, but only here, only for the peer baseline, and only on demand.
+tools/ may use transformers and peft, but only here, only for the peer variants, and only on demand:
+without them the peer variants are skipped with a message and our table is still written.
 """
 
 import argparse
@@ -235,7 +242,6 @@ def balora_loss(llama, batch, lambdas, dtype, stopwatch):
     with autocast_context(device, dtype):
         student_logits = llama(input_ids, output_mask=output_mask).float()  # (M, V)
     marks = dict(student=(start, stopwatch.mark()))
-    task_loss = F.cross_entropy(student_logits, targets[valid_mask])
     teacher_hidden = None
     if lambdas[0] > 0:
         start = stopwatch.mark()
@@ -243,8 +249,10 @@ def balora_loss(llama, batch, lambdas, dtype, stopwatch):
             teacher_hidden = llama(input_ids, output_mask=output_mask, return_hidden=True)  # (M, hidden)
         marks["teacher"] = (start, stopwatch.mark())
     generator = torch.Generator(device=device).manual_seed(0)  # the randomized SVD's sketch
-    loss, _ = balora.nlg_objective(task_loss, student_logits, teacher_hidden, lambdas, TEMPERATURE, SVD_K, TOP_K,
-                                   generator=generator, teacher_head=teacher_head(llama, device, dtype))
+    task_scale = 1 / valid_mask.sum()  # the token mean (one micro-batch per step)
+    loss, _ = balora.nlg_objective_fused(student_logits, targets[valid_mask], task_scale, teacher_hidden, lambdas,
+                                         TEMPERATURE, SVD_K, TOP_K, generator=generator,
+                                         teacher_head=teacher_head(llama, device, dtype))
     return loss, marks
 
 
@@ -357,13 +365,17 @@ def time_regularizers(llama, batch, dtype, steps, stopwatch):
         with balora.pretrained_mode(llama):
             teacher_hidden = llama(input_ids, output_mask=output_mask, return_hidden=True)  # as the step
     head = teacher_head(llama, input_ids.device, dtype)
-    targets = labels[:, 1:][valid_mask]
+    valid_rows = labels[:, 1:][valid_mask]
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
-    terms = {  # consistency includes the teacher's LM head, run chunk by chunk in its forward and backward
-        "task": lambda z: F.cross_entropy(z, targets),
-        "consistency": lambda z: balora.nlg_consistency_loss(teacher_hidden, z, TEMPERATURE, teacher_head=head),
-        "diversity": lambda z: balora.nlg_diversity_loss(z, TOP_K),
-        "svd": lambda z: balora.nlg_svd_loss(z, SVD_K, generator=generator),
+
+    def term(targets, lambdas):  # the step's own fused objective with one term only
+        return lambda z: balora.nlg_objective_fused(z, targets, 1 / len(valid_rows), teacher_hidden, lambdas,
+                                                    TEMPERATURE, SVD_K, TOP_K, generator=generator, teacher_head=head)[0]
+    terms = {  # consistency includes the teacher's LM head, run chunk by chunk by its KL's forward and backward
+        "task": term(valid_rows, (0.0, 0.0, 0.0)),
+        "consistency": term(None, (LAMBDAS[0], 0.0, 0.0)),
+        "diversity": term(None, (0.0, LAMBDAS[1], 0.0)),
+        "svd": term(None, (0.0, 0.0, LAMBDAS[2])),
     }
     seconds = {name: [] for name in terms}
     for _ in range(steps):
