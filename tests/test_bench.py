@@ -32,6 +32,7 @@ def test_bench_smoke_writes_every_row_with_positive_finite_numbers(tmp_path, mon
             assert math.isfinite(run[key]) and run[key] > 0, (name, key, run[key])
         assert (run["teacher_s"] is not None) == (name in ("balora", "pissa+consistency", "official")), name
         assert (run["student_s"] is not None) == (name != "peft-lora"), name
+        assert (run["objective_s"] is not None) == (name not in bench.PEER_VARIANTS), name
     assert set(results["balora"]["terms_s"]) == {"task", "consistency", "diversity", "svd"}
     assert all(math.isfinite(s) and s > 0 for s in results["balora"]["terms_s"].values())
     assert all(math.isfinite(value) for value in ratios.values())
