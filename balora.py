@@ -607,27 +607,34 @@ class NLGObjectiveFused(torch.autograd.Function):
             chunk = slice(offset, offset + z_rows.size(0))
             offset = chunk.stop
             if lambdas[0] != 0:  # Eq. 9: T^2 / M * sum of the rows' KL, gradient T / M * (P_F - P_P)
-                log_p_teacher = F.log_softmax(_teacher_rows(teacher[chunk], teacher_head).to(z.dtype) / temperature, -1)
+                # in place where it can be: at most three chunk-sized temporaries at a time
+                teacher_rows = _teacher_rows(teacher[chunk], teacher_head).to(z.dtype, copy=True)
+                log_p_teacher = F.log_softmax(teacher_rows.div_(temperature), dim=-1)
+                del teacher_rows
                 log_p_student = F.log_softmax(z_rows / temperature, dim=-1)
                 p_teacher = log_p_teacher.exp()
-                values[1] += temperature**2 / num_rows * p_teacher.mul(log_p_teacher.sub_(log_p_student)).sum()
+                log_ratio = log_p_teacher.sub_(log_p_student).view(-1)
+                values[1] += temperature**2 / num_rows * torch.dot(p_teacher.view(-1), log_ratio)  # sum P log(P / F)
+                del log_p_teacher, log_ratio
                 grad_rows += log_p_student.exp_().sub_(p_teacher).mul_(lambdas[0] * temperature / num_rows)
-                del log_p_teacher, log_p_student, p_teacher  # free the chunk's temporaries before the next term's
-            if targets is None and lambdas[1] == 0:
-                continue
-            leaf = z_rows.detach().requires_grad_()
-            with torch.enable_grad():
-                total = leaf.new_zeros(())
-                if targets is not None:
-                    task_sum = F.cross_entropy(leaf, targets[chunk], ignore_index=-100, reduction="sum")
-                    values[0] += task_sum.detach()
-                    total = total + task_scale * task_sum
-                if lambdas[1] != 0:
-                    diversity = leaf.size(0) / num_rows * nlg_diversity_loss(leaf, top_k)  # its part of the mean
-                    values[2] += diversity.detach()
-                    total = total + lambdas[1] * diversity
-                (grad_chunk,) = torch.autograd.grad(total, leaf)
-            grad_rows += grad_chunk
+                del log_p_student, p_teacher  # free the chunk's temporaries before the next term's
+            # the task term and Eq. 10, one autograd pass each, so that their temporaries never coexist
+            for term in ("task", "diversity"):
+                if (term == "task" and targets is None) or (term == "diversity" and lambdas[1] == 0):
+                    continue
+                leaf = z_rows.detach().requires_grad_()
+                with torch.enable_grad():
+                    if term == "task":
+                        task_sum = F.cross_entropy(leaf, targets[chunk], ignore_index=-100, reduction="sum")
+                        values[0] += task_sum.detach()
+                        weighted = task_scale * task_sum
+                    else:
+                        diversity = leaf.size(0) / num_rows * nlg_diversity_loss(leaf, top_k)  # its part of the mean
+                        values[2] += diversity.detach()
+                        weighted = lambdas[1] * diversity
+                    (grad_chunk,) = torch.autograd.grad(weighted, leaf)
+                grad_rows += grad_chunk
+                del grad_chunk
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(values)
         total = values[1:] @ torch.tensor(lambdas, dtype=z.dtype, device=z.device)
