@@ -10,8 +10,8 @@ Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (p
 Settings come from one of two presets, toy (no --model) or paper (--model given); every flag's --help
 shows its value under both. A run prints the preset and each value that differs from it, and saves
 every value to <out>/config.json. One loop, read top to bottom: parse flags -> load model -> add LoRA
--> data -> for each optimizer step: micro-batches (student logits -> task loss -> teacher logits ->
-BA-LoRA regularizers -> backward) -> clip -> step -> log -> maybe save. The first section holds the
+-> data -> for each optimizer step: micro-batches (student logits -> teacher hidden states -> task loss
++ BA-LoRA regularizers in one node -> backward) -> clip -> step -> log -> maybe save. The first section holds the
 training infrastructure train_nlu.py imports (distributed setup, atomic checkpoints, JSONL log and
 reporting, LR schedule, finite-loss check, autocast, presets and settings).
 """
