@@ -556,10 +556,22 @@ def _zero_loss(logits):
 _CHUNK_ELEMENTS = 1 << 21
 
 
-def _row_chunks(*matrices):
-    """Matching chunks of rows of same-shaped (rows, classes) matrices, ~_CHUNK_ELEMENTS entries each."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(matrices[0].size(1), 1))
+# logits per chunk of rows in NLGObjectiveFused, whose chunk holds several temporaries at once next to
+# all of the step's activations (the step's peak): 4 MiB each in float32. Smaller chunks cost time: each
+# one streams the whole teacher LM head weight (V x hidden) through a matmul of few rows.
+_FUSED_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(*matrices, chunk_elements=None):
+    """Matching chunks of rows of (rows, columns) matrices, ~_CHUNK_ELEMENTS entries of the widest each."""
+    chunk_elements = _CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    rows_per_chunk = max(1, chunk_elements // max(max(matrix.size(1) for matrix in matrices), 1))
     return zip(*(matrix.split(rows_per_chunk) for matrix in matrices))
+
+
+def _teacher_rows(teacher, teacher_head):
+    """A chunk of the teacher's logits: the rows themselves, or teacher_head(rows) of its hidden states."""
+    return teacher if teacher_head is None else teacher_head(teacher)
 
 
 class TemperedKL(torch.autograd.Function):
@@ -575,17 +587,23 @@ class TemperedKL(torch.autograd.Function):
 
     (the derivative of -sum_v p_v log softmax(z / T)_v, with sum_v p_v = 1). The teacher Z_P is a
     constant and gets no gradient. Computed in float32 (float64 for float64 input).
+
+    With `teacher_head`, `teacher` is not Z_P but the teacher's final hidden states H_P (M, hidden),
+    and Z_P = teacher_head(H_P) is computed a chunk of rows at a time, in forward and again in
+    backward (the fused linear + loss pattern of Liger-Kernel's fused linear cross-entropy): no
+    (M, V) teacher matrix ever exists, for the price of the teacher's LM head run twice.
     """
 
     @staticmethod
-    def forward(ctx, teacher_logits, student_logits, temperature):
-        ctx.save_for_backward(teacher_logits, student_logits)
-        ctx.temperature = temperature
+    def forward(ctx, teacher, student_logits, temperature, teacher_head=None):
+        ctx.save_for_backward(teacher, student_logits)
+        ctx.temperature, ctx.teacher_head = temperature, teacher_head
         dtype = _float32_or_wider(student_logits.dtype)
         kl_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
-        for teacher, student in _row_chunks(teacher_logits, student_logits):
+        for teacher_rows, student in _row_chunks(teacher, student_logits):
+            teacher_rows = _teacher_rows(teacher_rows, teacher_head)
             # temperature-softened log-distributions of teacher (P) and student (F)
-            log_p_teacher = F.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+            log_p_teacher = F.log_softmax(teacher_rows.to(dtype) / temperature, dim=-1)
             log_p_student = F.log_softmax(student.to(dtype) / temperature, dim=-1)
             # KL(P || F) = sum_classes P * (log P - log F), summed over the rows of this chunk;
             # in place (no autograd here), so a chunk needs two temporaries, not five
@@ -596,26 +614,34 @@ class TemperedKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl_sum):
-        teacher_logits, student_logits = ctx.saved_tensors
+        teacher, student_logits = ctx.saved_tensors
         temperature, dtype = ctx.temperature, _float32_or_wider(student_logits.dtype)
         grad_student = torch.empty_like(student_logits)
-        for teacher, student, grad in _row_chunks(teacher_logits, student_logits, grad_student):
+        for teacher_rows, student, grad in _row_chunks(teacher, student_logits, grad_student):
+            teacher_rows = _teacher_rows(teacher_rows, ctx.teacher_head)  # recomputed: nothing (M, V) was kept
             difference = F.softmax(student.to(dtype) / temperature, dim=-1)
-            difference -= F.softmax(teacher.to(dtype) / temperature, dim=-1)  # in place: one chunk of temporaries
+            difference -= F.softmax(teacher_rows.to(dtype) / temperature, dim=-1)  # in place: one chunk of temporaries
             grad.copy_(difference.mul_(grad_kl_sum / temperature))
-        return None, grad_student, None
+        return None, grad_student, None, None
 
 
-def nlu_consistency_loss(teacher_logits, student_logits, temperature):
+def nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
     """
     Eq. 4: L_CR = T^2 * KL(softmax(Z_P / T) || softmax(Z_F / T)), Z_P, Z_F (N, D).
 
     KL is summed over the D classes and averaged over the N rows. The teacher is a constant (detached).
     TemperedKL works through the rows in chunks and keeps nothing but its inputs for backward, so
     the cost in memory is one chunk's temporaries however large the vocabulary.
+    With `teacher_head` (a function of a chunk of rows, run without gradient), `teacher_logits` holds
+    the teacher's final hidden states (N, hidden) and Z_P = teacher_head(them), formed chunk by chunk.
     """
     _check_matrix("consistency loss", student_logits)
-    if teacher_logits.shape != student_logits.shape:
+    if teacher_head is not None:
+        _check_matrix("consistency loss (teacher hidden states)", teacher_logits)
+        if teacher_logits.size(0) != student_logits.size(0):
+            raise ValueError(f"consistency loss: {teacher_logits.size(0)} teacher hidden states for "
+                             f"{student_logits.size(0)} student logit rows")
+    elif teacher_logits.shape != student_logits.shape:
         raise ValueError(f"consistency loss: teacher logits {tuple(teacher_logits.shape)} and student "
                          f"logits {tuple(student_logits.shape)} differ in shape")
     if temperature <= 0:
@@ -623,7 +649,7 @@ def nlu_consistency_loss(teacher_logits, student_logits, temperature):
     num_rows = student_logits.size(0)
     if num_rows == 0:
         return _zero_loss(student_logits)
-    kl_sum = TemperedKL.apply(teacher_logits.detach(), student_logits, temperature)
+    kl_sum = TemperedKL.apply(teacher_logits.detach(), student_logits, temperature, teacher_head)
     # mean over rows, times T^2 to keep gradient magnitudes comparable to cross-entropy (Hinton et al.)
     return temperature**2 * kl_sum / num_rows
 
@@ -704,14 +730,17 @@ def nlu_objective(task_loss, student_logits, teacher_logits, lambdas, temperatur
 # Regularizers for NLG (Eq. 9-13): logits of the M valid (non-padded) tokens, (M, V)
 
 
-def nlg_consistency_loss(teacher_logits, student_logits, temperature):
+def nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
     """
     Eq. 9: L_CR = T^2 * (1/M) * sum_i KL(P_P(. | x, i; T) || P_F(. | x, i; T)), logits (M, V).
 
     This is Eq. 4 with one row per valid token and the vocabulary as classes, so it is computed by the
-    same chunked KL, which keeps no (M, V) copy of its own for backward.
+    same chunked KL, which keeps no (M, V) copy of its own for backward. With `teacher_head` (e.g. the
+    model's lm_head), `teacher_logits` is the teacher's final hidden states (M, hidden), and the (M, V)
+    teacher logits are never held whole: (M, hidden) instead of (M, V), V / hidden = 85x less for
+    SmolLM2-135M (49152 / 576), 7.8x for Llama-2-7B (32000 / 4096).
     """
-    return nlu_consistency_loss(teacher_logits, student_logits, temperature)
+    return nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head)
 
 
 def nlg_diversity_loss(logits, top_k):
@@ -761,46 +790,190 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     if logits.numel() == 0:
         return _zero_loss(logits)
     z = logits.to(_float32_or_wider(logits.dtype))
-    num_tokens, vocab_size = z.shape
-    k = min(k, num_tokens, vocab_size)
-    sketch_size = min(k + oversample, num_tokens, vocab_size)
-    with torch.no_grad():
-        # Gaussian test matrix (V, l); Y = Z Omega samples the range of Z
-        omega = torch.randn(vocab_size, sketch_size, generator=generator, device=z.device, dtype=z.dtype)
-        Q = torch.linalg.qr(z @ omega).Q  # (M, l) orthonormal basis of the sampled range
-        # power iterations (Z Z^T)^q Z Omega sharpen the basis towards the top singular vectors;
-        # QR after every product keeps it well conditioned in floating point
-        for _ in range(niter):
-            Q = torch.linalg.qr(z.T @ Q).Q  # (V, l)
-            Q = torch.linalg.qr(z @ Q).Q  # (M, l)
-    # singular values of the (l, V) projection B = Q^T Z approximate the top singular values of Z.
-    # They are the square roots of the eigenvalues of the l x l Gram matrix B B^T: an eigensolve of
-    # a 15 x 15 matrix instead of an SVD of a 15 x 32000 one (~10x faster forward + backward), and
-    # eigvalsh's gradient U diag(g) U^T has no 1 / (sigma_i - sigma_j) terms. The Gram matrix is formed
-    # in float64 so that squaring costs no precision on the smaller sigma.
-    projection = (Q.T @ z).to(torch.float64)  # (l, V)
-    eigenvalues = torch.linalg.eigvalsh(projection @ projection.T).flip(-1)[:k]  # descending
-    # sigma = sqrt(lambda) for lambda > 0, else 0 with a zero (not infinite) gradient: rank(Z) < k
-    positive = eigenvalues > 0
-    sigma = torch.where(positive, eigenvalues, 1.0).sqrt() * positive
+    k = min(k, *z.shape)
+    Q = _range_basis(z, k, oversample, niter, generator)
+    # singular values of the (l, V) projection B = Q^T Z approximate the top singular values of Z
+    sigma_sum = _top_singular_sum((Q.T @ z).to(torch.float64), k)
     # normalize by the Frobenius norm (= sqrt of the sum of all sigma^2) instead of the full spectrum;
     # the clamp only matters for Z = 0, where the ratio is 0 / 0
     frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
-    return -sigma.sum().to(z.dtype) / frobenius
+    return -sigma_sum.to(z.dtype) / frobenius
 
 
-def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None):
+@torch.no_grad()
+def _range_basis(z, k, oversample, niter, generator):
+    """Halko et al. Alg. 4.4: an orthonormal basis Q (M, l), l = k + oversample, of Z's dominant range."""
+    num_tokens, vocab_size = z.shape
+    sketch_size = min(k + oversample, num_tokens, vocab_size)
+    # Gaussian test matrix (V, l); Y = Z Omega samples the range of Z
+    omega = torch.randn(vocab_size, sketch_size, generator=generator, device=z.device, dtype=z.dtype)
+    Q = torch.linalg.qr(z @ omega).Q  # (M, l) orthonormal basis of the sampled range
+    # power iterations (Z Z^T)^q Z Omega sharpen the basis towards the top singular vectors;
+    # QR after every product keeps it well conditioned in floating point
+    for _ in range(niter):
+        Q = torch.linalg.qr(z.T @ Q).Q  # (V, l)
+        Q = torch.linalg.qr(z @ Q).Q  # (M, l)
+    return Q
+
+
+def _top_singular_sum(projection, k):
+    """
+    Sum of the k largest singular values of the (l, V) float64 projection B = Q^T Z, as the square
+    roots of the eigenvalues of the l x l Gram matrix B B^T: an eigensolve of a 15 x 15 matrix instead
+    of an SVD of a 15 x 32000 one (~10x faster forward + backward), and eigvalsh's gradient
+    U diag(g) U^T has no 1 / (sigma_i - sigma_j) terms. float64 so that squaring costs no precision
+    on the smaller sigma.
+    """
+    eigenvalues = torch.linalg.eigvalsh(projection @ projection.T).flip(-1)[:k]  # descending
+    # sigma = sqrt(lambda) for lambda > 0, else 0 with a zero (not infinite) gradient: rank(Z) < k
+    positive = eigenvalues > 0
+    return (torch.where(positive, eigenvalues, 1.0).sqrt() * positive).sum()
+
+
+def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None,
+                  teacher_head=None):
     """
     Eq. 13: L_NLG = L_task + lambda1 L_CR (Eq. 9) + lambda2 L_DR (Eq. 10) + lambda3 L_SVDR (Eq. 12).
 
     Logits are those of the M valid tokens, (M, V). Returns (total, components) as nlu_objective.
+    With `teacher_head`, `teacher_logits` is the teacher's (M, hidden) final hidden states (see
+    nlg_consistency_loss).
     """
     _require_teacher(teacher_logits, lambdas)
     return _objective(task_loss, lambdas, {
-        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature),
+        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head),
         "diversity": lambda: nlg_diversity_loss(student_logits, top_k),
         "svd": lambda: nlg_svd_loss(student_logits, svd_k, generator=generator),
     })
+
+
+class NLGObjectiveFused(torch.autograd.Function):
+    """
+    Eq. 13 with the task cross-entropy on the (M, V) logits, whose gradient is computed in forward
+    into ONE (M, V) tensor: that tensor is all that is kept for backward.
+
+    Why: as separate autograd terms, the backward of Eq. 13 holds at once the cross-entropy's saved
+    log-probabilities and its two (M, V) gradients, each regularizer's (M, V) gradient before autograd
+    adds it to the others, and the logits the regularizers saved, while all of the model's activations
+    are alive: the peak of the step. Here the buffer is filled term by term, in place:
+      - Eq. 12 (not a sum over rows), with B = Q^T Z and Q constant as in nlg_svd_loss:
+        d/dZ [-S(B) / ||Z||_F] = -Q (dS/dB) / ||Z||_F + S Z / ||Z||_F^3, one matmul into the buffer
+        and one in-place multiply-add (autograd would hold both (M, V) terms before summing them);
+      - the task term, Eq. 9 and Eq. 10 are sums over rows, so they run a chunk of rows at a time
+        (temporaries are chunk sized) and add the chunk's gradient into the buffer's rows: the task
+        cross-entropy and Eq. 10 by the very functions of the unfused path under autograd; Eq. 9 by
+        TemperedKL's two formulas at once, so that each chunk of teacher logits (from the teacher's
+        hidden states through `teacher_head`, or given) is formed once, not once per direction.
+    Outputs (total, values), values = (task cross-entropy sum, L_CR, L_DR, L_SVDR), 0 where not computed.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, targets, task_scale, teacher, teacher_head, lambdas, temperature, svd_k,
+                top_k, generator):
+        z = student_logits.to(_float32_or_wider(student_logits.dtype))
+        num_rows = z.size(0)
+        values = torch.zeros(4, dtype=z.dtype, device=z.device)  # task sum, consistency, diversity, svd
+        grad = None
+        if lambdas[2] != 0 and z.numel() > 0:
+            k = min(svd_k, *z.shape)
+            Q = _range_basis(z, k, 5, 2, generator)  # nlg_svd_loss's oversample and niter
+            projection = (Q.T @ z).to(torch.float64).requires_grad_()
+            with torch.enable_grad():
+                sigma_sum = _top_singular_sum(projection, k)
+                (d_sigma_sum,) = torch.autograd.grad(sigma_sum, projection)
+            sigma_sum, projection = sigma_sum.detach().to(z.dtype), None  # (l, V) float64: free it now
+            frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
+            values[3] = -sigma_sum / frobenius
+            grad = Q @ d_sigma_sum.to(z.dtype)  # (M, V): the buffer itself
+            grad.mul_(-lambdas[2] / frobenius).addcmul_(z, lambdas[2] * sigma_sum / frobenius**3)
+        if grad is None:
+            grad = torch.zeros_like(z)
+        rows_terms = targets is not None or lambdas[0] != 0 or lambdas[1] != 0
+        offset = 0
+        for z_rows, grad_rows in (_row_chunks(z, grad, chunk_elements=_FUSED_CHUNK_ELEMENTS)
+                                  if rows_terms and num_rows > 0 else ()):
+            chunk = slice(offset, offset + z_rows.size(0))
+            offset = chunk.stop
+            if lambdas[0] != 0:  # Eq. 9: T^2 / M * sum of the rows' KL, gradient T / M * (P_F - P_P)
+                # in place where it can be: at most three chunk-sized temporaries at a time
+                teacher_rows = _teacher_rows(teacher[chunk], teacher_head).to(z.dtype, copy=True)
+                log_p_teacher = F.log_softmax(teacher_rows.div_(temperature), dim=-1)
+                del teacher_rows
+                log_p_student = F.log_softmax(z_rows / temperature, dim=-1)
+                p_teacher = log_p_teacher.exp()
+                log_ratio = log_p_teacher.sub_(log_p_student).view(-1)
+                values[1] += temperature**2 / num_rows * torch.dot(p_teacher.view(-1), log_ratio)  # sum P log(P / F)
+                del log_p_teacher, log_ratio
+                grad_rows += log_p_student.exp_().sub_(p_teacher).mul_(lambdas[0] * temperature / num_rows)
+                del log_p_student, p_teacher  # free the chunk's temporaries before the next term's
+            # the task term and Eq. 10, one autograd pass each, so that their temporaries never coexist
+            for term in ("task", "diversity"):
+                if (term == "task" and targets is None) or (term == "diversity" and lambdas[1] == 0):
+                    continue
+                leaf = z_rows.detach().requires_grad_()
+                with torch.enable_grad():
+                    if term == "task":
+                        task_sum = F.cross_entropy(leaf, targets[chunk], ignore_index=-100, reduction="sum")
+                        values[0] += task_sum.detach()
+                        weighted = task_scale * task_sum
+                    else:
+                        diversity = leaf.size(0) / num_rows * nlg_diversity_loss(leaf, top_k)  # its part of the mean
+                        values[2] += diversity.detach()
+                        weighted = lambdas[1] * diversity
+                    (grad_chunk,) = torch.autograd.grad(weighted, leaf)
+                grad_rows += grad_chunk
+                del grad_chunk
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(values)
+        total = values[1:] @ torch.tensor(lambdas, dtype=z.dtype, device=z.device)
+        if targets is not None:
+            total = total + task_scale * values[0]
+        return total, values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total,) + (None,) * 9
+
+
+def nlg_objective_fused(student_logits, targets, task_scale, teacher_logits, lambdas, temperature, svd_k, top_k,
+                        generator=None, teacher_head=None):
+    """
+    Eq. 13 as nlg_objective, with the task term computed here too: L_task = task_scale * sum_i CE(z_i, y_i)
+    over the rows whose target y_i is not -100 (targets (M,), or None for no task term). Values and
+    gradients are those of F.cross_entropy(reduction="sum") + nlg_objective (tests pin them), at the
+    memory of one (M, V) gradient (NLGObjectiveFused). teacher_logits / teacher_head as nlg_objective.
+    Returns (total, components): "task_sum" (the cross-entropy sum), "task" (scaled) and each
+    regularizer computed, detached.
+    """
+    _check_matrix("nlg_objective_fused", student_logits)
+    if len(lambdas) != 3:
+        raise ValueError(f"lambdas must be (lambda1, lambda2, lambda3), got {lambdas!r}")
+    _require_teacher(teacher_logits, lambdas)
+    if targets is not None and targets.shape != student_logits.shape[:1]:
+        raise ValueError(f"nlg_objective_fused: targets {tuple(targets.shape)} for {student_logits.size(0)} logit rows")
+    if lambdas[0] != 0:
+        if (teacher_head is None and teacher_logits.shape != student_logits.shape) or (
+                teacher_head is not None and teacher_logits.size(0) != student_logits.size(0)):
+            raise ValueError(f"nlg_objective_fused: teacher {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} do not match")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        teacher_logits = teacher_logits.detach()
+    if lambdas[1] != 0 and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if lambdas[2] != 0 and svd_k < 1:
+        raise ValueError(f"svd k must be >= 1, got {svd_k}")
+    total, values = NLGObjectiveFused.apply(student_logits, targets, task_scale, teacher_logits, teacher_head,
+                                            tuple(float(w) for w in lambdas), temperature, svd_k, top_k, generator)
+    components = {}
+    if targets is not None:
+        components.update(task_sum=values[0], task=task_scale * values[0])
+    for index, (name, weight) in enumerate(zip(("consistency", "diversity", "svd"), lambdas)):
+        if weight != 0:
+            components[name] = values[index + 1]
+    return total, components
 
 
 # -----------------------------------------------------------------------------

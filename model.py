@@ -454,13 +454,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def forward(self, input_ids, attention_mask=None, cache=None, output_mask=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, output_mask=None, return_hidden=False):
         """
         Logits (B, T, V). attention_mask (B, T) 0/1 marks padding, left or right; with a cache it
         covers the cached tokens too (B, cache.length + T). None means no padding.
         output_mask (B, T) bool: return only the logits of these positions, (M, V) in row-major order.
         The LM head is the largest matmul of a small model and its (B, T, V) output the largest
         activation, so a trainer that needs M < B * T rows should not pay for the rest.
+        return_hidden: return the final (normed) hidden states instead, (B, T, hidden) or (M, hidden),
+        whose logits are self.lm_head(them): the teacher of Eq. 9 forms them chunk by chunk.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -486,7 +488,8 @@ class Llama(nn.Module):
             if output_mask.shape != (B, T):
                 raise ValueError(f"output_mask has shape {tuple(output_mask.shape)}, expected {(B, T)}")
             x = x[output_mask]  # (M, hidden): RMSNorm and the head act on each position alone
-        return self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None,

