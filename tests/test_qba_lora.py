@@ -16,7 +16,8 @@ import eval as evaluation
 import train_nlg
 import train_nlu
 from model import Llama
-from test_train_nlg import crash_after_saving, max_abs_diff, read_log, tiny, tiny_args, trainable_after  # noqa: F401
+from test_train_nlg import (crash_after_saving, max_abs_diff, read_log, run_killed_and_resumed, tiny,  # noqa: F401
+                            tiny_args, trainable_after)
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -30,15 +31,7 @@ def test_qba_lora_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tm
     common = ["--method", "balora", "--quantize", "nf4-dq", "--batch-size", "4", "--micro-batch-size", "2",
               "--max-steps", "4", "--save-every", "2", "--dropout", "0.1", "--lambda-warmup-ratio", "0",
               "--svd-k", "3", "--top-k", "5"]
-    train_nlg.main(tiny_args(tiny, tmp_path / "full", *common))
-    crash_after_saving(monkeypatch, at_step=2)
-    with pytest.raises(KeyboardInterrupt):
-        train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common))
-    monkeypatch.undo()
-    train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common, "--resume"))
-    assert max_abs_diff(trainable_after(tmp_path / "full"), trainable_after(tmp_path / "resumed")) == 0.0
-    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")
-    assert [r["total"] for r in full] == [r["total"] for r in resumed]
+    full, resumed = run_killed_and_resumed(tiny, tmp_path, monkeypatch, common, at_step=2)
     assert all(r["consistency"] is not None for r in full) and full[-1]["consistency"] > 0  # the 4-bit teacher ran
     assert adapter_config(tmp_path / "full")["quantize"] == "nf4-dq"
     with pytest.raises(ValueError, match=r"--quantize 'nf4-dq' -> 'nf4'"):  # the base is a result-changing setting

@@ -293,16 +293,26 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path, m
     # dropout > 0 makes the result depend on the restored RNG state, not only on the weights
     common = ["--method", "balora", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6",
               "--save-every", "2", "--dropout", "0.1", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"]
+    full, resumed = run_killed_and_resumed(tiny, tmp_path, monkeypatch, common, at_step=4)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+
+
+def run_killed_and_resumed(tiny, tmp_path, monkeypatch, common, at_step):
+    """
+    Train `common` uninterrupted (tmp_path/full) and again killed right after the checkpoint of
+    `at_step`, then --resume'd (tmp_path/resumed); assert both end with bit-identical adapters and
+    logged totals. Returns the two logs.
+    """
     train_nlg.main(tiny_args(tiny, tmp_path / "full", *common))
-    crash_after_saving(monkeypatch, at_step=4)
+    crash_after_saving(monkeypatch, at_step=at_step)
     with pytest.raises(KeyboardInterrupt):
         train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common))
     monkeypatch.undo()
     train_nlg.main(tiny_args(tiny, tmp_path / "resumed", *common, "--resume"))
     assert max_abs_diff(trainable_after(tmp_path / "full"), trainable_after(tmp_path / "resumed")) == 0.0
     full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == list(range(1, 7))
     assert [r["total"] for r in full] == [r["total"] for r in resumed]
+    return full, resumed
 
 
 def test_resume_drops_a_torn_last_log_line_and_stale_temp_files(tiny, tmp_path, capsys, monkeypatch):
