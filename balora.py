@@ -1167,7 +1167,7 @@ def load_adapter(model, directory):
     return model
 
 
-def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
+def export_peft(model, out_dir, base_model_name_or_path, task_type=None, hf_name=None, modules_to_save=None):
     """
     Write adapter_config.json + adapter_model.safetensors in peft's LoRA format, to be applied to the
     ORIGINAL base weights with peft.PeftModel.from_pretrained, or with task_type ("CAUSAL_LM",
@@ -1189,8 +1189,17 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
     loads: on the full-precision W it computes W + s (B A - B0 A0) = W_res + s B A, which differs from
     the trained model by the quantization error W_res - Q(W_res); merge_lora (or load_adapter, which
     re-quantizes) reproduces the trained model exactly.
+
+    hf_name maps one of our parameter names (module.leaf) to the base checkpoint's, for a model whose
+    modules carry other names than its checkpoint (RoBERTa in the encoder's: model.roberta_hf_key);
+    modules_to_save replaces the list of trainable modules' names peft is given (default: their names).
     """
     from safetensors.torch import save_file
+
+    hf_name = hf_name or (lambda name: name)
+
+    def hf_module(module):  # the module's name in the checkpoint: map module.weight, drop .weight
+        return hf_name(module + ".weight")[: -len(".weight")]
 
     layers = _require_lora(model, "export_peft")
     r, alpha, init = _uniform(layers, "r"), _uniform(layers, "alpha"), _uniform(layers, "init")
@@ -1200,14 +1209,15 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
         if init == "pissa":
             lora_A = torch.cat([lora_A, layer.lora_A0], dim=0)  # (2r, in)
             lora_B = torch.cat([lora_B, -layer.lora_B0], dim=1)  # (out, 2r)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B
+        tensors[f"base_model.model.{hf_module(name)}.lora_A.weight"] = lora_A
+        tensors[f"base_model.model.{hf_module(name)}.lora_B.weight"] = lora_B
         if layer.dora:
-            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
-    modules_to_save = _trainable_modules(model)
-    for module_name in modules_to_save:
+            tensors[f"base_model.model.{hf_module(name)}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+    trainable_modules = _trainable_modules(model)
+    for module_name in trainable_modules:
         for param_name, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"base_model.model.{module_name}.{param_name}"] = p.detach()
+            tensors[f"base_model.model.{hf_name(f'{module_name}.{param_name}')}"] = p.detach()
+    modules_to_save = trainable_modules if modules_to_save is None else modules_to_save
     rank_factor = 2 if init == "pissa" else 1
     lora_alpha = rank_factor * alpha
     if os.path.isdir(base_model_name_or_path):
@@ -1216,7 +1226,7 @@ def export_peft(model, out_dir, base_model_name_or_path, task_type=None):
         peft_type="LORA", task_type=task_type, base_model_name_or_path=base_model_name_or_path,
         r=rank_factor * r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
         lora_dropout=_uniform(layers, "dropout_p"),
-        target_modules=[name for name, _ in layers], modules_to_save=modules_to_save or None,
+        target_modules=[hf_module(name) for name, _ in layers], modules_to_save=modules_to_save or None,
         init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=_uniform(layers, "dora"),
         inference_mode=True,
     )

@@ -353,7 +353,7 @@ RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no
 
 def teacher_head(model, device, dtype):
     """
-    The teacher's LM head for balora.nlg_consistency_loss, which runs it on chunks of the teacher's
+    The teacher's LM head for balora.nlg_objective_fused, which runs it on chunks of the teacher's
     final hidden states: under the teacher forward's autocast, so that each chunk of logits is the
     one that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
     current head is the pretrained one.
@@ -515,6 +515,8 @@ def global_batch_indices(num_samples, batch_size, step, seed):
 METHODS = {"lora": ("lora", False), "pissa": ("pissa", False), "balora": ("pissa", True), "lora+reg": ("lora", True),
            "dora": ("lora", False), "dora+reg": ("lora", True)}
 DORA_METHODS = ("dora", "dora+reg")  # their layers are balora.DoRALinear (trainable magnitude), Table 10's DoRA rows
+QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
+                 "PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
 
 ASSETS = os.path.join(REPO, "assets")
 # The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
@@ -558,7 +560,7 @@ def parse_args(argv=None):
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
-    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
+    flag("--quantize", choices=list(balora.QUANTIZE), help=QUANTIZE_HELP)
     flag("--lambda1", type=float, help="consistency weight (Eq. 9)")
     flag("--lambda2", type=float, help="diversity weight (Eq. 10)")
     flag("--lambda3", type=float, help="SVD weight (Eq. 12)")

@@ -34,7 +34,8 @@ import plot
 from data import DebertaTokenizer, RobertaTokenizer, load_hub_dataset
 from model import DebertaClassifier, read_config, roberta_hf_key
 from train_nlg import append_jsonl, atomic_torch_save, autocast_context, check_finite, cleanup_distributed
-from train_nlg import DORA_METHODS, METHODS, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup, save_checkpoint
+from train_nlg import DORA_METHODS, METHODS, QUANTIZE_HELP, exit_torchrun_worker, load_checkpoint, lr_schedule_with_warmup
+from train_nlg import save_checkpoint
 from train_nlg import check_resume_config, remove_stale_temp_files, rewind_log, run_config, setup_distributed
 from train_nlg import Reporter, add_deprecated_aliases, check_report_to, deprecated_epilog, preset_flag, resolve_settings
 from train_nlg import settings_block, settings_record, shown, write_config
@@ -374,34 +375,14 @@ def evaluate(model, task, input_ids, labels, batch_size, device, dtype, pad_id):
 def export_peft_adapter(model, out_dir, model_dir):
     """
     <out>/peft_adapter in peft's format (balora.export_peft) for AutoPeftModelForSequenceClassification.
-    RoBERTa's modules carry DeBERTa's names, so its export is renamed to transformers'
+    RoBERTa's modules carry DeBERTa's names, so its export takes transformers'
     RobertaForSequenceClassification names (model.ROBERTA_KEYS read backwards), and its head
     (classifier.dense + classifier.out_proj) is saved as the one module `classifier`, as peft does.
     """
-    from safetensors.torch import load_file, save_file
-
-    balora.export_peft(model, out_dir, model_dir, task_type="SEQ_CLS")
     if model.config.model_type != "roberta":
-        return
-    weights_path, config_path = (os.path.join(out_dir, name) for name in ("adapter_model.safetensors", "adapter_config.json"))
-    prefix = "base_model.model."
-
-    def hf_module(module):  # the table maps parameter names: map module.weight, drop .weight
-        return roberta_hf_key(module + ".weight")[: -len(".weight")]
-
-    renamed = {}
-    for key, tensor in load_file(weights_path).items():
-        name = key[len(prefix):]
-        lora = next((leaf for leaf in (".lora_A.weight", ".lora_B.weight") if name.endswith(leaf)), None)
-        hf_name = hf_module(name[: -len(lora)]) + lora if lora else roberta_hf_key(name)  # LoRA factor, or head
-        renamed[prefix + hf_name] = tensor
-    save_file(renamed, weights_path)
-    with open(config_path) as f:
-        config = json.load(f)
-    config["target_modules"] = [hf_module(name) for name in config["target_modules"]]
-    config["modules_to_save"] = ["classifier"]
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+        return balora.export_peft(model, out_dir, model_dir, task_type="SEQ_CLS")
+    return balora.export_peft(model, out_dir, model_dir, task_type="SEQ_CLS", hf_name=roberta_hf_key,
+                              modules_to_save=["classifier"])
 
 
 # -----------------------------------------------------------------------------
@@ -505,7 +486,7 @@ def parse_args(argv=None):
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
-    flag("--quantize", choices=list(balora.QUANTIZE), help="none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a PiSSA init, Fig. 5) | nf4-dq: nf4 with double quantization of the block constants")
+    flag("--quantize", choices=list(balora.QUANTIZE), help=QUANTIZE_HELP)
     flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
     flag("--grad-clip", type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
