@@ -141,8 +141,7 @@ def _fill(module, prefix, names, index, dtype, device, problems):
             continue
         # in the checkpoint's dtype on the CPU, the tensor is a view of the file's memory map: no copy
         tensor = tensor.to(device=device, dtype=dtype)
-        # min and max are NaN when any entry is, +-inf when one is: no temporary as large as the tensor
-        if not all(torch.isfinite(extreme) for extreme in torch.aminmax(tensor)):
+        if not balora.all_finite(tensor):
             problems.append(f"NaN/inf in {key}")
         _assign(module, name, tensor)
 
@@ -164,7 +163,7 @@ def load_sharded_llama(path, dtype, device, lora, cpu_offload=False):
     adapted in the order add_lora adapts a whole model, so the random inits match a one-process run.
     Then the root's own tensors (embeddings, final norm, LM head) are read and the root is sharded.
     Peak host memory per rank: its shards, one full Block (the root's tensors at the end) and the
-    temporaries of one matrix (add_lora's NaN check; with PiSSA, its float32 SVD). Names that do not
+    temporaries of one matrix (with PiSSA, its float32 SVD). Names that do not
     match the model are refused before any tensor is read.
     Returns (model, dict(trainable=#params, total=#params)) as add_lora counts them.
     """

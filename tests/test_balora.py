@@ -719,3 +719,14 @@ def test_bench_regularizers_smoke():
     assert 2.5 < copies["cross_entropy"] < 3.5, copies
     # top-K entropy keeps (M, K) tensors only: the logits' gradient is its one full copy
     assert copies["nlg_diversity_loss"] < 2, copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype):
+    """balora.all_finite (add_lora's, adapter_problems' and the FSDP loader's check) against isfinite().all()."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for position in (0, 517, 999):
+            tensor = torch.randn(10, 100, dtype=dtype)
+            tensor.view(-1)[position] = bad
+            assert not balora.all_finite(tensor), (bad, position)
+    assert balora.all_finite(torch.randn(10, 100, dtype=dtype)) and balora.all_finite(torch.empty(0, 3, dtype=dtype))
