@@ -55,6 +55,7 @@ import time
 import traceback
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,11 +175,25 @@ def make_batch(shape, device):
     return input_ids.to(device), torch.ones_like(input_ids).to(device), labels.to(device)
 
 
+def init_as_transformers(llama, std):
+    """
+    Random weights drawn as transformers' `_init_weights` draws those of the peer variants: every Linear
+    and Embedding weight from normal(0, initializer_range), norms 1. Why it matters for a benchmark: with
+    torch's defaults (an Embedding is normal(0, 1)) the tied LM head gave a random SmolLM2 shape logits
+    up to ~500, one-hot softmaxes, and kernels (elementwise exp) whose cost depends on the values ran on
+    other numbers than the peers' did.
+    """
+    for module in llama.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
 def build_ours(shape, init, device, gradient_checkpointing):
     """Our Llama with random weights built directly on `device` (no slow CPU init), adapters on all 7 targets."""
     torch.manual_seed(0)
     with torch.device(device):
         llama = model.Llama(model.LlamaConfig.from_hf(shape["config"]))
+        init_as_transformers(llama, shape["config"].get("initializer_range", 0.02))
     llama.to(shape["dtype"])  # base weights in the shape's dtype; add_lora keeps adapters float32
     llama.model.rotary_emb.inv_freq = model.rope_inv_freq(llama.config, device=device)  # float32, as from_pretrained
     balora.add_lora(llama, TARGETS, r=shape["r"], alpha=shape["r"], init=init, pissa_niter=shape["pissa_niter"])
