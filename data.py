@@ -368,8 +368,7 @@ class RobertaTokenizer:
             return [self.cls_id] + a[: max_length - 2] + [self.sep_id]
         if max_length < 4:
             raise ValueError(f"max_length={max_length}: a pair needs at least 4 (<s>, </s>, </s>, </s>)")
-        a, b = truncate_longest_first_tokenizers(a, self.backend.encode(text_b, add_special_tokens=False).ids,
-                                                 max_length - 4)
+        a, b = truncate_longest_first(a, self.backend.encode(text_b, add_special_tokens=False).ids, max_length - 4)
         return [self.cls_id] + a + [self.sep_id, self.sep_id] + b + [self.sep_id]
 
     # the same batching as DeBERTa's: right padded with this tokenizer's pad id
@@ -378,25 +377,10 @@ class RobertaTokenizer:
 
 def truncate_longest_first(a, b, budget):
     """
-    Drop tokens from the ends of a and b until len(a) + len(b) <= budget, always from the longer one
-    (from b on ties), as Hugging Face's "longest_first": first cut the longer down to the other's
-    length, then split what remains evenly, b giving the odd token.
-    """
-    excess = len(a) + len(b) - budget
-    if excess <= 0:
-        return a, b
-    gap = min(abs(len(a) - len(b)), excess)
-    drop_a = (excess - gap) // 2 + (gap if len(a) > len(b) else 0)
-    drop_b = excess - drop_a
-    return a[: len(a) - drop_a], b[: len(b) - drop_b]
-
-
-def truncate_longest_first_tokenizers(a, b, budget):
-    """
-    The `tokenizers` library's "longest_first" (transformers' RobertaTokenizer runs it): as
-    truncate_longest_first, the shorter text is kept whole if the longer can still have as many
-    tokens, else both get half the budget; but the odd token of an odd budget goes to the longer text
-    (b on ties), where truncate_longest_first gives it to a.
+    Drop tokens from the ends of a and b until len(a) + len(b) <= budget, as the `tokenizers` library's
+    "longest_first" (what transformers' DeBERTa-v2 and RoBERTa tokenizers run): the shorter text is kept
+    whole if the longer can still have as many tokens, else both get half the budget, the odd token of
+    an odd budget going to the longer text (to b on ties).
     """
     if len(a) + len(b) <= budget:
         return a, b

@@ -205,8 +205,9 @@ def test_absent_v3_flags_fall_back_to_transformers_defaults_and_raise():
 WORDS = "the a cat dog sat ran on under mat rug quickly slowly red blue big small".split()
 
 
-def train_spm(directory, special_ids=True):
-    """A word-level spm on a few hundred generated sentences: each word is one piece `▁word`."""
+def train_spm(directory, special_ids=True, model_type="word"):
+    """An spm on a few hundred generated sentences; word-level (each word one piece `▁word`) or, as the
+    DeBERTa-v3 release, unigram."""
     import sentencepiece
 
     rng = random.Random(0)
@@ -216,8 +217,10 @@ def train_spm(directory, special_ids=True):
     specials = dict(pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]",
                     unk_id=3, unk_piece="[UNK]") if special_ids else {}
     prefix = os.path.join(directory, "spm")
-    sentencepiece.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, model_type="word",
-                                             vocab_size=len(WORDS) + 4 - (not special_ids), minloglevel=2, **specials)
+    sentencepiece.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, model_type=model_type,
+                                             vocab_size=(len(WORDS) if model_type == "word" else 36) + 4 - (not special_ids),
+                                             hard_vocab_limit=False,
+                                             minloglevel=2, **specials)
     return sentencepiece.SentencePieceProcessor(model_file=prefix + ".model"), directory
 
 
@@ -245,11 +248,33 @@ def test_truncation_longest_first_keeps_both_separators(spm_dir):
     ids = tokenizer.encode("the big red cat sat", "on a mat", max_length=8)
     assert ids == [1, p["the"], p["big"], p["red"], 2, p["on"], p["a"], 2]
     assert tokenizer.encode("the big red cat sat", max_length=4) == [1, p["the"], p["big"], 2]
-    # Equal lengths, 3 too many: the first gives 3 // 2 = 1, the second the other 2 (transformers' split).
-    assert truncate_longest_first(list(range(4)), list(range(4)), 5) == ([0, 1, 2], [0, 1])
+    # Equal lengths, 3 too many: each keeps 5 // 2 = 2, and the odd slot goes to the second (a tie).
+    assert truncate_longest_first(list(range(4)), list(range(4)), 5) == ([0, 1], [0, 1, 2])
     assert truncate_longest_first([0], list(range(10)), 4) == ([0], [0, 1, 2])
     with pytest.raises(ValueError, match="max_length"):
         tokenizer.encode("the cat", "a dog", max_length=2)
+
+
+def test_tokenizer_matches_transformers_on_a_unigram_spm(tmp_path):
+    """
+    Ours against transformers' DebertaV2Tokenizer (which converts spm.model for the `tokenizers` library)
+    on the same unigram spm: single sentences, and pairs of 1..8 + 1..8 words into every max_length from
+    3 (both separators only) to the untruncated length, where the odd token of an odd budget is what
+    tells truncation rules apart.
+    """
+    sp, directory = train_spm(str(tmp_path), model_type="unigram")
+    reference = transformers.DebertaV2Tokenizer.from_pretrained(directory)
+    ours = DebertaTokenizer(directory)
+    rng = random.Random(1)
+    words = WORDS + ["catmat", "bigdog", "slowred"]  # unseen compounds: several pieces each
+    sentences = [" ".join(rng.choice(words) for _ in range(length)) for length in range(1, 9)]
+    assert any(len(sp.encode(s)) > len(s.split()) for s in sentences)
+    for a in sentences:
+        assert ours.encode(a) == reference(a)["input_ids"], a
+        for b in sentences:
+            for max_length in range(3, len(sp.encode(a)) + len(sp.encode(b)) + 4):
+                expected = reference(a, b, truncation="longest_first", max_length=max_length)["input_ids"]
+                assert ours.encode(a, b, max_length=max_length) == expected, (a, b, max_length)
 
 
 def test_encode_batch_right_pads_with_zero(spm_dir):
