@@ -16,6 +16,7 @@ train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only mod
 
 import json
 import os
+import re
 from datetime import datetime
 
 import torch
@@ -263,7 +264,9 @@ class Tokenizer:
 class DebertaTokenizer:
     """
     DeBERTa-v3's sentencepiece spm.model with its special ids [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3:
-    a sentence is [CLS] A [SEP], a pair [CLS] A [SEP] B [SEP].
+    a sentence is [CLS] A [SEP], a pair [CLS] A [SEP] B [SEP]. As in transformers, a special token
+    written in a text is that token, and [MASK] is one too: the spm's piece, or the id after its last
+    (DeBERTa-v3: 128000).
 
     Any spm.model with those four pieces at ids 0-3 works; one trained with
     sentencepiece.SentencePieceTrainer.train(..., pad_id=0, pad_piece="[PAD]", bos_id=1,
@@ -284,18 +287,30 @@ class DebertaTokenizer:
         if pieces != self.special_pieces or self.sp.unk_id() != self.unk_id:
             raise ValueError(f"{model_file!r}: ids 0-3 are {pieces} (unk id {self.sp.unk_id()}), "
                              f"expected {self.special_pieces} as in DeBERTa-v3")
-        self.vocab_size = self.sp.get_piece_size()
+        mask_id = self.sp.piece_to_id("[MASK]")
+        if mask_id == self.unk_id:  # not a piece of the spm: transformers adds it after the last
+            mask_id = self.sp.get_piece_size()
+        self.special_ids = dict(zip(self.special_pieces + ["[MASK]"], [0, 1, 2, 3, mask_id]))
+        self.vocab_size = max(self.sp.get_piece_size(), mask_id + 1)
+
+    def pieces(self, text):
+        """The spm ids of `text`, the special tokens written in it as their ids: each text between two is
+        encoded on its own, as transformers' added-token split does ("a[SEP]b" -> ▁a [SEP] ▁b)."""
+        ids = []
+        for segment in re.split(r"(\[(?:PAD|CLS|SEP|UNK|MASK)\])", text):  # the group keeps the specials
+            ids += [self.special_ids[segment]] if segment in self.special_ids else self.sp.encode(segment)
+        return ids
 
     def encode(self, text_a, text_b=None, max_length=128):
         """[CLS] A [SEP] (B [SEP]) ids, at most max_length; a pair is truncated longest-first."""
-        a = self.sp.encode(text_a)
+        a = self.pieces(text_a)
         if text_b is None:
             if max_length < 2:
                 raise ValueError(f"max_length={max_length}: a sentence needs at least 2 ([CLS], [SEP])")
             return [self.cls_id] + a[: max_length - 2] + [self.sep_id]
         if max_length < 3:
             raise ValueError(f"max_length={max_length}: a pair needs at least 3 ([CLS], [SEP], [SEP])")
-        a, b = truncate_longest_first(a, self.sp.encode(text_b), max_length - 3)
+        a, b = truncate_longest_first(a, self.pieces(text_b), max_length - 3)
         return [self.cls_id] + a + [self.sep_id] + b + [self.sep_id]
 
     def encode_batch(self, texts_a, texts_b=None, max_length=128):

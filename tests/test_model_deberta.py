@@ -269,6 +269,10 @@ def test_tokenizer_matches_transformers_on_a_unigram_spm(tmp_path):
     words = WORDS + ["catmat", "bigdog", "slowred"]  # unseen compounds: several pieces each
     sentences = [" ".join(rng.choice(words) for _ in range(length)) for length in range(1, 9)]
     assert any(len(sp.encode(s)) > len(s.split()) for s in sentences)
+    # special tokens written in a text are those tokens ([MASK] is added after the spm's last id)
+    for text in ("the cat [SEP] sat", "a[MASK]dog", "[CLS]", "[SEP][SEP] on  [UNK] mat", "[cls] is text", "  "):
+        assert ours.encode(text) == reference(text)["input_ids"], text
+    assert ours.encode("[MASK]")[1] == sp.get_piece_size() == ours.vocab_size - 1
     for a in sentences:
         assert ours.encode(a) == reference(a)["input_ids"], a
         for b in sentences:
