@@ -4,7 +4,7 @@ App. C.8, Table 14), all measured in ONE run so that every ratio compares number
 
     python tools/bench.py --shape tiny                       # CPU, a few minutes -> out/bench/BENCHMARKS.md
     python tools/bench.py --shape tiny --update-docs         # the same, updating the tracked BENCHMARKS.md
-    python tools/bench.py --shape smollm2-135m               # SmolLM2-135M's config, random weights (CPU: ~15 min)
+    python tools/bench.py --shape smollm2-135m               # SmolLM2-135M's config, random weights (CPU: ~10 min)
     python tools/bench.py --shape llama2-7b --device cuda    # Llama-2-7B config, random bf16 weights
     python tools/bench.py --shape tiny --profile balora      # torch.profiler table of one variant
 
