@@ -290,14 +290,16 @@ class DebertaTokenizer:
         mask_id = self.sp.piece_to_id("[MASK]")
         if mask_id == self.unk_id:  # not a piece of the spm: transformers adds it after the last
             mask_id = self.sp.get_piece_size()
-        self.special_ids = dict(zip(self.special_pieces + ["[MASK]"], [0, 1, 2, 3, mask_id]))
+        self.special_ids = {piece: i for i, piece in enumerate(self.special_pieces)} | {"[MASK]": mask_id}
+        # one group of all of them: re.split keeps each special it splits at
+        self.special_split = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
         self.vocab_size = max(self.sp.get_piece_size(), mask_id + 1)
 
     def pieces(self, text):
         """The spm ids of `text`, the special tokens written in it as their ids: each text between two is
         encoded on its own, as transformers' added-token split does ("a[SEP]b" -> ▁a [SEP] ▁b)."""
         ids = []
-        for segment in re.split(r"(\[(?:PAD|CLS|SEP|UNK|MASK)\])", text):  # the group keeps the specials
+        for segment in self.special_split.split(text):
             ids += [self.special_ids[segment]] if segment in self.special_ids else self.sp.encode(segment)
         return ids
 
