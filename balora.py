@@ -1,17 +1,18 @@
 """
-BA-LoRA (Bias-Alleviating Low-Rank Adaptation, ICLR 2026) from scratch, in the order of the paper:
+BA-LoRA (Bias-Alleviating Low-Rank Adaptation, ICLR 2026), the method, in the order of the paper:
 
-  Eq. 1-3   PiSSA: LoRA whose adapter starts at the principal singular components of W.
-  Eq. 4-8   NLU regularizers on the (N, D) batch logits: consistency (KL to the pretrained
-            model), diversity (decorrelated class logits), SVD (energy in the top-k singular
-            values), and the weighted objective.
-  Eq. 9-13  NLG regularizers on the (M, V) logits of the valid (non-padded) tokens: consistency,
-            focused top-K entropy, randomized-SVD energy ratio, and the weighted objective.
-  App. B.4  the schedules of lambda1 (cosine) and lambda2/lambda3 ("two_phase" focus).
-  Table 10  DoRA (DoRALinear), the third adapter the regularizers are shown on.
-  Fig. 5    the 4-bit base of QLoRA / QPiSSA / QBA-LoRA: NF4 weights (NF4Linear), quantized after
-            PiSSA's SVD, so that QPiSSA quantizes the residual W_res.
-  Then adapters as files: merge, save/load, and export to the peft format.
+  Eq. 1-3   LoRALinear: LoRA, started at W's principal singular components for PiSSA (init="pissa").
+  Table 10  DoRALinear: DoRA, the third adapter the regularizers are shown on.
+  Sec. 2.2  the teacher: pretrained_mode(model) makes the adapted model compute the pretrained one.
+  Eq. 4-8   NLU: consistency, diversity and SVD regularizers on (N, D) logits, and their objective.
+  Eq. 9-13  NLG: the same three on the (M, V) logits of the valid tokens, and their objective.
+  App. B.4  scheduled_lambdas: the schedules of lambda1 (cosine) and lambda2, lambda3 (two-phase focus).
+
+Each equation is one plain differentiable function here, and the trainers run these very functions.
+The machinery lives beside the method: nf4.py (the 4-bit base of QLoRA / QBA-LoRA), chunked.py (the
+memory-saving schedule of Eq. 13 that train_nlg.py runs: these functions, a chunk of rows at a time,
+gradients by autograd), adapters.py (merge, save / load, peft export), training.py (what both
+trainers share: methods, optimizer, checkpoints, logs, settings).
 
 Notation. The paper writes a linear layer as Y = X (W + A B) with W in R^{m x n} (m inputs, n outputs),
 A in R^{m x r} and B in R^{r x n}. PyTorch's nn.Linear stores the transpose, weight = W^T of shape
@@ -19,36 +20,22 @@ A in R^{m x r} and B in R^{r x n}. PyTorch's nn.Linear stores the transpose, wei
     lora_A = A^T  (r x in),   lora_B = B^T  (out x r),   scaling s = alpha / r,
     y = base(x) + s * lora_B @ lora_A @ x,   i.e. the effective weight is W_res + s * lora_B @ lora_A.
 
-The teacher (our departure from the paper's setup). The consistency terms (Eq. 4, 9) need the logits
-of the pretrained model. The official code keeps a second full copy of the model for that (BA-LoRA's
-overhead over PiSSA is +10.75 GB on LLaMA-2-7B, Table 5). We do not: every LoRALinear keeps its initial factors (lora_A0, lora_B0) as
-buffers, and `pretrained_mode(model)` swaps them in for the trained factors. Because PiSSA builds the
-frozen weight as W_res = W - s * B0 @ A0, the layer then computes W_res + s * B0 @ A0 = W (exactly, up
-to float rounding), so the adapted model computes the original pretrained function. With init="lora", B0 = 0 and the teacher
-simply skips the adapter, so no copy is stored. Extra memory: one copy of the adapter factors, never
-of the model. Modules left fully trainable (e.g. the classification head) are shared by teacher and
-student, as in the paper's NLU setup (App. B.3, B.4). `pretrained_mode` also puts the model in eval
-mode, like the official frozen teacher.
+The teacher (our departure from the official code). The consistency terms (Eq. 4, 9) need the logits of
+the pretrained model. The official code keeps a second full copy of the model for that (BA-LoRA's
+overhead over PiSSA is +10.75 GB on LLaMA-2-7B, Table 5). We do not: every LoRALinear keeps its initial
+factors (lora_A0, lora_B0) as buffers, and `pretrained_mode(model)` swaps them in for the trained ones.
+Because PiSSA builds the frozen weight as W_res = W - s * B0 @ A0, the layer then computes
+W_res + s * B0 @ A0 = W (exactly, up to float rounding): the original pretrained function. With
+init="lora", B0 = 0 and the teacher simply skips the adapter, so nothing is stored. Extra memory: one
+copy of the adapter factors, never of the model. Modules left fully trainable (e.g. the classification
+head) are shared by teacher and student, as in the paper's NLU setup (App. B.3, B.4).
 
-The teacher on a 4-bit base is the quantized model, as QLoRA holds it: pretrained_mode computes
-Q(W_res) + s B0 A0 (init="pissa") or Q(W) (init="lora"), never the full-precision W, which is not
-kept. For QPiSSA that teacher is nearer to W than QLoRA's, by the smaller quantization error of W_res.
-
-Dtypes. The frozen base weight keeps the model dtype (e.g. bfloat16); the adapter factors are float32
-(float64 if the base is float64), like peft's `autocast_adapter_dtype`. The adapter casts its input to
-its own dtype and its output back to the base output's dtype, so a bf16 model runs with or without
-autocast. PiSSA's SVD and every weight merge are computed in float32 and cast back. In bf16 the
-teacher equals the original model up to the bf16 rounding of W_res (as for PiSSA in peft); in float32
-it is exact to float32 rounding. The regularizers compute in float32 when given bf16/fp16 logits.
-
-One more departure: nlg_svd_loss (Eq. 12) differentiates the approximate singular values with the
-randomized basis held constant, where the official code also differentiates through the range finder;
-see its docstring for why this is the exact top-k gradient once the sketch has converged.
+Dtypes. The frozen base keeps the model dtype (e.g. bfloat16); the adapter factors are float32 (float64
+on a float64 base), like peft's `autocast_adapter_dtype`. PiSSA's SVD and every merge run in float32.
+The regularizers compute in float32 when given bf16/fp16 logits.
 """
 
-import json
 import math
-import os
 from contextlib import contextmanager
 
 import torch
@@ -88,14 +75,22 @@ def pissa_factors(weight, r, scaling, niter=None):
     return root[:, None] * Vh, U * root[None, :]
 
 
+# init -> the function giving the initial factors (lora_A0, lora_B0) of a layer from its weight W^T, its
+# rank r and scaling s. "lora" is not here: it starts at B = 0 and needs no W (add an init: a function
+# and a line here; LoRALinear moves s * B0 @ A0 out of W and the teacher, files and peft export follow)
+INITS = {"pissa": pissa_factors}
+
+
 class LoRALinear(nn.Module):
     """
     y = base(x) + scaling * lora_B @ lora_A @ dropout(x),   scaling = alpha / r.
 
     base: the frozen nn.Linear, holding W (init="lora") or the PiSSA residual W_res (Eq. 3).
     lora_A (r x in), lora_B (out x r): trainable. init="lora": A Kaiming-uniform (a=sqrt(5), as
-    peft), B = 0. init="pissa": principal singular factors of W (Eq. 1-2), exact SVD or randomized
-    with `pissa_niter` iterations. lora_A0, lora_B0: the initial factors (None for init="lora").
+    peft), B = 0. Any init of INITS (init="pissa": principal singular factors of W, Eq. 1-2, exact SVD
+    or randomized with `pissa_niter` iterations) starts at its factors and keeps them as the buffers
+    lora_A0, lora_B0 (None for init="lora"), which the teacher and the adapter files use.
+    `init` is stored as given: it is what save_adapter records and load_adapter restores.
     """
 
     def __init__(self, base, r, alpha, dropout=0.0, init="lora", pissa_niter=None):
@@ -104,10 +99,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         if r < 1:
             raise ValueError(f"r must be >= 1, got {r}")
-        if init not in ("lora", "pissa"):
-            raise ValueError(f"init must be 'lora' or 'pissa', got {init!r}")
+        if init != "lora" and init not in INITS:
+            raise ValueError(f"init must be one of {['lora', *INITS]}, got {init!r}")
         self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling, self.init = r, alpha, alpha / r, init
         self.dropout = nn.Dropout(dropout)  # p = 0 returns its input as is
         self.pretrained = False  # set by pretrained_mode(): compute with the initial factors
         self.train(base.training)  # a layer swapped into an eval-mode model stays in eval mode
@@ -120,15 +115,12 @@ class LoRALinear(nn.Module):
         if init == "lora":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
-            self.start_from(*pissa_factors(weight, r, self.scaling, pissa_niter))
+            self.start_from(*INITS[init](weight, r, self.scaling, niter=pissa_niter))
+
 
     @property
     def dropout_p(self):
         return self.dropout.p
-
-    @property
-    def init(self):
-        return "lora" if self.lora_A0 is None else "pissa"
 
     @property
     def dora(self):
@@ -136,10 +128,8 @@ class LoRALinear(nn.Module):
 
     @property
     def quantize(self):
-        """The base's storage: "none", "nf4" or "nf4-dq" (NF4 with double quantization), as QUANTIZE names it."""
-        if isinstance(self.base, nn.Linear):
-            return "none"
-        return "nf4-dq" if self.base.double_quant else "nf4"
+        """The base's storage: "none", or "nf4" / "nf4-dq" for an nf4.NF4Linear base (nf4.QUANTIZE's names)."""
+        return getattr(self.base, "quantize", "none")
 
     @torch.no_grad()
     def start_from(self, lora_A0, lora_B0):
@@ -174,8 +164,8 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, init={self.init!r}"
 
     def base_weight(self):
-        """The frozen weight W_res (out x in) the base layer computes with (dequantized for an NF4 base)."""
-        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
+        """The frozen weight W_res (out x in) the base computes with (an NF4 base: dequantized)."""
+        return self.base.dequantize() if hasattr(self.base, "dequantize") else self.base.weight
 
     def merged_weight(self):
         """The effective weight W_res + s * lora_B @ lora_A (out x in), summed in the adapter dtype (float32 or float64)."""
@@ -239,171 +229,11 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
+
 # -----------------------------------------------------------------------------
-# The 4-bit base of QLoRA / QPiSSA / QBA-LoRA (Fig. 5): NF4 (Dettmers et al. 2023)
+# Adapting a model: every targeted nn.Linear becomes a LoRALinear
 
-NF4_BLOCKSIZE = 64  # weights per absmax constant (QLoRA's block size)
-ABSMAX_BLOCKSIZE = 256  # absmax constants per second-level constant in double quantization (QLoRA)
-
-
-def normal_float_levels():
-    """
-    The 16 NF4 levels (float32, ascending, -1 to 1), QLoRA's NormalFloat: quantiles of N(0, 1) so that
-    each level stands for an equal share of a normally distributed weight, with an exact 0 and one
-    more positive level than negative (15 nonzero values). 8 positive quantiles at probabilities from
-    `offset` down to 0.5 and 7 negative ones, then divided by the largest so the range is [-1, 1].
-    offset = 0.9677083 (QLoRA's constant, the mean of 1 - 1/(2*15) and 1 - 1/(2*16), rounded as
-    bitsandbytes rounds it) keeps the outermost quantile finite. The probabilities are float32 and the
-    quantiles float64 rounded to float32, which reproduces bitsandbytes' table bit for bit.
-    """
-    offset = 0.9677083
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # 8 values > 0
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # 7 values < 0
-    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
-    return levels / levels.max()
-
-
-def dynamic_levels():
-    """
-    The 256 levels (float32, ascending) of the signed 8-bit dynamic quantization that QLoRA's double
-    quantization applies to the absmax constants (Dettmers 2015, bitsandbytes' default map): for each
-    exponent e = 0..6, the 2^e midpoints of a linspace(0.1, 1, 2^e + 1) grid scaled by 10^(e - 6),
-    with both signs, plus 0 and 1: 2 * 127 + 2 = 256 levels, dense near 0 and covering [-1, 1].
-    """
-    levels = [0.0, 1.0]
-    for exponent in range(7):
-        bounds = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2
-        levels += ((10 ** (exponent - 6)) * means).tolist() + (-(10 ** (exponent - 6)) * means).tolist()
-    return torch.tensor(sorted(levels), dtype=torch.float32)
-
-
-def quantize_blockwise(values, levels, blocksize):
-    """
-    Block-wise absmax quantization of a flat float32 tensor (n,) to the nearest of `levels` (ascending,
-    spanning [-1, 1]): each block of `blocksize` values is divided by its absmax c (multiplied by 1 / c,
-    as bitsandbytes does; a zero block keeps c = 0 and quantizes to the level of 0) and every value gets
-    the index of the nearest level (ties to the lower one: the split points are the levels' midpoints).
-    n must be a multiple of blocksize. Returns (codes uint8 (n,), absmax float32 (n / blocksize,)).
-    """
-    blocks = values.float().view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
-    midpoints = (levels[:-1] + levels[1:]) / 2
-    return torch.bucketize(scaled.view(-1), midpoints).to(torch.uint8), absmax
-
-
-def dequantize_blockwise(codes, absmax, levels, blocksize):
-    """levels[codes] * absmax of each code's block: the float32 values (n,) quantize_blockwise stands for."""
-    return (levels[codes.long()].view(-1, blocksize) * absmax[:, None]).view(-1)
-
-
-def nf4_quantize(weight, double_quant=False):
-    """
-    QLoRA's 4-bit NormalFloat quantization of a weight (any shape, numel a multiple of 64), as tensors:
-      codes   uint8 (numel / 2,): two 4-bit level indices per byte, the first value in the high nibble
-      absmax  float32 (numel / 64,): each block's scale, or with double_quant (QLoRA Sec. 3) its 8-bit
-              code: absmax_codes uint8 (numel / 64,), absmax_scale float32 (one per 256 blocks) and
-              absmax_offset float32 (): absmax - offset is quantized block-wise with dynamic_levels()
-    Bytes per weight: 0.5 + 4/64 = 0.5625, or with double quantization 0.5 + 1/64 + 4/(64 * 256) ~ 0.516.
-    """
-    flat = weight.detach().reshape(-1).float()
-    if flat.numel() % NF4_BLOCKSIZE:
-        raise ValueError(f"nf4_quantize: a weight of shape {tuple(weight.shape)} has {flat.numel()} values, "
-                         f"not a multiple of the block size {NF4_BLOCKSIZE}")
-    levels = normal_float_levels().to(flat.device)
-    codes, absmax = quantize_blockwise(flat, levels, NF4_BLOCKSIZE)
-    state = {"codes": (codes[0::2] << 4) | codes[1::2]}
-    if not double_quant:
-        state["absmax"] = absmax
-        return state
-    # the absmax constants are positive: center them (the mean) so the signed 8-bit levels fit them
-    offset = absmax.mean()
-    centered = absmax - offset
-    padding = -centered.numel() % ABSMAX_BLOCKSIZE  # a zero-padded last block: zeros do not change its absmax
-    absmax_codes, absmax_scale = quantize_blockwise(F.pad(centered, (0, padding)), dynamic_levels().to(flat.device),
-                                                    ABSMAX_BLOCKSIZE)
-    state.update(absmax_codes=absmax_codes[: centered.numel()], absmax_scale=absmax_scale, absmax_offset=offset)
-    return state
-
-
-def nf4_dequantize(state, shape, dtype):
-    """The weight (shape, dtype) that nf4_quantize's state stands for: level * absmax, in float32, then cast."""
-    if "absmax" in state:
-        absmax = state["absmax"]
-    else:  # double quantization: first the absmax constants, level * scale + offset
-        absmax_codes = state["absmax_codes"]
-        padding = -absmax_codes.numel() % ABSMAX_BLOCKSIZE
-        levels = dynamic_levels().to(absmax_codes.device)
-        absmax = dequantize_blockwise(F.pad(absmax_codes, (0, padding)), state["absmax_scale"], levels, ABSMAX_BLOCKSIZE)
-        absmax = absmax[: absmax_codes.numel()] + state["absmax_offset"]
-    packed = state["codes"]
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)  # high nibble first
-    levels = normal_float_levels().to(packed.device)
-    return dequantize_blockwise(codes, absmax, levels, NF4_BLOCKSIZE).view(shape).to(dtype)
-
-
-class _NF4MatMul(torch.autograd.Function):
-    """
-    x @ W^T for a frozen NF4 weight, dequantized in forward and again in backward: autograd would
-    otherwise keep each layer's dequantized W for backward, as much memory as the unquantized model.
-    Only x gets a gradient, dL/dx = dL/dy @ W.
-    """
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).T
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output @ ctx.layer.dequantize(grad_output.dtype), None
-
-
-class NF4Linear(nn.Module):
-    """
-    A frozen linear layer whose weight is stored in NF4 (nf4_quantize): y = x @ dequant(W)^T + bias.
-    The weight is dequantized to the input's dtype (bf16 or fp32 compute, as QLoRA) in every forward
-    and backward and never kept; the bias stays in full precision. Buffers: the nf4_quantize state.
-    """
-
-    def __init__(self, linear, double_quant=False):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype, self.double_quant = linear.weight.dtype, double_quant
-        for name, tensor in nf4_quantize(linear.weight, double_quant).items():
-            self.register_buffer(name, tensor)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def dequantize(self, dtype=None):
-        """The weight W (out x in) in `dtype` (default: the dtype of the weight that was quantized)."""
-        state = {name: buffer for name, buffer in self.named_buffers()}
-        return nf4_dequantize(state, (self.out_features, self.in_features), dtype or self.dtype)
-
-    def forward(self, x):
-        y = _NF4MatMul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def dequantized_linear(self):
-        """An nn.Linear holding the dequantized weight (for merge_lora)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.dtype, device=self.codes.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dequantize())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
-
-    def base_bytes(self):
-        """Bytes of the quantized weight (codes + constants), the bias left out."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
-
-    def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, double_quant={self.double_quant}")
-
-
-_NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
+NEVER_ADAPTED = ("lm_head", "classifier")  # output layers stay dense, as peft's "all-linear"
 
 
 def _name_matches(name, patterns):
@@ -411,7 +241,8 @@ def _name_matches(name, patterns):
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _set_submodule(model, name, module):
+def set_submodule(model, name, module):
+    """Put `module` at the qualified `name` of `model` ('layers.0.mlp.up_proj')."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -435,19 +266,14 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False,
-             quantize="none"):
+def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_niter=None, trainable=(), dora=False):
     """
     Replace every nn.Linear whose qualified name ends with one of `target_modules` ("all-linear": every
     nn.Linear) by a LoRALinear (a DoRALinear with dora=True), never lm_head / classifier or a module
     inside `trainable`. Freeze all other parameters except those of the modules named in `trainable`
-    (e.g. ("classifier", "pooler")).
-    quantize="nf4" / "nf4-dq" then stores every frozen linear weight in NF4 (quantize_base), after the
-    PiSSA SVD: QPiSSA quantizes the residual W_res, not W. Returns dict(trainable=#params,
-    total=#params, replaced=[names]).
+    (e.g. ("classifier", "pooler")). Returns dict(trainable=#params, total=#params, replaced=[names]).
+    (A 4-bit base comes after this: nf4.quantize_base, so that QPiSSA quantizes W_res.)
     """
-    if quantize not in QUANTIZE:
-        raise ValueError(f"add_lora: quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("add_lora: the model already has LoRA adapters")
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -458,7 +284,7 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and (target_modules == "all-linear" or _name_matches(name, target_modules))
-        and name.rpartition(".")[2] not in _NEVER_ADAPTED
+        and name.rpartition(".")[2] not in NEVER_ADAPTED
         and not any(_name_matches(prefix, trainable) for prefix in _prefixes(name))
     ]
     if not targets:
@@ -479,48 +305,17 @@ def add_lora(model, target_modules, r, alpha, init="pissa", dropout=0.0, pissa_n
             m.requires_grad_(True)
     # PiSSA runs one SVD per matrix: minutes for a 7B model, so show progress
     layer_class = DoRALinear if dora else LoRALinear
-    for name in tqdm(targets, desc=f"add_lora ({init})", disable=init != "pissa"):
-        layer = layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter)
-        _set_submodule(model, name, layer)
+    for name in tqdm(targets, desc=f"add_lora ({init})", disable=init == "lora"):
+        set_submodule(model, name, layer_class(model.get_submodule(name), r, alpha, dropout, init, pissa_niter))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())  # counted before the base weights become NF4 buffers
-    quantize_base(model, quantize)
+    n_total = sum(p.numel() for p in model.parameters())
     print(f"add_lora: {len(targets)} layers, trainable {n_trainable:,} / {n_total:,} params "
           f"({100 * n_trainable / n_total:.2f}%)")
     return dict(trainable=n_trainable, total=n_total, replaced=targets)
 
 
-# --quantize -> double quantization of the absmax constants? (None: the base stays in its dtype)
-QUANTIZE = {"none": None, "nf4": False, "nf4-dq": True}
-
-
-def quantize_base(model, quantize):
-    """
-    Store every frozen nn.Linear of the model (the bases inside the LoRALinear layers included, never
-    lm_head / classifier, as bitsandbytes' 4-bit loading in QLoRA) as an NF4Linear; quantize="none"
-    leaves the model as it is. Call it after PiSSA's SVD (add_lora does): the principal part stays in
-    the float32 adapter and only W_res is quantized (QPiSSA). A DoRA layer's magnitude restarts at the
-    norm of the quantized V, so the adapted model still starts at its (quantized) base.
-    Returns the bytes of the quantized weights and the number of weights they hold.
-    """
-    double_quant = QUANTIZE[quantize]
-    if double_quant is None:
-        return 0, 0
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in _NEVER_ADAPTED]
-    stored, weights = 0, 0
-    for name in names:
-        linear = model.get_submodule(name)
-        quantized = NF4Linear(linear, double_quant)
-        _set_submodule(model, name, quantized)
-        stored, weights = stored + quantized.base_bytes(), weights + linear.weight.numel()
-    for _, layer in lora_layers(model):
-        if layer.dora:
-            with torch.no_grad():
-                layer.lora_magnitude_vector.copy_(layer.weight_norm())
-    print(f"quantize_base: {len(names)} linear layers in {quantize}, {stored:,} bytes for {weights:,} weights "
-          f"({stored / max(weights, 1):.4f} bytes per weight)")
-    return stored, weights
+# -----------------------------------------------------------------------------
+# The teacher (Eq. 4, 9): the pretrained model, recovered from the adapted one
 
 
 @contextmanager
@@ -528,7 +323,8 @@ def pretrained_mode(model):
     """
     Inside, the adapted model computes the original pretrained function (the teacher of Eq. 4, 9):
     each LoRALinear uses its initial factors (W_res + s B0 A0 = W, or base alone for init="lora"),
-    and the model is in eval mode. Training flags are restored on exit. Use under torch.no_grad().
+    and the model is in eval mode, like the official frozen teacher. Training flags are restored on
+    exit. Use under torch.no_grad(). On a 4-bit base the teacher is the quantized model (nf4.py).
     """
     layers = [m for _, m in lora_layers(model)]
     if not layers:
@@ -555,124 +351,35 @@ def _check_matrix(name, logits):
         raise ValueError(f"{name}: expected a 2-D (rows, classes) logit matrix, got shape {tuple(logits.shape)}")
 
 
+def _as_float(logits):
+    """bf16 / fp16 logits in float32 (the losses need the precision); float32 and float64 as they are."""
+    return logits.to(_float32_or_wider(logits.dtype))
+
+
 def _zero_loss(logits):
     """0, still connected to the graph: backward works and gives zero gradients."""
-    return logits.sum().to(_float32_or_wider(logits.dtype)) * 0.0
+    return _as_float(logits).sum() * 0.0
 
 
-# logits per chunk of rows in the KL: each temporary of a chunk is 8 MiB in float32
-_CHUNK_ELEMENTS = 1 << 21
-
-
-# logits per chunk of rows in NLGObjectiveFused, whose chunk holds several temporaries at once next to
-# all of the step's activations (the step's peak): 4 MiB each in float32. Smaller chunks cost time: each
-# one streams the whole teacher LM head weight (V x hidden) through a matmul of few rows.
-_FUSED_CHUNK_ELEMENTS = 1 << 20
-
-
-def _row_chunks(*matrices, chunk_elements=None):
-    """Matching chunks of rows of (rows, columns) matrices, ~_CHUNK_ELEMENTS entries of the widest each."""
-    chunk_elements = _CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    rows_per_chunk = max(1, chunk_elements // max(max(matrix.size(1) for matrix in matrices), 1))
-    return zip(*(matrix.split(rows_per_chunk) for matrix in matrices))
-
-
-def _teacher_rows(teacher, teacher_head):
-    """A chunk of the teacher's logits: the rows themselves, or teacher_head(rows) of its hidden states."""
-    return teacher if teacher_head is None else teacher_head(teacher)
-
-
-def _tempered_kl_rows(teacher, teacher_head, student_rows, temperature, dtype):
-    """
-    One chunk of rows of the KL of Eq. 4 / 9: (sum_i KL(P_i || F_i), P, Z_F / T), P = softmax(Z_P / T),
-    F = softmax(Z_F / T), in `dtype`; Z_P from `teacher` as _teacher_rows. At most four chunk-sized
-    temporaries at a time: P, log P - log F, Z_F / T and log F while it is subtracted.
-
-    Why P comes from softmax itself, never as exp(log_softmax): torch's elementwise exp is 25-100x
-    slower on inputs below about -87 (float32 underflow and denormals; measured on AVX-512), and a
-    peaked distribution (one whose largest logit leads by hundreds) puts nearly every log-probability
-    there; the softmax kernels do not slow down. (Summing P log P and P log F apart would save a
-    temporary but lose float32 digits to cancellation: 2e-3 relative error for a KL of 5e-3 at V = 49152.)
-    """
-    scaled = _teacher_rows(teacher, teacher_head).to(dtype) / temperature  # the head's chunk is freed at once
-    p_teacher = F.softmax(scaled, dim=-1)
-    log_ratio = F.log_softmax(scaled, dim=-1)
-    scaled = student_rows.to(dtype) / temperature
-    log_ratio -= F.log_softmax(scaled, dim=-1)
-    return torch.dot(p_teacher.view(-1), log_ratio.view(-1)), p_teacher, scaled
-
-
-class TemperedKL(torch.autograd.Function):
-    """
-    sum_i KL(softmax(Z_P[i] / T) || softmax(Z_F[i] / T)) over the rows i, with a hand-written backward.
-
-    Why not plain autograd: it would keep softmax(Z_P / T) and log_softmax(Z_F / T) for backward, two
-    float32 copies of the (M, V) logits (2 x 47 MiB for M = 384 tokens of a 32000 vocabulary), alive
-    from the loss until the backward reaches it. This function keeps only its two inputs, which the
-    caller holds anyway, and recomputes both softmaxes chunk by chunk in backward, where
-
-        d KL_i / d Z_F[i, v] = (1 / T) * (softmax(Z_F[i] / T)[v] - softmax(Z_P[i] / T)[v])
-
-    (the derivative of -sum_v p_v log softmax(z / T)_v, with sum_v p_v = 1). The teacher Z_P is a
-    constant and gets no gradient. Computed in float32 (float64 for float64 input).
-
-    With `teacher_head`, `teacher` is not Z_P but the teacher's final hidden states H_P (M, hidden),
-    and Z_P = teacher_head(H_P) is computed a chunk of rows at a time, in forward and again in
-    backward (the fused linear + loss pattern of Liger-Kernel's fused linear cross-entropy): no
-    (M, V) teacher matrix ever exists, for the price of the teacher's LM head run twice.
-    """
-
-    @staticmethod
-    def forward(ctx, teacher, student_logits, temperature, teacher_head=None):
-        ctx.save_for_backward(teacher, student_logits)
-        ctx.temperature, ctx.teacher_head = temperature, teacher_head
-        dtype = _float32_or_wider(student_logits.dtype)
-        kl_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
-        for teacher_rows, student in _row_chunks(teacher, student_logits):
-            kl_sum += _tempered_kl_rows(teacher_rows, teacher_head, student, temperature, dtype)[0]
-        return kl_sum
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_kl_sum):
-        teacher, student_logits = ctx.saved_tensors
-        temperature, dtype = ctx.temperature, _float32_or_wider(student_logits.dtype)
-        grad_student = torch.empty_like(student_logits)
-        for teacher_rows, student, grad in _row_chunks(teacher, student_logits, grad_student):
-            teacher_rows = _teacher_rows(teacher_rows, ctx.teacher_head)  # recomputed: nothing (M, V) was kept
-            difference = F.softmax(student.to(dtype) / temperature, dim=-1)
-            difference -= F.softmax(teacher_rows.to(dtype) / temperature, dim=-1)  # in place: one chunk of temporaries
-            grad.copy_(difference.mul_(grad_kl_sum / temperature))
-        return None, grad_student, None, None
-
-
-def nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
+def nlu_consistency_loss(teacher_logits, student_logits, temperature):
     """
     Eq. 4: L_CR = T^2 * KL(softmax(Z_P / T) || softmax(Z_F / T)), Z_P, Z_F (N, D).
 
-    KL is summed over the D classes and averaged over the N rows. The teacher is a constant (detached).
-    TemperedKL works through the rows in chunks and keeps nothing but its inputs for backward, so
-    the cost in memory is one chunk's temporaries however large the vocabulary.
-    With `teacher_head` (a function of a chunk of rows, run without gradient), `teacher_logits` holds
-    the teacher's final hidden states (N, hidden) and Z_P = teacher_head(them), formed chunk by chunk.
+    The KL is summed over the D classes and averaged over the N rows ("batchmean"). The teacher Z_P is
+    a constant (detached). T^2 keeps the gradient's scale that of the task loss (Hinton et al. 2015).
     """
     _check_matrix("consistency loss", student_logits)
-    if teacher_head is not None:
-        _check_matrix("consistency loss (teacher hidden states)", teacher_logits)
-        if teacher_logits.size(0) != student_logits.size(0):
-            raise ValueError(f"consistency loss: {teacher_logits.size(0)} teacher hidden states for "
-                             f"{student_logits.size(0)} student logit rows")
-    elif teacher_logits.shape != student_logits.shape:
+    if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"consistency loss: teacher logits {tuple(teacher_logits.shape)} and student "
                          f"logits {tuple(student_logits.shape)} differ in shape")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_rows = student_logits.size(0)
-    if num_rows == 0:
+    if student_logits.size(0) == 0:
         return _zero_loss(student_logits)
-    kl_sum = TemperedKL.apply(teacher_logits.detach(), student_logits, temperature, teacher_head)
-    # mean over rows, times T^2 to keep gradient magnitudes comparable to cross-entropy (Hinton et al.)
-    return temperature**2 * kl_sum / num_rows
+    log_p_teacher = F.log_softmax(_as_float(teacher_logits.detach()) / temperature, dim=-1)
+    log_p_student = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
+    # kl_div(input=log q, target=log p) = sum p (log p - log q); log_target: both as log-probabilities
+    return temperature**2 * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
 def nlu_diversity_loss(logits):
@@ -686,7 +393,7 @@ def nlu_diversity_loss(logits):
     num_rows, num_classes = logits.shape
     if num_rows < 2:
         return _zero_loss(logits)
-    z = logits.to(_float32_or_wider(logits.dtype))
+    z = _as_float(logits)
     # center the logits over the batch
     centered = z - z.mean(dim=0, keepdim=True)
     # covariance is D x D (unbiased, N - 1)
@@ -708,20 +415,28 @@ def nlu_svd_loss(logits, k):
     if logits.numel() == 0:
         return _zero_loss(logits)
     # singular values, sorted in descending order
-    sigma = torch.linalg.svdvals(logits.to(_float32_or_wider(logits.dtype)))
+    sigma = torch.linalg.svdvals(_as_float(logits))
     # share of the spectral energy in the top k; the clamp only matters for Z = 0, where the ratio is 0/0
     return -sigma[:k].sum() / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny)
 
 
-def _objective(task_loss, lambdas, regularizers):
-    """task_loss + sum_i lambda_i * L_i; a term whose lambda is 0 is not computed."""
-    if len(lambdas) != 3:
-        raise ValueError(f"lambdas must be (lambda1, lambda2, lambda3), got {lambdas!r}")
+# The regularizers of Eq. 8 and Eq. 13 by name, in the order of their weights lambda1, lambda2, ...
+# The objectives below return each term under its name; the trainers log and plot whatever they return.
+REGULARIZERS = ("consistency", "diversity", "svd")
+
+
+def weighted_sum(task_loss, lambdas, terms):
+    """
+    task_loss + sum_i lambda_i * L_i over `terms` ({name: function computing L_i}, in REGULARIZERS'
+    order). A term whose lambda is 0 is not computed. Returns (total, {"task": ..., name: L_i}), detached.
+    """
+    if len(lambdas) != len(terms):
+        raise ValueError(f"lambdas must be {len(terms)} weights, one per term {list(terms)}, got {lambdas!r}")
     total, components = task_loss, {"task": task_loss.detach()}
-    for (name, regularizer), weight in zip(regularizers.items(), lambdas):
+    for (name, term), weight in zip(terms.items(), lambdas):
         if weight == 0:
             continue
-        value = regularizer()
+        value = term()
         total = total + weight * value
         components[name] = value.detach()
     return total, components
@@ -740,10 +455,23 @@ def nlu_objective(task_loss, student_logits, teacher_logits, lambdas, temperatur
     ("task", "consistency", "diversity", "svd"), only those computed.
     """
     _require_teacher(teacher_logits, lambdas)
-    return _objective(task_loss, lambdas, {
+    return weighted_sum(task_loss, lambdas, {
         "consistency": lambda: nlu_consistency_loss(teacher_logits, student_logits, temperature),
         "diversity": lambda: nlu_diversity_loss(student_logits),
         "svd": lambda: nlu_svd_loss(student_logits, svd_k),
+    })
+
+
+def nlu_regression_objective(task_loss, student_logits, teacher_logits, lambda1):
+    """
+    Eq. 8 for a regression task (STS-B, D = 1), where Eq. 4-7 degenerate: a softmax over one logit is
+    constantly 1 (KL 0), the 1x1 covariance has no off-diagonal entry (Eq. 5 is 0) and top-1 over all
+    singular values of an N x 1 matrix is 1 (Eq. 7 is -1). Our departure (the paper does not say):
+    consistency becomes the KL between the unit-variance Gaussians centred on the teacher's and the
+    student's score, 1/2 mean((z_F - z_P)^2); diversity and SVD are left out (constants, zero gradient).
+    """
+    return weighted_sum(task_loss, (lambda1,), {
+        "consistency": lambda: 0.5 * (_as_float(student_logits) - _as_float(teacher_logits.detach())).pow(2).mean(),
     })
 
 
@@ -751,17 +479,14 @@ def nlu_objective(task_loss, student_logits, teacher_logits, lambdas, temperatur
 # Regularizers for NLG (Eq. 9-13): logits of the M valid (non-padded) tokens, (M, V)
 
 
-def nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head=None):
+def nlg_consistency_loss(teacher_logits, student_logits, temperature):
     """
     Eq. 9: L_CR = T^2 * (1/M) * sum_i KL(P_P(. | x, i; T) || P_F(. | x, i; T)), logits (M, V).
 
-    This is Eq. 4 with one row per valid token and the vocabulary as classes, so it is computed by the
-    same chunked KL, which keeps no (M, V) copy of its own for backward. With `teacher_head` (e.g. the
-    model's lm_head), `teacher_logits` is the teacher's final hidden states (M, hidden), and the (M, V)
-    teacher logits are never held whole: (M, hidden) instead of (M, V), V / hidden = 85x less for
-    SmolLM2-135M (49152 / 576), 7.8x for Llama-2-7B (32000 / 4096).
+    This is Eq. 4 with one row per valid token and the vocabulary as classes, so it is Eq. 4's function.
+    (chunked.py runs it on chunks of rows, with the teacher's rows formed from its hidden states there.)
     """
-    return nlu_consistency_loss(teacher_logits, student_logits, temperature, teacher_head)
+    return nlu_consistency_loss(teacher_logits, student_logits, temperature)
 
 
 def nlg_diversity_loss(logits, top_k):
@@ -779,7 +504,7 @@ def nlg_diversity_loss(logits, top_k):
     if num_tokens == 0:
         return _zero_loss(logits)
     # the K largest logits of each row (M, K); softmax is monotone, so these are the top-K tokens
-    top_logits = logits.topk(min(top_k, vocab_size), dim=-1).values.to(_float32_or_wider(logits.dtype))
+    top_logits = _as_float(logits.topk(min(top_k, vocab_size), dim=-1).values)
     # Eq. 11: renormalizing P over the set is a softmax over the selected logits alone
     log_p = F.log_softmax(top_logits, dim=-1)
     # Eq. 10: sum P' log P' (negative entropy), averaged over the M tokens
@@ -810,7 +535,7 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
         raise ValueError(f"svd k must be >= 1, got {k}")
     if logits.numel() == 0:
         return _zero_loss(logits)
-    z = logits.to(_float32_or_wider(logits.dtype))
+    z = _as_float(logits)
     k = min(k, *z.shape)
     Q = _range_basis(z, k, oversample, niter, generator)
     # singular values of the (l, V) projection B = Q^T Z approximate the top singular values of Z
@@ -851,148 +576,21 @@ def _top_singular_sum(projection, k):
     return (torch.where(positive, eigenvalues, 1.0).sqrt() * positive).sum()
 
 
-def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None,
-                  teacher_head=None):
+
+def nlg_objective(task_loss, student_logits, teacher_logits, lambdas, temperature, svd_k, top_k, generator=None):
     """
     Eq. 13: L_NLG = L_task + lambda1 L_CR (Eq. 9) + lambda2 L_DR (Eq. 10) + lambda3 L_SVDR (Eq. 12).
 
     Logits are those of the M valid tokens, (M, V). Returns (total, components) as nlu_objective.
-    With `teacher_head`, `teacher_logits` is the teacher's (M, hidden) final hidden states (see
-    nlg_consistency_loss).
+    train_nlg.py runs this function through chunked.nlg_objective_in_chunks, which saves memory on a
+    large vocabulary and gets every value and gradient from here.
     """
     _require_teacher(teacher_logits, lambdas)
-    return _objective(task_loss, lambdas, {
-        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature, teacher_head),
+    return weighted_sum(task_loss, lambdas, {
+        "consistency": lambda: nlg_consistency_loss(teacher_logits, student_logits, temperature),
         "diversity": lambda: nlg_diversity_loss(student_logits, top_k),
         "svd": lambda: nlg_svd_loss(student_logits, svd_k, generator=generator),
     })
-
-
-class NLGObjectiveFused(torch.autograd.Function):
-    """
-    Eq. 13 with the task cross-entropy on the (M, V) logits, whose gradient is computed in forward
-    into ONE (M, V) tensor: that tensor is all that is kept for backward.
-
-    Why: as separate autograd terms, the backward of Eq. 13 holds at once the cross-entropy's saved
-    log-probabilities and its two (M, V) gradients, each regularizer's (M, V) gradient before autograd
-    adds it to the others, and the logits the regularizers saved, while all of the model's activations
-    are alive: the peak of the step. Here the buffer is filled term by term, in place:
-      - Eq. 12 (not a sum over rows), with B = Q^T Z and Q constant as in nlg_svd_loss:
-        d/dZ [-S(B) / ||Z||_F] = -Q (dS/dB) / ||Z||_F + S Z / ||Z||_F^3, one matmul into the buffer
-        and one in-place multiply-add (autograd would hold both (M, V) terms before summing them);
-      - the task term, Eq. 9 and Eq. 10 are sums over rows, so they run a chunk of rows at a time
-        (temporaries are chunk sized) and add the chunk's gradient into the buffer's rows: the task
-        cross-entropy and Eq. 10 by the very functions of the unfused path under autograd; Eq. 9 by
-        TemperedKL's two formulas at once (its forward's _tempered_kl_rows, then P_F - P_P), so that each
-        chunk of teacher logits (from the teacher's hidden states through `teacher_head`, or given) is
-        formed once, not once per direction.
-    Outputs (total, values), values = (task cross-entropy sum, L_CR, L_DR, L_SVDR), 0 where not computed.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, targets, task_scale, teacher, teacher_head, lambdas, temperature, svd_k,
-                top_k, generator):
-        z = student_logits.to(_float32_or_wider(student_logits.dtype))
-        num_rows = z.size(0)
-        values = torch.zeros(4, dtype=z.dtype, device=z.device)  # task sum, consistency, diversity, svd
-        grad = None
-        if lambdas[2] != 0 and z.numel() > 0:
-            k = min(svd_k, *z.shape)
-            Q = _range_basis(z, k, 5, 2, generator)  # nlg_svd_loss's oversample and niter
-            projection = (Q.T @ z).to(torch.float64).requires_grad_()
-            with torch.enable_grad():
-                sigma_sum = _top_singular_sum(projection, k)
-                (d_sigma_sum,) = torch.autograd.grad(sigma_sum, projection)
-            sigma_sum, projection = sigma_sum.detach().to(z.dtype), None  # (l, V) float64: free it now
-            frobenius = torch.linalg.vector_norm(z).clamp_min(torch.finfo(z.dtype).tiny)
-            values[3] = -sigma_sum / frobenius
-            grad = Q @ d_sigma_sum.to(z.dtype)  # (M, V): the buffer itself
-            del d_sigma_sum  # (l, V) float64 too: gone before the chunk loop's temporaries come
-            grad.mul_(-lambdas[2] / frobenius).addcmul_(z, lambdas[2] * sigma_sum / frobenius**3)
-        if grad is None:
-            grad = torch.zeros_like(z)
-        rows_terms = targets is not None or lambdas[0] != 0 or lambdas[1] != 0
-        offset = 0
-        for z_rows, grad_rows in (_row_chunks(z, grad, chunk_elements=_FUSED_CHUNK_ELEMENTS)
-                                  if rows_terms and num_rows > 0 else ()):
-            chunk = slice(offset, offset + z_rows.size(0))
-            offset = chunk.stop
-            if lambdas[0] != 0:  # Eq. 9: T^2 / M * sum of the rows' KL, gradient T / M * (P_F - P_P)
-                kl_sum, p_teacher, scaled_student = _tempered_kl_rows(teacher[chunk], teacher_head, z_rows,
-                                                                      temperature, z.dtype)
-                values[1] += temperature**2 / num_rows * kl_sum
-                p_student = F.softmax(scaled_student, dim=-1)
-                del scaled_student
-                grad_rows += p_student.sub_(p_teacher).mul_(lambdas[0] * temperature / num_rows)
-                del p_student, p_teacher  # free the chunk's temporaries before the next term's
-            # the task term and Eq. 10, one autograd pass each, so that their temporaries never coexist
-            for term in ("task", "diversity"):
-                if (term == "task" and targets is None) or (term == "diversity" and lambdas[1] == 0):
-                    continue
-                leaf = z_rows.detach().requires_grad_()
-                with torch.enable_grad():
-                    if term == "task":
-                        task_sum = F.cross_entropy(leaf, targets[chunk], ignore_index=-100, reduction="sum")
-                        values[0] += task_sum.detach()
-                        weighted = task_scale * task_sum
-                    else:
-                        diversity = leaf.size(0) / num_rows * nlg_diversity_loss(leaf, top_k)  # its part of the mean
-                        values[2] += diversity.detach()
-                        weighted = lambdas[1] * diversity
-                    (grad_chunk,) = torch.autograd.grad(weighted, leaf)
-                grad_rows += grad_chunk
-                del grad_chunk
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(values)
-        total = values[1:] @ torch.tensor(lambdas, dtype=z.dtype, device=z.device)
-        if targets is not None:
-            total = total + task_scale * values[0]
-        return total, values
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, _):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total,) + (None,) * 9
-
-
-def nlg_objective_fused(student_logits, targets, task_scale, teacher_logits, lambdas, temperature, svd_k, top_k,
-                        generator=None, teacher_head=None):
-    """
-    Eq. 13 as nlg_objective, with the task term computed here too: L_task = task_scale * sum_i CE(z_i, y_i)
-    over the rows whose target y_i is not -100 (targets (M,), or None for no task term). Values and
-    gradients are those of F.cross_entropy(reduction="sum") + nlg_objective (tests pin them), at the
-    memory of one (M, V) gradient (NLGObjectiveFused). teacher_logits / teacher_head as nlg_objective.
-    Returns (total, components): "task_sum" (the cross-entropy sum), "task" (scaled) and each
-    regularizer computed, detached.
-    """
-    _check_matrix("nlg_objective_fused", student_logits)
-    if len(lambdas) != 3:
-        raise ValueError(f"lambdas must be (lambda1, lambda2, lambda3), got {lambdas!r}")
-    _require_teacher(teacher_logits, lambdas)
-    if targets is not None and targets.shape != student_logits.shape[:1]:
-        raise ValueError(f"nlg_objective_fused: targets {tuple(targets.shape)} for {student_logits.size(0)} logit rows")
-    if lambdas[0] != 0:
-        if (teacher_head is None and teacher_logits.shape != student_logits.shape) or (
-                teacher_head is not None and teacher_logits.size(0) != student_logits.size(0)):
-            raise ValueError(f"nlg_objective_fused: teacher {tuple(teacher_logits.shape)} and student logits "
-                             f"{tuple(student_logits.shape)} do not match")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        teacher_logits = teacher_logits.detach()
-    if lambdas[1] != 0 and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if lambdas[2] != 0 and svd_k < 1:
-        raise ValueError(f"svd k must be >= 1, got {svd_k}")
-    total, values = NLGObjectiveFused.apply(student_logits, targets, task_scale, teacher_logits, teacher_head,
-                                            tuple(float(w) for w in lambdas), temperature, svd_k, top_k, generator)
-    components = {}
-    if targets is not None:
-        components.update(task_sum=values[0], task=task_scale * values[0])
-    for index, (name, weight) in enumerate(zip(("consistency", "diversity", "svd"), lambdas)):
-        if weight != 0:
-            components[name] = values[index + 1]
-    return total, components
 
 
 # -----------------------------------------------------------------------------
@@ -1002,18 +600,18 @@ def nlg_objective_fused(student_logits, targets, task_scale, teacher_logits, lam
 def scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule="cosine", focus_schedule="two_phase",
                       warmup_ratio=0.2, rampup_ratio=0.05):
     """
-    (lambda1, lambda2, lambda3) at optimizer step `step` (0 for the first update) of `total_steps`,
-    as in the official code:
+    (lambda1, lambda2, lambda3, ...) at optimizer step `step` (0 for the first update) of `total_steps`,
+    as in the official code (llm172/BA-LoRA, train.py):
 
       lambda1_schedule="cosine": lambda1 decays from lambda1 to 0.1 * lambda1,
           l1 = 0.1 L1 + (L1 - 0.1 L1) * 0.5 * (1 + cos(pi * step / total_steps))
-      focus_schedule="two_phase": lambda2, lambda3 are off, then ramp up linearly, then stay,
+      focus_schedule="two_phase": the other weights are off, then ramp up linearly, then stay,
           warmup = int(warmup_ratio * total_steps), ramp = max(int(rampup_ratio * total_steps), 1)
           f = 0 if step < warmup;  (step - warmup) / ramp if step < warmup + ramp;  else 1
           l2, l3 = f * L2, f * L3
       "constant" (or None) for either keeps the given values.
     """
-    lambda1, lambda2, lambda3 = lambdas
+    lambda1, *focused = lambdas
     total_steps = max(total_steps, 1)
     if lambda1_schedule == "cosine":
         final = 0.1 * lambda1
@@ -1029,227 +627,7 @@ def scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule="cosine", foc
             focus = (step - warmup) / ramp
         else:
             focus = 1.0
-        lambda2, lambda3 = focus * lambda2, focus * lambda3
+        focused = [focus * weight for weight in focused]
     elif focus_schedule not in ("constant", None):
         raise ValueError(f"focus_schedule must be 'two_phase' or 'constant', got {focus_schedule!r}")
-    return lambda1, lambda2, lambda3
-
-
-# -----------------------------------------------------------------------------
-# Adapters as files: merge, save / load, export to peft
-
-
-def _require_lora(model, caller):
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{caller}: the model has no LoRALinear layers (call add_lora first)")
-    return layers
-
-
-def merge_lora(model):
-    """
-    Replace each LoRALinear by its base nn.Linear (an NF4 base: dequantized) with weight W_res + s B A
-    (DoRA: m V / ||V||_c), summed in the adapter dtype and cast to the model dtype.
-    """
-    for name, layer in _require_lora(model, "merge_lora"):
-        base = layer.base if isinstance(layer.base, nn.Linear) else layer.base.dequantized_linear()
-        with torch.no_grad():
-            base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
-        _set_submodule(model, name, base)
-    return model
-
-
-def trainable_state_dict(model):
-    """{name: tensor} of every parameter with requires_grad (adapters and `trainable` modules)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _trainable_modules(model):
-    """Names of the modules owning trainable parameters other than LoRA / DoRA ones (add_lora's `trainable`)."""
-    names = []
-    for name, p in model.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        if p.requires_grad and leaf not in ("lora_A", "lora_B", "lora_magnitude_vector") and owner not in names:
-            names.append(owner)
-    return names
-
-
-def _uniform(layers, attribute):
-    values = {getattr(layer, attribute) for _, layer in layers}
-    if len(values) != 1:
-        raise ValueError(f"LoRA layers differ in {attribute}: {sorted(values)}")
-    return values.pop()
-
-
-CONFIG_NAME, WEIGHTS_NAME = "balora_config.json", "balora_adapter.safetensors"
-
-
-def save_adapter(model, directory, training=None):
-    """
-    Write balora_config.json (r, alpha, init, dropout, targets, trainable, dora, quantize, and `training`: a dict of
-    the run's settings its users need, e.g. train_nlu.py's task and max_length) and
-    balora_adapter.safetensors (lora_A, lora_B, lora_A0, lora_B0, DoRA's lora_magnitude_vector and the
-    trainable modules' params).
-    Keeping A0, B0 lets load_adapter rebuild W_res = W - s B0 A0 from the original weights, even when
-    PiSSA used a randomized SVD that cannot be recomputed.
-    """
-    from safetensors.torch import save_file
-
-    layers = _require_lora(model, "save_adapter")
-    config = dict(
-        r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
-        dropout=_uniform(layers, "dropout_p"), targets=[name for name, _ in layers],
-        trainable=_trainable_modules(model), dora=_uniform(layers, "dora"), quantize=_uniform(layers, "quantize"),
-        **({"training": training} if training else {}),
-    )
-    tensors = dict(trainable_state_dict(model))
-    for name, layer in layers:
-        if layer.lora_A0 is not None:
-            tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"] = layer.lora_A0, layer.lora_B0
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, WEIGHTS_NAME))
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-_ADAPTER_CONFIG_KEYS = ("r", "alpha", "init", "dropout", "targets", "trainable")
-
-
-def adapter_problems(model, config, tensors):
-    """
-    What keeps an adapter (its balora_config.json dict and tensors) from fitting `model`, as a list of
-    strings (empty: it fits): targets that are not linear layers of the model, missing or unexpected
-    tensors, shapes other than lora_A (r, in) / lora_B (out, r) / the trainable modules' own, and
-    tensors holding NaN or inf. Checked before the model is touched.
-    """
-    problems, expected = [], {}
-    modules = dict(model.named_modules())
-    for name in config["targets"]:
-        layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
-            problems.append(f"target {name!r} is not a linear layer of the model")
-            continue
-        factors = ("lora_A", "lora_B") + (("lora_A0", "lora_B0") if config["init"] == "pissa" else ())
-        for factor in factors:
-            expected[f"{name}.{factor}"] = ((config["r"], layer.in_features) if factor.startswith("lora_A")
-                                            else (layer.out_features, config["r"]))
-        if config.get("dora", False):  # adapters saved before DoRA existed have no "dora" key
-            expected[f"{name}.lora_magnitude_vector"] = (layer.out_features,)
-    for module_name in config["trainable"]:
-        if module_name not in modules:
-            problems.append(f"trainable module {module_name!r} is not in the model")
-            continue
-        for param_name, p in modules[module_name].named_parameters():
-            expected[f"{module_name}.{param_name}"] = tuple(p.shape)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    problems += [f"{key} has shape {tuple(tensors[key].shape)}, expected {expected[key]}"
-                 for key in sorted(set(expected) & set(tensors)) if tuple(tensors[key].shape) != expected[key]]
-    problems += [f"{key} holds NaN/inf" for key, t in sorted(tensors.items())
-                 if t.is_floating_point() and not all_finite(t)]
-    return problems
-
-
-def load_adapter(model, directory):
-    """
-    Apply a save_adapter() directory to a model holding the ORIGINAL base weights: check that it fits
-    (adapter_problems: one ValueError listing everything wrong, before the model is changed), wrap the
-    saved targets, rebuild PiSSA residuals from the saved A0, B0, then load every saved tensor.
-    """
-    from safetensors.torch import load_file
-
-    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_adapter: no {os.path.basename(path)} in {directory!r} (a save_adapter directory?)")
-    with open(config_path) as f:
-        config = json.load(f)
-    missing_keys = [key for key in _ADAPTER_CONFIG_KEYS if key not in config]
-    if missing_keys:
-        raise ValueError(f"load_adapter: {config_path} lacks the keys {missing_keys}")
-    tensors = load_file(weights_path)
-    problems = adapter_problems(model, config, tensors)
-    if problems:
-        raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
-    # init="lora" wraps the layers without an SVD; PiSSA layers then start from their saved factors
-    add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
-             dropout=config["dropout"], trainable=config["trainable"], dora=config.get("dora", False))
-    if config["init"] == "pissa":
-        for name, layer in lora_layers(model):
-            layer.start_from(tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"])
-    # a 4-bit adapter was trained on the NF4 codes of W_res: rebuilt from the same W_res, they are the same
-    quantize_base(model, config.get("quantize", "none"))
-    model.load_state_dict(tensors, strict=False)  # every key was checked by adapter_problems
-    return model
-
-
-def export_peft(model, out_dir, base_model_name_or_path, task_type=None, hf_name=None, modules_to_save=None):
-    """
-    Write adapter_config.json + adapter_model.safetensors in peft's LoRA format, to be applied to the
-    ORIGINAL base weights with peft.PeftModel.from_pretrained, or with task_type ("CAUSAL_LM",
-    "SEQ_CLS") by peft's AutoPeftModelFor... classes, which load the base from
-    base_model_name_or_path (a local directory is written as its absolute path, so it resolves from
-    anywhere).
-
-    A LoRA adapter is exported as is. A PiSSA adapter changed W by
-        Delta W = s (B A - B0 A0) = s [B, -B0] @ [A; A0],
-    a rank-2r LoRA (peft's own PiSSA-to-LoRA conversion). It is exported with r' = 2r and
-    alpha' = 2 alpha (an int when it is whole, as peft writes it), so peft's scaling alpha'/r' equals s.
-    Trainable non-LoRA modules (e.g. the classifier) go to peft's modules_to_save.
-
-    DoRA (use_dora: true) adds each layer's magnitude m as `lora_magnitude_vector`. peft normalizes
-    V = W + s' B' A', which for the rank-2r PiSSA export is W + s (B A - B0 A0) = W_res + s B A, our V:
-    the same m and direction, so DoRA on a PiSSA init exports the same way.
-
-    On a 4-bit base the adapter was trained against Q(W_res), but peft applies it to the weights it
-    loads: on the full-precision W it computes W + s (B A - B0 A0) = W_res + s B A, which differs from
-    the trained model by the quantization error W_res - Q(W_res); merge_lora (or load_adapter, which
-    re-quantizes) reproduces the trained model exactly.
-
-    hf_name maps one of our parameter names (module.leaf) to the base checkpoint's, for a model whose
-    modules carry other names than its checkpoint (RoBERTa in the encoder's: model.roberta_hf_key);
-    modules_to_save replaces the list of trainable modules' names peft is given (default: their names).
-    """
-    from safetensors.torch import save_file
-
-    hf_name = hf_name or (lambda name: name)
-
-    def hf_module(module):  # the module's name in the checkpoint: map module.weight, drop .weight
-        return hf_name(module + ".weight")[: -len(".weight")]
-
-    layers = _require_lora(model, "export_peft")
-    r, alpha, init = _uniform(layers, "r"), _uniform(layers, "alpha"), _uniform(layers, "init")
-    tensors = {}
-    for name, layer in layers:
-        lora_A, lora_B = layer.lora_A.detach(), layer.lora_B.detach()
-        if init == "pissa":
-            lora_A = torch.cat([lora_A, layer.lora_A0], dim=0)  # (2r, in)
-            lora_B = torch.cat([lora_B, -layer.lora_B0], dim=1)  # (out, 2r)
-        tensors[f"base_model.model.{hf_module(name)}.lora_A.weight"] = lora_A
-        tensors[f"base_model.model.{hf_module(name)}.lora_B.weight"] = lora_B
-        if layer.dora:
-            tensors[f"base_model.model.{hf_module(name)}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
-    trainable_modules = _trainable_modules(model)
-    for module_name in trainable_modules:
-        for param_name, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"base_model.model.{hf_name(f'{module_name}.{param_name}')}"] = p.detach()
-    modules_to_save = trainable_modules if modules_to_save is None else modules_to_save
-    rank_factor = 2 if init == "pissa" else 1
-    lora_alpha = rank_factor * alpha
-    if os.path.isdir(base_model_name_or_path):
-        base_model_name_or_path = os.path.realpath(base_model_name_or_path)
-    config = dict(
-        peft_type="LORA", task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-        r=rank_factor * r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
-        lora_dropout=_uniform(layers, "dropout_p"),
-        target_modules=[hf_module(name) for name, _ in layers], modules_to_save=modules_to_save or None,
-        init_lora_weights=True, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=_uniform(layers, "dora"),
-        inference_mode=True,
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    return (lambda1, *focused)

@@ -42,13 +42,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import adapters
 import balora
+import nf4
 import sandbox
 from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config
-from train_nlg import shown
-from train_nlu import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
+from training import shown
+from glue import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -700,21 +702,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def apply_adapter(model, adapter, quantize=None):
     """
-    Put the BA-LoRA adapter directory `adapter` (balora.save_adapter) onto `model` and merge it.
+    Put the BA-LoRA adapter directory `adapter` (adapters.save_adapter) onto `model` and merge it.
     quantize (--quantize): the base the model runs on. An adapter trained on a 4-bit base rebuilds
     that base itself (load_adapter re-quantizes W_res to the same codes), so None means "as trained";
     a different explicit value is an error. Without an adapter, "nf4" / "nf4-dq" evaluates the base
     model with its linear weights in NF4 (QLoRA's frozen model, the teacher of a 4-bit run).
     """
     if adapter is not None:
-        balora.load_adapter(model, adapter)
+        adapters.load_adapter(model, adapter)
         trained = balora.lora_layers(model)[0][1].quantize
         if quantize is not None and quantize != trained:
             raise ValueError(f"--quantize {quantize}: the adapter {adapter} was trained on a {trained!r} base "
-                             f"(its {balora.CONFIG_NAME}); pass --quantize {trained} or leave it out")
-        balora.merge_lora(model)  # the merged weight of a 4-bit adapter is Q(W_res) + s B A, dense
+                             f"(its {adapters.CONFIG_NAME}); pass --quantize {trained} or leave it out")
+        adapters.merge_lora(model)  # the merged weight of a 4-bit adapter is Q(W_res) + s B A, dense
     elif quantize is not None:
-        balora.quantize_base(model.requires_grad_(False), quantize)
+        nf4.quantize_base(model.requires_grad_(False), quantize)
     return model.eval()
 
 
@@ -872,9 +874,6 @@ def eval_code(args):
     if not args.allow_code_execution:
         raise SystemExit(f"{args.command} runs model-generated code (in a bubblewrap sandbox, see sandbox.py); "
                          "rerun with --allow-code-execution to accept that.")
-    if args.num_samples is not None:
-        warnings.warn("--num-samples is deprecated: use --n-samples")
-        args.n_samples = args.num_samples
     ks = [int(k) for k in args.k.split(",")]
     task, records = args.command, read_records(args)
     completions = None if args.completions is None else read_code_completions(args.completions, records)
@@ -920,7 +919,7 @@ def classifier_max_length(args):
     """
     trained = None
     if args.adapter is not None:
-        config_path = os.path.join(args.adapter, balora.CONFIG_NAME)
+        config_path = os.path.join(args.adapter, adapters.CONFIG_NAME)
         if os.path.isfile(config_path):  # a missing one is load_adapter's error to name
             with open(config_path, "rb") as f:
                 trained = parse_json(f.read(), config_path, dict).get("training", {}).get("max_length")
@@ -1126,7 +1125,7 @@ def parse_args(argv=None):
         return sub
 
     def quantize_flag(sub):
-        sub.add_argument("--quantize", default=None, choices=list(balora.QUANTIZE),
+        sub.add_argument("--quantize", default=None, choices=list(nf4.QUANTIZE),
                          help="the base's storage: nf4 / nf4-dq run the linear weights in 4-bit NormalFloat "
                               "(default: as the adapter was trained; none without an adapter)")
 
@@ -1162,8 +1161,7 @@ def parse_args(argv=None):
                               "anyway under a best-effort in-process guard (default: off, refuse)")
         sub.add_argument("--n-samples", type=int, default=1,
                          help="completions generated per problem, the n of pass@k (default 1, greedy); the official "
-                              "BA-LoRA inference samples n=5 at --temperature 0.8. --num-samples: deprecated alias")
-        sub.add_argument("--num-samples", type=int, default=None, help=argparse.SUPPRESS)
+                              "BA-LoRA inference samples n=5 at --temperature 0.8")
         sub.add_argument("--k", default="1", help="comma-separated k values of pass@k, each <= n (default 1)")
         sub.add_argument("--temperature", type=float, default=0.0,
                          help="sampling temperature (default 0: greedy, needs --n-samples 1); official BA-LoRA: 0.8")

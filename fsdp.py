@@ -11,8 +11,8 @@ the optimizer updates, only its shard of the adapter.
   load_sharded_llama   build on the meta device; then, Block by Block, read its tensors from the
                        safetensors files, add LoRA / PiSSA to it, and shard it (a rank never holds
                        more than its shards plus one full Block); then the root (embeddings, norm, head)
-  gathered_adapter     the full adapter, all-gathered, in a small module tree that balora.save_adapter
-                       and balora.export_peft write as today
+  gathered_adapter     the full adapter, all-gathered, in a small module tree that adapters.save_adapter
+                       and adapters.export_peft write
   save_checkpoint      adapter and AdamW state as sharded tensors (torch.distributed.checkpoint), the
   load_checkpoint      rest (step, data position, RNG of every rank, scheduler) in one JSON file
 
@@ -213,7 +213,7 @@ def gathered_adapter(model):
     """
     A module tree with the names of `model` holding only its LoRA layers, each with the full lora_A,
     lora_B (and lora_A0, lora_B0) on the CPU and a base nn.Linear on the meta device (no memory):
-    what balora.save_adapter and balora.export_peft read, so the files are the ones a one-process
+    what adapters.save_adapter and adapters.export_peft read, so the files are the ones a one-process
     run writes. Collective (one all-gather per tensor); every rank gets the tree, rank 0 writes it.
     """
     tree = nn.Module()
@@ -233,6 +233,7 @@ def _full_lora_layer(in_features, out_features, layer):
     """A LoRALinear like `layer` (same r, alpha, dropout) on a meta base, holding `layer`'s full factors."""
     copy = balora.LoRALinear(nn.Linear(in_features, out_features, bias=False, device="meta"),
                              layer.r, layer.alpha, layer.dropout_p, init="lora")
+    copy.init = layer.init  # the factors below are the layer's own, whatever its init
     copy.lora_A = nn.Parameter(_full(layer.lora_A))
     copy.lora_B = nn.Parameter(_full(layer.lora_B))
     if layer.lora_A0 is not None:

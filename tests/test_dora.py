@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapters
 import balora
-from balora import DoRALinear, add_lora, export_peft, load_adapter, merge_lora, pretrained_mode, save_adapter
+from adapters import export_peft, load_adapter, merge_lora, save_adapter
+from balora import DoRALinear, add_lora, pretrained_mode
 from test_balora import TARGETS, input_ids, logits_of, randn, rel_err, tiny_llama, train_a_few_steps
 
 peft = pytest.importorskip("peft")
@@ -175,7 +177,7 @@ def test_dora_save_load_adapter_and_merge(tmp_path):
     add_lora(model, TARGETS, r=4, alpha=8, init="pissa", pissa_niter=1, dora=True)
     train_a_few_steps(model, steps=2)
     save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / balora.CONFIG_NAME).read_text())["dora"] is True
+    assert json.loads((tmp_path / adapters.CONFIG_NAME).read_text())["dora"] is True
     reloaded = load_adapter(copy.deepcopy(original), tmp_path)
     assert all(isinstance(layer, DoRALinear) for _, layer in balora.lora_layers(reloaded))
     ids = input_ids()

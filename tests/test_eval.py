@@ -32,7 +32,7 @@ ASSETS = os.path.join(ROOT, "assets")
 
 @pytest.mark.parametrize("text, expected", [
     ("Janet sells 9 eggs at $2 each, so 9 * 2 = 18.\nThe answer is: 18", Fraction(18)),
-    # the issue's case: the first "the answer is" is mid-sentence; the LAST marker's first number is 8
+    # the first "the answer is" is mid-sentence; the LAST marker's first number is 8
     ("Since the answer is in dollars, 250 cents make $2.50 and 8 quarters.\nThe answer is: 8", Fraction(8)),
     ("The answer is: 5 apples? No: 3 + 4 = 7 apples.\nThe answer is: 7", Fraction(7)),  # the last of two markers
     ("She eats 3/4 of the pie.\nThe answer is: 3/4", Fraction(3, 4)),  # a fraction, not 3
@@ -91,7 +91,7 @@ def test_extract_math_answer(text, expected):
 #  math-verify). The paper-protocol verdicts follow hendrycks_strip's rules step by step (derivation in
 # each comment); math-verify's are sympy comparisons of the parsed values.
 MATH_VERDICTS = [
-    # the issue's cases
+    # answers with units and text around them
     (r"3 \text{ and } 4", "34", False, False),  # units rule cuts at "\text{ ": "3 " -> "3" != "34"; {3, 4} != 34
     (r"24\text{ cm}^2", "24", True, True),  # "\text{ cm}^2" is units: "24" == "24"; math-verify drops units too
     (r"2\sqrt{2}", r"\sqrt{8}", False, True),  # different strings; 2*sqrt(2) == sqrt(8)
@@ -366,12 +366,6 @@ def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="best-effort"):
         metrics = evaluation.main(argv + ["--unsafe-sandbox"])
     assert metrics["isolation"] == "guard" and metrics["pass@1"] == 0.5  # T/0 passes, T/1 exits early
-
-
-def test_num_samples_is_a_deprecated_alias(tmp_path):
-    with pytest.warns(UserWarning, match="deprecated"), pytest.raises(ValueError, match="--n-samples > 1 needs"):
-        evaluation.main(["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--num-samples", "3",
-                         "--allow-code-execution"])
 
 
 # -----------------------------------------------------------------------------
@@ -944,9 +938,9 @@ def corrupt_adapter(directory, damage):
     """Rewrite a save_adapter directory with one kind of damage (the cases load_adapter must refuse)."""
     from safetensors.torch import load_file, save_file
 
-    import balora
+    import adapters
 
-    weights, config_path = os.path.join(directory, balora.WEIGHTS_NAME), os.path.join(directory, balora.CONFIG_NAME)
+    weights, config_path = os.path.join(directory, adapters.WEIGHTS_NAME), os.path.join(directory, adapters.CONFIG_NAME)
     tensors, config = load_file(weights), json.loads(open(config_path).read())
     first = sorted(key for key in tensors if key.endswith(".lora_A"))[0]
     if damage == "missing lora_A":
@@ -974,10 +968,10 @@ def corrupt_adapter(directory, damage):
     ("unknown target", r"target 'model\.layers\.0\.self_attn\.nonexistent' is not a linear layer"),
 ])
 def test_eval_refuses_a_broken_adapter(random_llama, tmp_path, damage, message):
-    import balora
+    import adapters
     import model
 
-    balora.save_adapter(perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear"), str(tmp_path / "adapter"))
+    adapters.save_adapter(perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear"), str(tmp_path / "adapter"))
     corrupt_adapter(str(tmp_path / "adapter"), damage)
     with pytest.raises(ValueError, match="load_adapter: .*adapter does not fit the model: .*" + message):
         evaluation.main(["ppl", "--model", random_llama, "--adapter", str(tmp_path / "adapter"),
@@ -987,7 +981,7 @@ def test_eval_refuses_a_broken_adapter(random_llama, tmp_path, damage, message):
 
 @pytest.mark.slow
 def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
-    import balora
+    import adapters
     import model
 
     text = " ".join(CORPUS[:12])
@@ -1010,7 +1004,7 @@ def test_ppl_end_to_end_random_model_and_adapter(random_llama, tmp_path):
     assert long_window["stride"] == 512  # Hugging Face's guide's stride once the window is longer than 1024
     # An adapter is loaded, merged, and evaluates to the unmerged LoRA model's perplexity.
     lora_net = perturbed_adapter(model.Llama.from_pretrained(random_llama), "all-linear")
-    balora.save_adapter(lora_net, str(tmp_path / "adapter"))
+    adapters.save_adapter(lora_net, str(tmp_path / "adapter"))
     with torch.no_grad():
         lora_nll = torch.nn.functional.cross_entropy(lora_net(ids)[0, :-1], ids[0, 1:], reduction="sum").item()
     adapted = evaluation.main(["ppl", "--model", random_llama, "--adapter", str(tmp_path / "adapter"), "--data", str(text_file),
@@ -1048,10 +1042,10 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
 
 def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
     """Logits and final-layer [CLS] states of the unmerged LoRA classifier, computed here without eval.py."""
-    import balora
+    import adapters
     import model
 
-    net = balora.load_adapter(model.DebertaClassifier.from_pretrained(directory, num_labels=3), adapter_dir).eval()
+    net = adapters.load_adapter(model.DebertaClassifier.from_pretrained(directory, num_labels=3), adapter_dir).eval()
     tokenizer = data.DebertaTokenizer(directory)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     with torch.no_grad():
@@ -1060,7 +1054,7 @@ def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
 
 @pytest.mark.slow
 def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path, monkeypatch):
-    import balora
+    import adapters
     import model
     from train_nlu import TARGET_MODULES
 
@@ -1071,7 +1065,7 @@ def test_glue_and_cluster_end_to_end_random_model(random_deberta, tmp_path, monk
     data = write_jsonl(tmp_path / "nli.jsonl", rows)
     net = model.DebertaClassifier.from_pretrained(random_deberta, num_labels=3)
     perturbed_adapter(net, TARGET_MODULES.split(","), trainable=("classifier", "pooler"))
-    balora.save_adapter(net, str(tmp_path / "adapter"))
+    adapters.save_adapter(net, str(tmp_path / "adapter"))
     logits, cls_states = classifier_reference(random_deberta, str(tmp_path / "adapter"), rows)
     labels = torch.tensor([r["label"] for r in rows])
     predictions = logits.argmax(-1)

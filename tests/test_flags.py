@@ -1,7 +1,7 @@
 """
 The command lines of train_nlg.py, train_nlu.py and eval.py: one flag name per shared concept, help
-text on every flag (with its default under both presets for the trainers), old names accepted with a
-note, and the settings resolved from the presets: --model without --data means the paper's data.
+text on every flag (with its default, under both presets where they differ), and the settings resolved
+from the presets: --model without --data means the paper's data.
 """
 
 import os
@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 import eval as evaluate  # eval.py; renamed so the builtin stays visible
+import training
 import train_nlg
 import train_nlu
 
@@ -104,8 +105,8 @@ def test_shared_concepts_have_one_flag_name_and_every_flag_has_help(capsys, monk
             assert not used, f"{script} names {concept} {used}"
     for trainer in ("train_nlg.py", "train_nlu.py"):
         assert set(CONCEPTS) <= set(scripts[trainer]), (trainer, sorted(set(CONCEPTS) - set(scripts[trainer])))
-        for flag, help_text in scripts[trainer].items():  # the default under both presets
-            assert re.search(r"\((toy: .+, paper: .+|toy and paper: .+)\)$", help_text), (trainer, flag, help_text)
+        for flag, help_text in scripts[trainer].items():  # its default, or the default under both presets
+            assert re.search(r"\((toy: .+, paper: .+|toy and paper: .+|default: .+)\)$", help_text), (trainer, flag, help_text)
     for command in commands:
         flags = scripts[f"eval.py {command}"]
         assert set(EVAL_CONCEPTS) <= set(flags), (command, sorted(set(EVAL_CONCEPTS) - set(flags)))
@@ -116,31 +117,30 @@ def test_shared_concepts_have_one_flag_name_and_every_flag_has_help(capsys, monk
 def test_the_presets_in_the_help_are_the_presets_in_force(capsys, monkeypatch):
     """What --help says a default is, resolution gives: read --rank, --lr and --max-length back."""
     flags = flags_and_help(help_of(train_nlg.parse_args, [], capsys, monkeypatch))
-    toy = train_nlg.parse_args([])
-    paper = train_nlg.parse_args(["--model", "some/dir"])
+    toy, _ = train_nlg.parse_args([])
+    paper, _ = train_nlg.parse_args(["--model", "some/dir"])
     for flag in ("--rank", "--lr", "--max-length", "--batch-size", "--dtype"):
         key = flag[2:].replace("-", "_")
-        expected = f"(toy: {train_nlg.shown(getattr(toy, key))}, paper: {train_nlg.shown(getattr(paper, key))})"
+        expected = f"(toy: {training.shown(getattr(toy, key))}, paper: {training.shown(getattr(paper, key))})"
         assert flags[flag].endswith(expected), (flag, flags[flag], expected)
     assert (paper.rank, paper.lr, paper.max_length, paper.batch_size, paper.dtype) == (128, 2e-5, 512, 32, "bf16")  # B.4
     flags = flags_and_help(help_of(train_nlu.parse_args, [], capsys, monkeypatch))
     assert "rte 0.0001" in flags["--lr"] and "qnli 16" in flags["--alpha"]  # Table 8, per task
 
 
-@pytest.mark.parametrize("trainer, old, value, new_key, expected", [
-    (train_nlg, "--max-len", "96", "max_length", 96),
-    (train_nlu, "--lora-r", "4", "rank", 4),
-    (train_nlu, "--lora-alpha", "16", "alpha", 16.0),
-    (train_nlu, "--lora-dropout", "0.1", "dropout", 0.1),
-    (train_nlu, "--train-file", "my.jsonl", "data", "my.jsonl"),
-])
-def test_old_flag_names_still_work_with_a_note(trainer, old, value, new_key, expected, capsys):
-    args = trainer.parse_args([old, value])
-    assert getattr(args, new_key) == expected
-    note = capsys.readouterr().err
-    new = "--" + new_key.replace("_", "-")
-    assert f"{old} is deprecated" in note and f"use {new}" in note
-    assert trainer.ALIASES[old][0] == new
+@pytest.mark.parametrize("trainer, model", [(train_nlg, "some/dir"), (train_nlu, os.path.join(ASSETS, "tiny-deberta"))])
+def test_a_flag_the_presets_do_not_set_has_one_default_in_both(trainer, model, capsys, monkeypatch):
+    """A flag outside the presets says "(default: X)" in --help and resolves to X under either preset."""
+    flags = flags_and_help(help_of(trainer.parse_args, [], capsys, monkeypatch))
+    toy, toy_defaults = trainer.parse_args([])
+    paper, paper_defaults = trainer.parse_args(["--model", model])
+    own = {flag: help_text for flag, help_text in flags.items() if help_text.endswith(")") and "(default: " in help_text}
+    assert {"--seed", "--method", "--lambda1", "--temperature", "--resume"} <= set(own)
+    for flag, help_text in own.items():
+        key = flag[2:].replace("-", "_")
+        assert getattr(toy, key) == getattr(paper, key) == toy_defaults[key] == paper_defaults[key], flag
+        shown = training.shown(getattr(toy, key), trainer.NONE_MEANS.get(key, "none"))
+        assert help_text.endswith(f"(default: {shown})"), (flag, help_text)
 
 
 def test_model_without_data_trains_on_the_paper_data_set(tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_model_without_data_trains_on_the_paper_data_set(tmp_path, capsys):
     settings = train_nlg.main(["--model", str(model), "--out", str(out), "--dry-run"])
     assert settings["data"] == "meta-math/MetaMathQA" and settings["max_samples"] == 100_000  # Sec. 3.1
     for key, value in train_nlg.PAPER.items():
-        if key not in ("model", "out", "dry_run"):
+        if key != "model":
             assert settings[key] == value, key
     printed = capsys.readouterr().out
     assert "settings: the paper preset" in printed
@@ -172,13 +172,13 @@ def test_nlu_model_without_data_trains_on_the_glue_task_from_the_hub(capsys):
     settings = train_nlu.main(["--model", os.path.join(ASSETS, "tiny-deberta"), "--task", "rte", "--lr", "3e-4", "--dry-run"])
     assert (settings["epochs"], settings["lr"]) == (50, 3e-4)
     printed = capsys.readouterr().out
-    assert "--task rte  (preset: mnli)" in printed and "--lr 0.0003  (preset: 0.0001)" in printed
+    assert "--task rte  (default: mnli)" in printed and "--lr 0.0003  (default: 0.0001)" in printed
 
 
-def test_settings_block_lists_exactly_what_differs_from_the_preset(capsys):
+def test_settings_block_lists_exactly_what_differs_from_the_defaults(capsys):
     train_nlg.main(["--rank", "4", "--lr", "5e-4", "--max-steps", "3", "--dry-run"])  # --lr is the toy preset's own
     block = capsys.readouterr().out.split("{")[0]
-    changed = re.findall(r"^  (--\S+) (\S+)  \(preset: ([^)]*)\)$", block, flags=re.M)
+    changed = re.findall(r"^  (--\S+) (\S+)  \(default: ([^)]*)\)$", block, flags=re.M)
     assert changed == [("--rank", "4", "8"), ("--max-steps", "3", "no cap")]
 
 

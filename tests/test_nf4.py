@@ -1,6 +1,6 @@
 """
-Tests of the 4-bit base (balora.py: NF4 levels, nf4_quantize / nf4_dequantize, NF4Linear,
-quantize_base, add_lora(quantize=...)): bit for bit against bitsandbytes' quantize_4bit /
+Tests of the 4-bit base (nf4.py: NF4 levels, nf4_quantize / nf4_dequantize, NF4Linear,
+quantize_base after add_lora): bit for bit against bitsandbytes' quantize_4bit /
 dequantize_4bit (quant_type="nf4", blocksize=64) on random and on real matrices, double quantization,
 the QPiSSA order, the teacher under quantization, and adapters saved and merged on a 4-bit base.
 bitsandbytes is a test-only oracle (requirements-dev.txt).
@@ -14,8 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapters
 import balora
-from balora import NF4Linear, add_lora, load_adapter, merge_lora, nf4_dequantize, nf4_quantize, pretrained_mode
+import nf4
+from adapters import load_adapter, merge_lora
+from balora import add_lora, pretrained_mode
+from nf4 import NF4Linear, nf4_dequantize, nf4_quantize
 from test_balora import TARGETS, input_ids, logits_of, randn, rel_err, tiny_llama, train_a_few_steps
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -45,12 +49,12 @@ def assert_same_as_bitsandbytes(bnb, weight):
 
 
 def test_levels_are_the_bitsandbytes_tables(bnb):
-    levels = balora.normal_float_levels()
+    levels = nf4.normal_float_levels()
     assert torch.equal(levels, bnb.get_4bit_type("nf4", device="cpu"))
     # NormalFloat: 16 ascending levels from -1 to 1, an exact zero, 8 positive and 7 negative
     assert levels.numel() == 16 and (levels.diff() > 0).all() and levels[0] == -1 and levels[-1] == 1
     assert (levels == 0).sum() == 1 and (levels > 0).sum() == 8
-    assert torch.equal(balora.dynamic_levels(), bnb.create_dynamic_map())
+    assert torch.equal(nf4.dynamic_levels(), bnb.create_dynamic_map())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -68,7 +72,7 @@ def test_nf4_is_bitsandbytes_bit_for_bit_on_and_next_to_the_split_points(bnb):
     # where the rounding details decide: x * (1 / c) against x / c, and a tie's direction. Build
     # blocks whose absmax is c and whose values are each midpoint times c and its float32 neighbours.
     generator = torch.Generator().manual_seed(0)
-    levels = balora.normal_float_levels()
+    levels = nf4.normal_float_levels()
     midpoints = (levels[:-1] + levels[1:]) / 2  # (15,)
     absmax = torch.rand(2048, generator=generator) * 0.1 + 0.01
     on = midpoints[None, :] * absmax[:, None]
@@ -113,7 +117,7 @@ def test_double_quantization_against_bitsandbytes(bnb):
     # for a few (~0.2%); there, and only there, the two differ, and its level is strictly farther.
     absmax = nf4_quantize(weight)["absmax"].double()
     scaled = (absmax - absmax.mean()) / ours["absmax_scale"].double().repeat_interleave(256)[: absmax.numel()]
-    levels = balora.dynamic_levels().double()
+    levels = nf4.dynamic_levels().double()
     distance = (scaled[:, None] - levels[None, :]).abs()
     assert torch.equal(ours["absmax_codes"].long(), distance.argmin(dim=1))
     differ = ours["absmax_codes"] != state.absmax
@@ -166,7 +170,8 @@ def test_qpissa_quantizes_the_residual_and_has_the_smaller_error():
     W = linear.weight.detach().clone()
     model = nn.Sequential()
     model.add_module("proj", linear)
-    add_lora(model, ["proj"], r=8, alpha=8, init="pissa", quantize="nf4")
+    add_lora(model, ["proj"], r=8, alpha=8, init="pissa")
+    nf4.quantize_base(model, "nf4")
     layer = model.proj
     assert isinstance(layer.base, NF4Linear)
     residual = W - layer.scaling * layer.lora_B0 @ layer.lora_A0
@@ -181,7 +186,8 @@ def test_qpissa_quantizes_the_residual_and_has_the_smaller_error():
 def test_the_teacher_under_quantization_is_the_quantized_model(method):
     original = tiny_llama()
     model = copy.deepcopy(original)
-    add_lora(model, TARGETS, r=4, alpha=8, quantize="nf4-dq", **method)
+    add_lora(model, TARGETS, r=4, alpha=8, **method)
+    nf4.quantize_base(model, "nf4-dq")
     assert all(layer.quantize == "nf4-dq" for _, layer in balora.lora_layers(model))
     ids = input_ids()
     at_init = logits_of(model, ids)
@@ -190,7 +196,7 @@ def test_the_teacher_under_quantization_is_the_quantized_model(method):
     assert rel_err(at_init, teacher) <= 1e-5  # the student starts at the teacher
     if method["init"] == "lora":  # QLoRA's teacher: the base with every linear weight quantized
         quantized = copy.deepcopy(original).requires_grad_(False)
-        balora.quantize_base(quantized, "nf4-dq")
+        nf4.quantize_base(quantized, "nf4-dq")
         assert rel_err(teacher, logits_of(quantized, ids)) <= 1e-6
     assert rel_err(teacher, logits_of(original, ids)) > 1e-3  # and not the full-precision model
     train_a_few_steps(model)
@@ -202,9 +208,10 @@ def test_the_teacher_under_quantization_is_the_quantized_model(method):
 def test_save_load_and_merge_on_a_4bit_base(dora, tmp_path):
     original = tiny_llama()
     model = copy.deepcopy(original)
-    add_lora(model, TARGETS, r=4, alpha=8, init="pissa", quantize="nf4", dora=dora)
+    add_lora(model, TARGETS, r=4, alpha=8, init="pissa", dora=dora)
+    nf4.quantize_base(model, "nf4")
     train_a_few_steps(model, steps=2)
-    balora.save_adapter(model, tmp_path)
+    adapters.save_adapter(model, tmp_path)
     reloaded = load_adapter(copy.deepcopy(original), tmp_path)
     for (_, layer), (_, saved) in zip(balora.lora_layers(reloaded), balora.lora_layers(model)):
         assert torch.equal(layer.base.codes, saved.base.codes)  # the same W_res, the same codes

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import adapters
 import balora
 import eval as evaluation
 import train_nlg
@@ -23,7 +24,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def adapter_config(out):
-    return json.loads((out / "adapter" / balora.CONFIG_NAME).read_text())
+    return json.loads((out / "adapter" / adapters.CONFIG_NAME).read_text())
 
 
 @pytest.mark.slow
@@ -48,7 +49,7 @@ def test_dora_reg_on_a_4bit_base_is_evaluated_on_that_base(tiny, tmp_path):
     assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["use_dora"] is True
     # eval.py's model (adapter loaded, re-quantized, merged) computes what the trained model computed
     trained = Llama.from_pretrained(tiny["model"])
-    balora.load_adapter(trained, str(out / "adapter"))
+    adapters.load_adapter(trained, str(out / "adapter"))
     assert all(layer.dora and layer.quantize == "nf4" for _, layer in balora.lora_layers(trained))
     merged, _ = evaluation.load_llama(evaluation.parse_args(
         ["ppl", "--model", tiny["model"], "--adapter", str(out / "adapter"), "--device", "cpu"]))

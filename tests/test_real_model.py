@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-import balora
+import adapters
 import eval as evaluation
 import train_nlg
 from data import Tokenizer, prompt_ids
@@ -50,7 +50,7 @@ def test_train_export_and_evaluate_on_smollm2(smollm2_dir, method, tmp_path):
     tokenizer = Tokenizer(smollm2_dir)
     input_ids, attention_mask = chat_batch(tokenizer, ["What is 12 times 7?", "Name a prime number larger than 10."])
     ours = Llama.from_pretrained(smollm2_dir)
-    balora.load_adapter(ours, str(out / "adapter"))
+    adapters.load_adapter(ours, str(out / "adapter"))
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, str(out / "peft_adapter")).eval()
     with torch.no_grad():

@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adapters
 import balora
+import chunked
 import train_nlg
+import training
 from data import PROMPT_TEMPLATE, load_examples, query_and_response, tokenize_example
 from data import Tokenizer
 from model import Llama, LlamaConfig
@@ -208,14 +211,14 @@ def test_task_loss_is_plain_cross_entropy_on_response_tokens(tiny, tmp_path):
 
 def crash_after_saving(monkeypatch, at_step):
     """Make the run die right after it writes the checkpoint of `at_step` (a simulated preemption)."""
-    real_save = train_nlg.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_crash(path, model, optimizer, scheduler, step, **kwargs):
         real_save(path, model, optimizer, scheduler, step, **kwargs)
         if step == at_step:
             raise KeyboardInterrupt(f"simulated crash after step {step}")
 
-    monkeypatch.setattr(train_nlg, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
 
 
 def test_logged_regularizers_equal_balora_functions_on_the_batch(tiny, tmp_path, monkeypatch):
@@ -372,13 +375,13 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, tmp_path):
 
 
 def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path, monkeypatch):
-    real_objective, rows_seen = balora.nlg_objective_fused, []
+    real_objective, rows_seen = chunked.nlg_objective_in_chunks, []
 
     def recording_objective(student_logits, *args, **kwargs):
         rows_seen.append(student_logits.shape[0])
         return real_objective(student_logits, *args, **kwargs)
 
-    monkeypatch.setattr(balora, "nlg_objective_fused", recording_objective)
+    monkeypatch.setattr(chunked, "nlg_objective_in_chunks", recording_objective)
     train_nlg.main(tiny_args(tiny, tmp_path, "--dtype", "bf16", "--grad-checkpointing", "--reg-tokens", "all",
                              "--method", "balora", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2",
                              "--save-every", "2", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"))
@@ -395,7 +398,7 @@ def test_bf16_with_grad_checkpointing_and_all_token_regularizers(tiny, tmp_path,
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
-    real_objective = balora.nlg_objective_fused
+    real_objective = chunked.nlg_objective_in_chunks
     calls = []
 
     def nan_on_third_step(*args, **kwargs):
@@ -403,7 +406,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_pa
         calls.append(1)
         return (total * float("nan") if len(calls) == 3 else total), components
 
-    monkeypatch.setattr(balora, "nlg_objective_fused", nan_on_third_step)
+    monkeypatch.setattr(chunked, "nlg_objective_in_chunks", nan_on_third_step)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train_nlg.main(tiny_args(tiny, tmp_path, "--method", "lora", "--batch-size", "8", "--micro-batch-size", "8",
                                  "--save-every", "1"))
@@ -517,13 +520,13 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
     # config is its share of them (one rule)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["preset"] == "toy" and config["changed"] == {"out": str(tmp_path), "max_steps": 12}
-    expected = {key: train_nlg.normalized(value) for key, value in train_nlg.TOY.items()}
+    expected = {key: training.normalized(value) for key, value in train_nlg.parse_args([])[1].items()}
     expected.update(config["changed"], preset="toy")
     assert config["settings"] == expected
     assert config["derived"] == {"prompt_format": "alpaca", "examples": 384, "total_steps": 12, "world_size": 1,
                                  "gradient_accumulation": 2}  # batch 16 = 1 process x 2 x micro-batch 8
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
-    assert saved == {key: value for key, value in config["settings"].items() if key not in train_nlg.RESUME_MAY_CHANGE}
+    assert saved == {key: value for key, value in config["settings"].items() if key not in training.RESUME_MAY_CHANGE}
 
     # The task loss falls: response-token CE on the first 64 training examples, pretrained model
     # vs the same model with the saved adapter (per-step log values are too noisy at loss ~0.05).
@@ -537,7 +540,7 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
         return F.cross_entropy(logits[valid], input_ids[:, 1:][valid]).item()
 
     before = response_loss(Llama.from_pretrained(model_dir))
-    after = response_loss(balora.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
+    after = response_loss(adapters.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
     assert after < 0.95 * before, (before, after)  # measured: 0.033 -> 0.029 after 12 steps
 
 
@@ -558,7 +561,7 @@ def test_peft_export_loads_with_auto_peft_model_for_causal_lm(tiny, tmp_path, mo
     assert type(config["lora_alpha"]) is int and config["lora_alpha"] == 16  # PiSSA: alpha' = 2 * 8
     monkeypatch.chdir(tmp_path)  # ... and loaded from another working directory
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out" / "peft_adapter")).eval()
-    ours = balora.load_adapter(Llama.from_pretrained(tiny["model"]), str(tmp_path / "out" / "adapter")).eval()
+    ours = adapters.load_adapter(Llama.from_pretrained(tiny["model"]), str(tmp_path / "out" / "adapter")).eval()
     tokenizer = Tokenizer(tiny["model"])
     input_ids, attention_mask = tokenizer.pad_batch([tokenizer.encode(row["query"]) for row in tiny["rows"][:3]])
     with torch.no_grad():

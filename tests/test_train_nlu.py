@@ -11,8 +11,9 @@ import random
 import pytest
 import torch
 
-import train_nlg
+import glue
 import train_nlu
+import training
 
 # -----------------------------------------------------------------------------
 # metrics, hand-computed
@@ -27,30 +28,30 @@ BINARY_LABELS = [1, 0, 0, 0, 1, 1]
 
 def test_accuracy_by_hand():
     # 4 of 6 agree (rows 0, 2, 3, 4)
-    assert train_nlu.accuracy(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(4 / 6, abs=1e-12)
+    assert glue.accuracy(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(4 / 6, abs=1e-12)
 
 
 def test_f1_binary_by_hand():
     # 2·TP / (2·TP + FP + FN) = 4 / (4 + 1 + 1) = 2/3
-    assert train_nlu.f1_binary(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(2 / 3, abs=1e-12)
+    assert glue.f1_binary(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(2 / 3, abs=1e-12)
     # no positive prediction at all: F1 = 0
-    assert train_nlu.f1_binary([0, 0, 0], [1, 0, 1]) == 0.0
+    assert glue.f1_binary([0, 0, 0], [1, 0, 1]) == 0.0
 
 
 def test_matthews_by_hand():
     # (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = (4 − 1) / sqrt(3·3·3·3) = 3/9 = 1/3
-    assert train_nlu.matthews_corrcoef(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(1 / 3, abs=1e-12)
+    assert glue.matthews_corrcoef(BINARY_PREDICTIONS, BINARY_LABELS) == pytest.approx(1 / 3, abs=1e-12)
     # perfect / inverted / constant predictions: 1, −1, and 0 by convention
-    assert train_nlu.matthews_corrcoef([0, 1, 1, 0], [0, 1, 1, 0]) == pytest.approx(1.0)
-    assert train_nlu.matthews_corrcoef([1, 0, 0, 1], [0, 1, 1, 0]) == pytest.approx(-1.0)
-    assert train_nlu.matthews_corrcoef([1, 1, 1, 1], [0, 1, 1, 0]) == 0.0
+    assert glue.matthews_corrcoef([0, 1, 1, 0], [0, 1, 1, 0]) == pytest.approx(1.0)
+    assert glue.matthews_corrcoef([1, 0, 0, 1], [0, 1, 1, 0]) == pytest.approx(-1.0)
+    assert glue.matthews_corrcoef([1, 1, 1, 1], [0, 1, 1, 0]) == 0.0
 
 
 def test_pearson_by_hand():
     # x = 1 2 3 4 (mean 2.5, deviations −1.5 −.5 .5 1.5), y = 2 4 5 9 (mean 5, deviations −3 −1 0 4)
     # Σdxdy = 4.5 + .5 + 0 + 6 = 11, Σdx² = 5, Σdy² = 26  ->  r = 11 / sqrt(130)
-    assert train_nlu.pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130), abs=1e-12)
-    assert math.isnan(train_nlu.pearson([3, 3, 3], [1, 2, 3]))  # undefined for a constant side
+    assert glue.pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130), abs=1e-12)
+    assert math.isnan(glue.pearson([3, 3, 3], [1, 2, 3]))  # undefined for a constant side
 
 
 def test_spearman_with_ties_by_hand():
@@ -59,9 +60,9 @@ def test_spearman_with_ties_by_hand():
     # deviations from the mean rank 2.5: x −1.5 0 0 1.5, y −1.5 .5 −.5 1.5
     # Σdxdy = 2.25 + 0 + 0 + 2.25 = 4.5, Σdx² = 4.5, Σdy² = 5  ->  ρ = 4.5 / sqrt(22.5) = 3 / sqrt(10)
     # (ordinal ranks 1 2 3 4 for x would give 4 / 5 = 0.8 instead)
-    assert train_nlu.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    assert glue.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
     # ties on both sides: x = 5 5 1 (ranks 2.5 2.5 1), y = 0 0 7 (ranks 1.5 1.5 3): perfectly anti-ordered
-    assert train_nlu.spearman([5, 5, 1], [0, 0, 7]) == pytest.approx(-1.0, abs=1e-12)
+    assert glue.spearman([5, 5, 1], [0, 0, 7]) == pytest.approx(-1.0, abs=1e-12)
 
 
 def test_metrics_against_reference_libraries():
@@ -70,19 +71,19 @@ def test_metrics_against_reference_libraries():
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, 6, (200,), generator=generator).double()  # many ties
     y = x + torch.randint(0, 4, (200,), generator=generator).double()
-    assert train_nlu.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
-    assert train_nlu.pearson(x, y) == pytest.approx(scipy_stats.pearsonr(x, y).statistic, abs=1e-12)
+    assert glue.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert glue.pearson(x, y) == pytest.approx(scipy_stats.pearsonr(x, y).statistic, abs=1e-12)
     predictions = torch.randint(0, 3, (300,), generator=generator)
     labels = torch.where(torch.rand(300, generator=generator) < 0.6, predictions, torch.randint(0, 3, (300,), generator=generator))
-    assert train_nlu.matthews_corrcoef(predictions, labels) == pytest.approx(sklearn_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(sklearn_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
     binary_predictions, binary_labels = predictions.clamp(max=1), labels.clamp(max=1)
-    assert train_nlu.f1_binary(binary_predictions, binary_labels) == pytest.approx(sklearn_metrics.f1_score(binary_labels, binary_predictions), abs=1e-12)
+    assert glue.f1_binary(binary_predictions, binary_labels) == pytest.approx(sklearn_metrics.f1_score(binary_labels, binary_predictions), abs=1e-12)
 
 
 def test_majority_baseline():
-    task = train_nlu.TASKS["nli"]
+    task = glue.TASKS["nli"]
     train_labels = torch.tensor([2, 2, 2, 0, 1])  # class 2 is the majority
-    assert train_nlu.majority_baseline(task, train_labels, torch.tensor([2, 0, 1, 2])) == {"accuracy": 0.5}
+    assert glue.majority_baseline(task, train_labels, torch.tensor([2, 0, 1, 2])) == {"accuracy": 0.5}
 
 
 # -----------------------------------------------------------------------------
@@ -91,21 +92,21 @@ def test_majority_baseline():
 
 def test_imbalance_keeps_exact_ratios():
     labels = torch.arange(3).repeat(1000)  # 1000 per class, interleaved
-    indices = train_nlu.imbalance_indices(labels, (100, 10, 1), seed=42)
+    indices = glue.imbalance_indices(labels, (100, 10, 1), seed=42)
     kept = labels[indices]
     assert torch.bincount(kept, minlength=3).tolist() == [1000, 100, 10]
     assert len(set(indices)) == len(indices)  # no duplicates
-    assert indices == train_nlu.imbalance_indices(labels, (100, 10, 1), seed=42)  # deterministic
-    assert indices != train_nlu.imbalance_indices(labels, (100, 10, 1), seed=43)
+    assert indices == glue.imbalance_indices(labels, (100, 10, 1), seed=42)  # deterministic
+    assert indices != glue.imbalance_indices(labels, (100, 10, 1), seed=43)
     assert kept[:20].tolist() != sorted(kept[:20].tolist()) or kept[-20:].tolist() != sorted(kept[-20:].tolist())  # shuffled
     # unequal class sizes: ratios apply to each class's own count, in label order
     labels = torch.tensor([0] * 500 + [1] * 200 + [2] * 300)
-    assert torch.bincount(labels[train_nlu.imbalance_indices(labels, (1, 0.5, 0.1), seed=0)]).tolist() == [500, 100, 30]
+    assert torch.bincount(labels[glue.imbalance_indices(labels, (1, 0.5, 0.1), seed=0)]).tolist() == [500, 100, 30]
 
 
 def test_imbalance_rejects_wrong_number_of_ratios():
     with pytest.raises(ValueError, match="--imbalance"):
-        train_nlu.imbalance_indices(torch.tensor([0, 1, 2]), (100, 10), seed=0)
+        glue.imbalance_indices(torch.tensor([0, 1, 2]), (100, 10), seed=0)
 
 
 # -----------------------------------------------------------------------------
@@ -131,24 +132,24 @@ def write_jsonl(path, rows):
 
 def test_encode_split_names_missing_column(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"premise": "a b", "label": 0}])
-    dataset = train_nlu.load_split("nli", "train", path)
+    dataset = glue.load_split("nli", "train", path)
     with pytest.raises(ValueError, match="hypothesis"):
-        train_nlu.encode_split(dataset, "nli", WordTokenizer(), 32, path)
+        glue.encode_split(dataset, "nli", WordTokenizer(), 32, path)
 
 
 def test_encode_split_names_label_outside_head(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"premise": "a", "hypothesis": "b", "label": label} for label in (0, 1, 3)])
-    dataset = train_nlu.load_split("nli", "train", path)
+    dataset = glue.load_split("nli", "train", path)
     with pytest.raises(ValueError, match=r"'label' has 3 at row 2.*0\.\.2"):
-        train_nlu.encode_split(dataset, "nli", WordTokenizer(), 32, path)
+        glue.encode_split(dataset, "nli", WordTokenizer(), 32, path)
 
 
 def test_encode_split_and_collate(tmp_path):
     rows = [{"premise": "a b c", "hypothesis": "d", "label": 2}, {"premise": "e", "hypothesis": "f g", "label": 0}]
-    dataset = train_nlu.load_split("nli", "train", write_jsonl(tmp_path / "train.jsonl", rows))
-    input_ids, labels = train_nlu.encode_split(dataset, "nli", WordTokenizer(), 32, "train")
+    dataset = glue.load_split("nli", "train", write_jsonl(tmp_path / "train.jsonl", rows))
+    input_ids, labels = glue.encode_split(dataset, "nli", WordTokenizer(), 32, "train")
     assert labels.tolist() == [2, 0] and [len(ids) for ids in input_ids] == [7, 6]
-    batch_ids, attention_mask, batch_labels = train_nlu.collate(input_ids, labels, [1, 0], pad_id=0)
+    batch_ids, attention_mask, batch_labels = glue.collate(input_ids, labels, [1, 0], pad_id=0)
     assert batch_ids.shape == (2, 7) and batch_ids[0, 6] == 0 and attention_mask.sum(1).tolist() == [6, 7]
     assert batch_labels.tolist() == [0, 2]
 
@@ -169,11 +170,11 @@ def test_flag_errors_are_named():
 
 
 def test_table8_defaults_and_offline_block():
-    args = train_nlu.parse_args(["--model", "some/dir", "--task", "qnli"])
+    args, _ = train_nlu.parse_args(["--model", "some/dir", "--task", "qnli"])
     assert (args.epochs, args.batch_size, args.lr, args.alpha, args.rank) == (10, 32, 1e-4, 16, 8)
-    args = train_nlu.parse_args(["--model", "some/dir", "--task", "stsb", "--lr", "1e-3"])
+    args, _ = train_nlu.parse_args(["--model", "some/dir", "--task", "stsb", "--lr", "1e-3"])
     assert (args.epochs, args.batch_size, args.lr, args.alpha) == (20, 8, 1e-3, 8)
-    args = train_nlu.parse_args([])
+    args, _ = train_nlu.parse_args([])
     assert args.model.endswith(os.path.join("assets", "tiny-deberta")) and args.task == "nli"
     assert args.data.endswith("nli_train.jsonl") and args.validation_file[0].endswith("nli_validation.jsonl")
     assert (args.lambda1, args.lambda2, args.lambda3, args.svd_k, args.temperature) == (0.15, 0.03, 0.03, 5, 2.0)
@@ -279,7 +280,7 @@ def test_teacher_is_pretrained_encoder_with_current_head(tiny):
     rows = toy_nli_rows(8, seed=3)
     input_ids, attention_mask = tokenizer.encode_batch([r["premise"] for r in rows], [r["hypothesis"] for r in rows])
     labels = torch.tensor([r["label"] for r in rows])
-    task = train_nlu.TASKS["nli"]
+    task = glue.TASKS["nli"]
 
     student_model = model.DebertaClassifier.from_pretrained(tiny["model"], num_labels=3, seed=7)
     initial_head = {k: v.clone() for k, v in student_model.state_dict().items() if k.startswith(("pooler.", "classifier."))}
@@ -365,17 +366,17 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     train_nlu.main(tiny_flags(tiny, straight, *flags))
 
     interrupted = tmp_path / "interrupted"
-    check_finite = train_nlu.check_finite
+    check_finite = training.check_finite
 
     def crash_in_step_3(value, step, *args):  # after the step-2 checkpoint, before step 3's update
         if step == 3:
             raise KeyboardInterrupt
         check_finite(value, step, *args)
 
-    monkeypatch.setattr(train_nlu, "check_finite", crash_in_step_3)
+    monkeypatch.setattr(training, "check_finite", crash_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_nlu.main(tiny_flags(tiny, interrupted, *flags))
-    monkeypatch.setattr(train_nlu, "check_finite", check_finite)
+    monkeypatch.setattr(training, "check_finite", check_finite)
     with pytest.raises(ValueError, match=r"--resume: .*checkpoint.pt was written with other flags \(--lr 0.005 -> 0.5\)"):
         train_nlu.main(tiny_flags(tiny, interrupted, *flags, "--resume", "--lr", "0.5"))
     # --save-every only says when to write checkpoints: changing it continues the same run
@@ -387,7 +388,7 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
 
 def test_regression_objective_degenerate_terms():
     """STS-B (D = 1): consistency is ½·mean((z_F − z_P)²); diversity and SVD are not computed."""
-    task = train_nlu.TASKS["stsb"]
+    task = glue.TASKS["stsb"]
     student = torch.tensor([[1.0], [2.0], [0.5]], requires_grad=True)
     teacher = torch.tensor([[0.0], [2.0], [1.5]])
     labels = torch.tensor([1.0, 1.0, 1.0])
@@ -437,7 +438,7 @@ def test_default_run_beats_majority_baseline(tmp_path, check_curves):
     # config.json: the toy preset with the three flags given, and every setting
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["preset"] == "toy" and config["changed"] == {"out": str(tmp_path), "no_progress": True, "max_steps": 46}
-    expected = {key: train_nlg.normalized(value) for key, value in train_nlu.presets("nli")["toy"].items()}
+    expected = {key: training.normalized(value) for key, value in train_nlu.parse_args([])[1].items()}
     expected.update(config["changed"], preset="toy")
     assert config["settings"] == expected
     assert config["derived"]["total_steps"] == 46 and config["derived"]["train_examples"] == 3000
@@ -446,7 +447,7 @@ def test_peft_export_loads_with_auto_peft_model_for_sequence_classification(tiny
     """<out>/peft_adapter names its task (SEQ_CLS): AutoPeftModelForSequenceClassification builds the
     base encoder + LoRA + our pooler and classifier (modules_to_save) and gives our logits."""
     peft = pytest.importorskip("peft")
-    import balora
+    import adapters
     import model
     from data import DebertaTokenizer
 
@@ -455,7 +456,7 @@ def test_peft_export_loads_with_auto_peft_model_for_sequence_classification(tiny
     assert config["task_type"] == "SEQ_CLS" and type(config["lora_alpha"]) is int
     theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(
         str(tmp_path / "out" / "peft_adapter"), num_labels=3).eval()  # the label count is the base config's to give
-    ours = balora.load_adapter(model.DebertaClassifier.from_pretrained(tiny["model"], num_labels=3),
+    ours = adapters.load_adapter(model.DebertaClassifier.from_pretrained(tiny["model"], num_labels=3),
                                str(tmp_path / "out" / "adapter")).eval()
     rows = [json.loads(line) for line in open(tiny["validation"])][:4]
     input_ids, attention_mask = DebertaTokenizer(tiny["model"]).encode_batch(

@@ -17,11 +17,11 @@ round robin in one process (one step of each in turn), so that a busy machine sl
   peft-lora                        the peer baseline: transformers LlamaForCausalLM (sdpa) + peft LoRA
   official                         the paper's own recipe (llm172/BA-LoRA train.py): transformers + peft
                                    PiSSA, a second full model as teacher, its loss code on (B, T, V) logits
-A step is the one of train_nlg.py (whose loop is inline, so it is written once more here, line for
-line): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
+A step is the one of train_nlg.py (its micro_batch_objective, written once more here, since a tool
+imports a trainer only to run its main): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
 LM head on the M valid rows only) -> teacher forward under balora.pretrained_mode to its final hidden
-states (only when lambda1 > 0) -> balora.nlg_objective_fused (task cross-entropy + Eq. 13, gradient
-formed in forward) -> backward -> gradient clipping -> AdamW. Adapters are float32 for bf16 models,
+states (only when lambda1 > 0) -> chunked.nlg_objective_in_chunks (task cross-entropy + Eq. 13, by
+balora's functions a chunk of rows at a time, the gradient formed in forward) -> backward -> gradient clipping -> AdamW. Adapters are float32 for bf16 models,
 in peft as in ours. The peer steps are described at build_peft and build_official / official_loss.
 Inside every step we time the student and teacher forwards (for transformers models the student
 forward includes their cross-entropy), and after the balora steps each term of Eq. 13 alone, forward +
@@ -61,8 +61,9 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import balora  # noqa: E402
+import chunked  # noqa: E402
 import model  # noqa: E402
-from train_nlg import autocast_context, teacher_head  # noqa: E402
+from training import autocast_context, teacher_head  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # What is measured
@@ -266,9 +267,9 @@ def balora_loss(llama, batch, lambdas, dtype, stopwatch):
     generator = torch.Generator(device=device).manual_seed(0)  # the randomized SVD's sketch
     task_scale = 1 / valid_mask.sum()  # the token mean (one micro-batch per step)
     start = stopwatch.mark()  # the objective's node forms its gradient here: all of Eq. 13's cost but the teacher's
-    loss, _ = balora.nlg_objective_fused(student_logits, targets[valid_mask], task_scale, teacher_hidden, lambdas,
-                                         TEMPERATURE, SVD_K, TOP_K, generator=generator,
-                                         teacher_head=teacher_head(llama, device, dtype))
+    loss, _ = chunked.nlg_objective_in_chunks(student_logits, targets[valid_mask], task_scale, teacher_hidden, lambdas,
+                                              TEMPERATURE, SVD_K, TOP_K, generator=generator,
+                                              teacher_head=teacher_head(llama, device, dtype))
     marks["objective"] = (start, stopwatch.mark())
     return loss, marks
 
@@ -385,9 +386,10 @@ def time_regularizers(llama, batch, dtype, steps, stopwatch):
     valid_rows = labels[:, 1:][valid_mask]
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
 
-    def term(targets, lambdas):  # the step's own fused objective with one term only
-        return lambda z: balora.nlg_objective_fused(z, targets, 1 / len(valid_rows), teacher_hidden, lambdas,
-                                                    TEMPERATURE, SVD_K, TOP_K, generator=generator, teacher_head=head)[0]
+    def term(targets, lambdas):  # the step's own chunked objective with one term only
+        return lambda z: chunked.nlg_objective_in_chunks(z, targets, 1 / len(valid_rows), teacher_hidden, lambdas,
+                                                         TEMPERATURE, SVD_K, TOP_K, generator=generator,
+                                                         teacher_head=head)[0]
     terms = {  # consistency includes the teacher's LM head, run chunk by chunk by its KL's forward and backward
         "task": term(valid_rows, (0.0, 0.0, 0.0)),
         "consistency": term(None, (LAMBDAS[0], 0.0, 0.0)),

@@ -1,7 +1,7 @@
 """
 Memory per GPU of a BA-LoRA run (train_nlg.py's paper preset: r = 128 on the seven projections, bf16
 base, float32 adapter, AdamW) under DDP and under --fsdp, by arithmetic from the model's shapes:
-what README's "Past one GPU" table shows. Nothing is measured; every line is a product of the shapes.
+what docs/fsdp.md's memory table shows. Nothing is measured; every line is a product of the shapes.
 
     python tools/fsdp_memory.py            # LLaMA-2-7B on 8 GPUs, LLaMA-3-70B on 16 and 64
 """

@@ -571,7 +571,7 @@ SHIPPED = {"data/gsm8k", "data/wikitext-2", "mt_bench", "real_experiment"}
 SHIPPED_SECTION = """## Real benchmark data (shipped verbatim, not generated)
 
 Read from public repositories with the project's `fetch` tool and copied byte for byte; each keeps
-its license next to it. `tools/real_experiment.py` reads them (issue 17); `eval.py gsm8k` and
+its license next to it. `tools/real_experiment.py` reads them; `eval.py gsm8k` and
 `eval.py ppl` read them with `--data`.
 
 | path | what it is | source (repository, path, commit) | license |

@@ -2,7 +2,7 @@
 The 4-bit base (QLoRA / QPiSSA / QBA-LoRA, Fig. 5) measured on real weights, SmolLM2-135M-Instruct:
 
   1. quantization error of every adapted matrix, QLoRA ||W - Q(W)||_F against QPiSSA
-     ||W - (Q(W_res) + s B A)||_F (balora.add_lora's own path: PiSSA's SVD, then NF4 of the residual);
+     ||W - (Q(W_res) + s B A)||_F (the trainers' path: balora.add_lora's SVD, then nf4.quantize_base of the residual);
   2. the teacher under quantization (pretrained_mode on a 4-bit base is the quantized model, not W):
      its distance from the full-precision model's next-token distributions on metamath_train's responses;
   3. peak memory (CPU resident set) of one training step, and bytes per base weight, with and without
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import balora  # noqa: E402
+import nf4  # noqa: E402
 from data import Tokenizer, collate, load_examples  # noqa: E402
 from model import Llama  # noqa: E402
 
@@ -58,7 +59,8 @@ def quantization_errors(model, rank, quantize):
             holder = torch.nn.Sequential()
             holder.add_module("proj", copy.deepcopy(linear))
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # per-layer prints
-                balora.add_lora(holder, ["proj"], r=rank, alpha=rank, init=init, quantize=quantize)
+                balora.add_lora(holder, ["proj"], r=rank, alpha=rank, init=init)
+                nf4.quantize_base(holder, quantize)
             with torch.no_grad():
                 per_init.append(((W - holder.proj.merged_weight()).norm() / W.norm()).item())
         errors.setdefault(name.rpartition(".")[2], []).append(tuple(per_init))
@@ -83,7 +85,8 @@ def teacher_distance(model, batch, init, rank, quantize):
     with torch.no_grad():
         reference = model(input_ids, attention_mask, output_mask=output_mask).float()
         adapted = copy.deepcopy(model)
-        balora.add_lora(adapted, TARGETS, r=rank, alpha=rank, init=init, quantize=quantize)
+        balora.add_lora(adapted, TARGETS, r=rank, alpha=rank, init=init)
+        nf4.quantize_base(adapted, quantize)
         with balora.pretrained_mode(adapted):
             teacher = adapted(input_ids, attention_mask, output_mask=output_mask).float()
     log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(teacher, -1)
@@ -111,8 +114,8 @@ def one_step(model_dir, dtype, quantize, rank, micro_batch_size, max_length):
         for tensor in [*model.parameters(), *model.buffers()]:  # pages would stay resident: own copies
             tensor.data = tensor.data.clone()
     balora.add_lora(model, TARGETS, r=rank, alpha=rank, init="pissa", pissa_niter=4)
-    # quantized after add_lora (the trainers do it inside add_lora): measure the base bytes here
-    stored, weights = balora.quantize_base(model, quantize)
+    # quantized after add_lora, as the trainers do: measure the base bytes here
+    stored, weights = nf4.quantize_base(model, quantize)
     linear_weights = weights or sum(m.base.weight.numel() for _, m in balora.lora_layers(model))
     linear_bytes = stored or linear_weights * torch.finfo(dtype).bits // 8
     params = [p for p in model.parameters() if p.requires_grad]

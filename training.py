@@ -1,0 +1,516 @@
+"""
+What both trainers share: the table of methods and the optimizer they build from it, distributed setup,
+atomic checkpoints and exact resume, the JSONL log and its reporters, the learning-rate schedule, the
+checks that stop a run before a NaN is applied or written, and the settings (two presets per trainer,
+printed at the start and saved to <out>/config.json). train_nlg.py and train_nlu.py import this module;
+nothing imports them.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import balora
+import nf4
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(REPO, "assets")
+
+# -----------------------------------------------------------------------------
+# Methods (--method of both trainers, Table 10's rows) and the optimizer
+
+
+@dataclass(frozen=True)
+class Method:
+    init: str  # the adapter's start: "lora" (B = 0) or a balora.INITS name ("pissa")
+    regularized: bool  # BA-LoRA's regularizers on (Eq. 8 / 13)
+    dora: bool = False  # balora.DoRALinear layers (a trainable magnitude)
+
+
+METHODS = {
+    "lora": Method("lora", False),
+    "pissa": Method("pissa", False),
+    "balora": Method("pissa", True),  # PiSSA + Reg: BA-LoRA
+    "lora+reg": Method("lora", True),
+    "dora": Method("lora", False, dora=True),
+    "dora+reg": Method("lora", True, dora=True),
+}
+METHOD_HELP = "lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10)"
+QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
+                 "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
+QUANTIZE_CHOICES = list(nf4.QUANTIZE)
+
+
+def parameter_groups(model, weight_decay):
+    """
+    The optimizer's parameter groups: every trainable parameter (adapter factors, DoRA magnitudes, a
+    trainable head) in one group with the run's weight decay. Both trainers build their optimizer here,
+    so a method that needs its own groups (another learning rate for lora_B, say) is one change.
+    """
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def build_optimizer(model, lr, weight_decay):
+    """AdamW over parameter_groups(model), the optimizer of every method (B.4)."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup (torchrun: DDP, or FSDP2 through fsdp.py)
+
+
+def setup_distributed(device=None):
+    """
+    Start torch.distributed when launched by torchrun (RANK/LOCAL_RANK/WORLD_SIZE in the environment),
+    otherwise run as a single process. Returns (rank, local_rank, world_size, device, is_master).
+    `device` is the --device flag: None picks cuda when available; "cuda" becomes cuda:LOCAL_RANK
+    under torchrun. The backend follows the device: nccl on GPU, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 0, 1, device, True
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world_size, device, rank == 0
+
+
+def cleanup_distributed():
+    """
+    Tear down the process group if setup_distributed started one, after a barrier: every rank waits
+    until rank 0 has written its final files (adapter, export), so that no rank tears down its
+    communicator while another may still be in a collective.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_torchrun_worker():
+    """
+    End a torchrun worker without Python's interpreter shutdown, once main() has returned.
+
+    Why: DDP keeps gloo's worker threads alive past destroy_process_group, and a worker thread that is
+    still releasing the last collective's tensor takes the GIL; if the interpreter is shutting down at
+    that moment the process aborts ("terminate called without an active exception", SIGABRT; see
+    pytorch/pytorch#190489) and torchrun kills the other ranks. Here it hit ~1 bare 2-process run in 25,
+    and 1 in 77 with a barrier before the teardown. Every file is written and closed by now, so flush
+    the streams and leave with os._exit, which skips the shutdown. Not needed for a plain `python` run.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, tensors and plain data only, and exact on resume
+
+
+def atomic_torch_save(obj, path):
+    """
+    torch.save that never leaves a half-written file at `path`: write a temp file in the same
+    directory, fsync it, then os.replace (atomic on POSIX). A crash mid-save keeps the old file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def rng_state():
+    """
+    The RNG states of this process (python, torch CPU, and CUDA when present) as tensors and plain
+    numbers, so that a checkpoint loads with torch.load(weights_only=True): Python's Mersenne Twister
+    state is its 625 words (each < 2**32) plus the cached Gaussian, not a pickled tuple.
+    """
+    version, words, gauss_next = random.getstate()
+    state = {"python": torch.tensor(words, dtype=torch.int64), "python_version": version,
+             "python_gauss_next": gauss_next, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss_next"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, config=None):
+    """
+    Everything needed to continue a run exactly: the trainable weights (adapter, plus any head),
+    optimizer and scheduler state, the step, the data position (`data_state`, any dict) and the RNG
+    states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
+    rank 0 writes `path` atomically. `model` is the unwrapped module (not the DDP wrapper).
+    """
+    check_finite_parameters(model, path)  # identical on every rank, so all ranks raise together
+    rng = [rng_state()]
+    if dist.is_available() and dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state())
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    trainable = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = {
+        "step": step,
+        "trainable": trainable,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data_state": data_state,
+        "rng": rng,
+        "config": config,
+    }
+    atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """
+    Restore a save_checkpoint file into `model` (unwrapped), `optimizer` and `scheduler`, and restore
+    this rank's RNG state. Returns the checkpoint dict (step, data_state, config, ...).
+    The model must already carry the same adapter structure (add_lora with the same settings).
+    """
+    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"--resume: {path} holds more than tensors and plain data and was not read "
+                         f"(a balora checkpoint never does): {str(error).splitlines()[0]}") from None
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(checkpoint["trainable"]))
+    unexpected = sorted(set(checkpoint["trainable"]) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(checkpoint["trainable"][name])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    rank, world_size = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if len(checkpoint["rng"]) != world_size:
+        raise ValueError(
+            f"checkpoint {path!r} was written by {len(checkpoint['rng'])} processes, this run has {world_size}: "
+            "resume with the same world size to continue exactly"
+        )
+    set_rng_state(checkpoint["rng"][rank])
+    return checkpoint
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temp files atomic_torch_save leaves when a run is killed mid-save (".tmp-<name>...")."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(directory, name))
+
+
+# -----------------------------------------------------------------------------
+# The log: log.jsonl, and TensorBoard / W&B beside it
+
+
+def rewind_log(log_path, last_step):
+    """
+    The lines of log.jsonl up to `last_step` (the checkpoint a run resumes from), so the log matches it.
+    A torn last line (the run was killed while writing it) is dropped, and said so; a broken line
+    anywhere else is an error naming the file and line.
+    """
+    if not os.path.isfile(log_path):
+        return []
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"{log_path}: dropped the torn last line {number} (the run was killed while writing it)")
+                continue
+            raise ValueError(f"{log_path}, line {number}: not a JSON record; cannot resume with this log") from None
+        if record["step"] <= last_step:
+            kept.append(line)
+    return kept
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line (the per-step training log)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def scalars_of(record, prefix=""):
+    """(tag, number) pairs of a log record, the step aside; a nested dict's keys are joined by "/"."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from scalars_of(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and (prefix or key != "step"):
+            yield prefix + key, value
+
+
+def check_report_to(kind):
+    """--report-to's library must be installed: say so now, before the model loads or anything is written."""
+    if kind in ("tensorboard", "wandb") and importlib.util.find_spec(kind) is None:
+        raise ModuleNotFoundError(f"--report-to {kind} needs the {kind} package: pip install {kind}")
+
+
+class Reporter:
+    """
+    --report-to: the numbers of every log.jsonl record, under the record's own keys, go to TensorBoard
+    as well (event files in <out>/tensorboard: `tensorboard --logdir <out>`) or to Weights & Biases
+    (project $WANDB_PROJECT, else "balora"; with WANDB_MODE=offline the run is written under <out>/wandb
+    for a later `wandb sync`). A nested record (NLU validation) gives tags like "validation/validation/
+    accuracy". "none": nothing is sent. Only rank 0 makes one.
+    """
+
+    def __init__(self, kind, out, config):
+        self.kind, self.sink = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sink = SummaryWriter(os.path.join(out, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.sink = wandb.init(project=os.environ.get("WANDB_PROJECT", "balora"), dir=out, config=config)
+
+    def log(self, record):
+        scalars = dict(scalars_of(record))
+        if self.kind == "tensorboard":
+            for tag, value in scalars.items():
+                self.sink.add_scalar(tag, value, record["step"])
+        elif self.kind == "wandb":
+            self.sink.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.sink.close()
+        elif self.kind == "wandb":
+            self.sink.finish()
+
+
+# -----------------------------------------------------------------------------
+# Schedule, numerics
+
+
+def lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, decay="cosine"):
+    """
+    LambdaLR: linear warm-up from 0 over `warmup_steps`, then decay to 0 at `total_steps`, "cosine"
+    (the PiSSA / BA-LoRA NLG runs) or "linear" (the GLUE runs, B.4). With warm-up the first update has
+    lr 0, as there.
+    """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+
+    def lr_factor(step):
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        remaining = max(1, total_steps - warmup_steps)
+        if decay == "linear":
+            return max(0.0, (total_steps - step) / remaining)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / remaining)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def check_finite(value, step, quantity="loss", checkpoint_path=None):
+    """
+    Stop the run before optimizer step `step` applies a NaN/inf `quantity` (the loss, the gradient
+    norm, a logit matrix: a tensor is checked whole). Under DDP the ranks agree first (one all-reduce),
+    so every rank stops at the same step. Since no non-finite update is ever applied, the last
+    checkpoint holds finite values only: the error names it, so the run can resume with other flags.
+    """
+    finite = torch.isfinite(torch.as_tensor(value)).all().to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        finite = finite.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 1.0:
+        return
+    shown = f" ({float(value)})" if torch.as_tensor(value).numel() == 1 else ""
+    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
+        last = f"the last checkpoint, {checkpoint_path}, holds only finite values"
+    else:
+        last = "no checkpoint was written before it"
+    raise FloatingPointError(f"non-finite {quantity}{shown} at step {step}; stopped before the optimizer step "
+                             f"(lower --lr?): {last}")
+
+
+def check_finite_parameters(model, what):
+    """Refuse to write `what` (a checkpoint, an adapter) when a trainable tensor holds NaN/inf."""
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:
+        raise FloatingPointError(f"not writing {what}: {len(broken)} trainable tensors are non-finite, e.g. {broken[0]}")
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on `device` when dtype is bfloat16 (or "bf16"); a no-op context for fp32."""
+    if dtype in (torch.bfloat16, "bf16"):
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+
+
+def teacher_head(model, device, dtype):
+    """
+    The teacher's LM head for chunked.nlg_objective_in_chunks, which runs it on chunks of the teacher's
+    final hidden states: under the teacher forward's autocast, so that each chunk of logits is the one
+    that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
+    current head is the pretrained one.
+    """
+    def head(hidden):
+        with autocast_context(device, dtype):
+            return model.lm_head(hidden)
+    return head
+
+
+# -----------------------------------------------------------------------------
+# Settings: flags with their defaults, two presets (toy, paper) for the values that differ between them
+
+# Settings that may change between a run and its --resume without changing the result (both
+# trainers); every other one must match the checkpoint. --out is where the run lives, so it may move.
+RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run")
+
+
+def normalized(value):
+    """A setting as it is recorded and compared: paths that exist are resolved (realpath), so `DIR/`
+    and `DIR`, or a relative and an absolute spelling, are one value."""
+    if isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    if isinstance(value, (list, tuple)):
+        return [normalized(item) for item in value]
+    return value
+
+
+def shown(value, none="none"):
+    """A setting as --help and the settings block print it: paths in the repo relative to it."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(shown(item) for item in value)
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(REPO + os.sep):
+        return os.path.relpath(value, REPO)
+    return str(value)
+
+
+
+
+def preset_flag(parser, toy, paper, none_means):
+    """
+    A function that adds one setting's flag. A setting the presets set (a key of `toy` or `paper`) is
+    left None here and takes the value of the preset in force (resolve_settings); its help ends with
+    both, "(toy: 8, paper: 128)". Every other flag has its own ordinary default, "(default: 42)".
+    `none_means` says what a None value stands for ({"max_steps": "no cap"}).
+    """
+    def flag(name, help, default=None, **kwargs):
+        key = name[2:].replace("-", "_")
+        none = none_means.get(key, "none")
+        if kwargs.get("action") == "store_true" and default is None:
+            default = False
+        if key in toy or key in paper:
+            toy_value, paper_value = (shown(preset.get(key), none).replace("%", "%%") for preset in (toy, paper))
+            text = f"toy and paper: {toy_value}" if toy_value == paper_value else f"toy: {toy_value}, paper: {paper_value}"
+        else:
+            text = "default: " + shown(default, none).replace("%", "%%")
+        parser.add_argument(name, default=default, help=f"{help} ({text})", **kwargs)
+    return flag
+
+
+def resolve_settings(parser, argv, choose_preset):
+    """
+    Parse `argv` with the values of the preset in force as the flags' defaults. choose_preset(args)
+    picks it from a first parse (--model given: "paper", else "toy") and returns (name, {setting: value}).
+    Returns (args, defaults): args.preset names the preset; defaults holds every setting's default in
+    force, what the settings block and config.json compare the run against.
+    """
+    first, _ = parser.parse_known_args(argv)
+    name, values = choose_preset(first)
+    parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.preset = name
+    defaults = {key: parser.get_default(key) for key in vars(args) if key != "preset"}
+    return args, defaults
+
+
+def changed_settings(args, defaults):
+    """{setting: value} of every setting that differs from its default in force (--model and --dry-run aside)."""
+    return {key: getattr(args, key) for key, value in defaults.items()
+            if key not in ("model", "dry_run") and normalized(getattr(args, key)) != normalized(value)}
+
+
+def settings_block(args, defaults, none_means, notes=()):
+    """The block printed at the start of a run: the preset, every value that differs from it, `notes`."""
+    why = ("--model given: the paper's settings, Sec. 3.1 and App. B" if args.preset == "paper" else
+           "no --model: the bundled tiny model and toy data; give --model for the paper's settings")
+    lines = [f"settings: the {args.preset} preset ({why})"]
+    changed = changed_settings(args, defaults)
+    lines += [f"  --{key.replace('_', '-')} {shown(value)}  (default: {shown(defaults[key], none_means.get(key, 'none'))})"
+              for key, value in changed.items()]
+    if not changed:
+        lines.append("  no value differs from the defaults")
+    lines += [f"  {note}" for note in notes]
+    lines.append("  every value: below (a dry run writes nothing)" if args.dry_run else
+                 f"  every value: {os.path.join(args.out, 'config.json')}")
+    return "\n".join(lines)
+
+
+def settings_record(args):
+    """Every setting of the run, normalized: what <out>/config.json holds (resume compares run_config's share)."""
+    return {key: normalized(value) for key, value in vars(args).items()}
+
+
+def run_config(args):
+    """The settings that decide a run's result, as its checkpoint records them."""
+    return {key: value for key, value in settings_record(args).items() if key not in RESUME_MAY_CHANGE}
+
+
+def check_resume_config(saved, config, path):
+    """One resume rule for both trainers: refuse when a result-changing setting differs, listing each."""
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
+               for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other flags ({'; '.join(changed)}); "
+                         "resume with the checkpoint's values, or start a new --out")
+
+
+def write_config(args, defaults, derived):
+    """
+    <out>/config.json (rank 0, once the inputs are checked): the preset, what differs from the defaults
+    in force, every setting, and the values derived from them and the inputs (`derived`: steps, ...).
+    """
+    changed = {key: normalized(value) for key, value in changed_settings(args, defaults).items()}
+    record = {"preset": args.preset, "changed": changed, "settings": settings_record(args), "derived": derived}
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def lambdas_of(args, method):
+    """(--lambda1, --lambda2, ...): one weight per balora.REGULARIZERS term; all 0 for a method without them."""
+    return tuple(getattr(args, f"lambda{i}") if method.regularized else 0.0 for i in range(1, len(balora.REGULARIZERS) + 1))
