@@ -5,16 +5,18 @@ to redraw one (or a run still going, or one killed):
     python plot.py out/nlg                  # -> out/nlg/curves.png
     python plot.py out/nlg out/nlu          # one figure per run
 
-Panels: the task loss, each BA-LoRA regularizer as logged (before its λ: Eq. 4, 5, 7 for NLU, Eq. 9,
-10, 12 for NLG), the total objective (Eq. 8 / 13), the learning rate, the λ schedules (B.4) and, for
-NLU, every validation metric. A regularizer a run never computes (its λ is 0: lora, pissa) gets an
-empty panel that says so.
+Panels: one per number the log has, in the log's order, the task loss first: each BA-LoRA regularizer
+as logged (before its λ: Eq. 4, 5, 7 for NLU, Eq. 9, 10, 12 for NLG), the total objective (Eq. 8 / 13),
+the learning rate, the gradient norm; the λ schedules (B.4) together in one panel and, for NLU, every
+validation metric. A term the log holds but a run never computed (its λ is 0: lora, pissa) gets an
+empty panel that says so. A new regularizer in the objective is a new panel here, with no edit.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 
 import matplotlib
 
@@ -22,16 +24,13 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = "curves.png"
-# (panel title, the log.jsonl fields drawn in it)
-PANELS = [
-    ("task loss", ("task",)),
-    ("L_CR consistency (Eq. 4 / 9)", ("consistency",)),
-    ("L_DR diversity (Eq. 5 / 10)", ("diversity",)),
-    ("L_SVDR spectral (Eq. 7 / 12)", ("svd",)),
-    ("total objective (Eq. 8 / 13)", ("total",)),
-    ("learning rate", ("lr",)),
-    ("λ schedules (B.4)", ("lambda1", "lambda2", "lambda3")),
-]
+# log.jsonl fields that count things rather than measure the run: not drawn
+BOOKKEEPING = ("step", "epoch", "time", "tokens", "task_tokens", "skipped_batches")
+# titles of the fields the paper names; any other field's panel is titled with its name
+TITLES = {"task": "task loss", "consistency": "L_CR consistency (Eq. 4 / 9)", "diversity": "L_DR diversity (Eq. 5 / 10)",
+          "svd": "L_SVDR spectral (Eq. 7 / 12)", "total": "total objective (Eq. 8 / 13)", "lr": "learning rate",
+          "grad_norm": "gradient norm"}
+LAMBDAS = "λ schedules (B.4)"
 
 
 def read_log(path):
@@ -64,6 +63,23 @@ def validation_series(records):
     return lines
 
 
+def panels_of(records):
+    """
+    [(panel title, [fields])] of a run's training records: the task loss, then every other number the
+    records hold (first appearance order) with the total and the learning rate last, the lambda1,
+    lambda2, ... fields together in one panel at the end.
+    """
+    fields = []
+    for record in records:
+        fields += [key for key, value in record.items() if key not in fields and key not in BOOKKEEPING
+                   and (value is None or isinstance(value, (int, float))) and not isinstance(value, bool)]
+    lambdas = [field for field in fields if re.fullmatch(r"lambda\d+", field)]
+    ordered = sorted((field for field in fields if field not in lambdas),
+                     key=lambda field: (field != "task", field in ("total", "lr", "grad_norm"), fields.index(field)))
+    panels = [(TITLES.get(field, field), [field]) for field in ordered]
+    return panels + ([(LAMBDAS, lambdas)] if lambdas else [])
+
+
 def plot_run(out):
     """
     Draw <out>/curves.png from <out>/log.jsonl. Returns what was drawn, read back from the figure's
@@ -71,7 +87,7 @@ def plot_run(out):
     """
     records = read_log(os.path.join(out, "log.jsonl"))
     training = [record for record in records if "validation" not in record]
-    panels = [(title, {field: series(training, field) for field in fields}) for title, fields in PANELS]
+    panels = [(title, {field: series(training, field) for field in fields}) for title, fields in panels_of(training)]
     validation = validation_series(records)
     if validation:
         panels.append(("validation " + next(iter(validation)) if len(validation) == 1 else "validation", validation))

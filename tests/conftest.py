@@ -132,7 +132,10 @@ def _check_curves(out, log):
 
     assert os.path.getsize(os.path.join(out, plot.CURVES)) > 0  # drawn by the run itself
     drawn = plot.plot_run(str(out))
-    for title, fields in plot.PANELS:
+    panels = plot.panels_of([r for r in log if "validation" not in r])
+    assert [title for title, _ in panels][:1] == ["task loss"] and panels[-1][0] == plot.LAMBDAS
+    assert {"L_CR consistency (Eq. 4 / 9)", "total objective (Eq. 8 / 13)", "learning rate"} <= {t for t, _ in panels}
+    for title, fields in panels:
         for field in fields:
             points = [(float(r["step"]), float(r[field])) for r in log if r.get(field) is not None]
             assert points, f"the run logged no {field}"
