@@ -22,7 +22,6 @@ the same --batch-size and --micro-batch-size; only the gradient sum is spread ov
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -173,6 +172,22 @@ def step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, wor
             for j in range(0, per_rank, args.micro_batch_size)]
 
 
+def global_task_tokens(micro_batches, device, distributed):
+    """
+    The response tokens of the GLOBAL batch (all ranks' micro-batches): the task loss is the mean CE over
+    them, so it does not depend on how the batch is split into micro-batches and ranks.
+    """
+    task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
+    if distributed:
+        dist.all_reduce(task_tokens)
+    return task_tokens
+
+
+def sketch_generator(seed, step, micro_batch_index, device):
+    """The randomized SVD's sketch (Eq. 12): one fixed stream per (step, micro-batch), the same for any world size."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + micro_batch_index)
+
+
 # -----------------------------------------------------------------------------
 # One micro-batch: student logits -> teacher hidden states -> task loss + Eq. 13
 
@@ -215,12 +230,8 @@ def micro_batch_objective(args, model, raw_model, micro_batch, lambdas, teacher_
 def main(argv=None):
     args, defaults = parse_args(argv)
     if args.dry_run:
-        print(training.settings_block(args, defaults, NONE_MEANS, [data_note(args)]))
-        print(json.dumps(training.settings_record(args), indent=1))
-        return training.settings_record(args)
-    rank, local_rank, world_size, device, is_master = training.setup_distributed(args.device)
-    if is_master:
-        print(training.settings_block(args, defaults, NONE_MEANS, [data_note(args)]))
+        return training.dry_run(args, defaults, NONE_MEANS, [data_note(args)])
+    rank, local_rank, world_size, device, is_master = training.start_processes(args, defaults, NONE_MEANS, [data_note(args)])
     check_parallelism(args, world_size)
     ddp = world_size > 1 and not args.fsdp
     distributed = ddp or args.fsdp  # the ranks sum their token counts and losses
@@ -274,11 +285,7 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         t0 = time.time()
         micro_batches = step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, world_size)
-        # the task loss is the mean CE over every response token of the GLOBAL batch, so it does not
-        # depend on how the batch is split into micro-batches and ranks: count those tokens first
-        task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
-        if distributed:
-            dist.all_reduce(task_tokens)
+        task_tokens = global_task_tokens(micro_batches, device, distributed)
         step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, args.lambda1_schedule, args.focus_schedule,
                                                 args.lambda_warmup_ratio, args.lambda_rampup_ratio)
         # summed over micro-batches (and ranks), kept on the device until the step ends (one sync): the
@@ -299,9 +306,7 @@ def main(argv=None):
             # scaled so that the sum over the global batch's micro-batches of total / num_micro_batches is
             # (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13
             task_scale = num_micro_batches / task_tokens.clamp(min=1)
-            # the randomized SVD's sketch: one fixed stream per (step, micro-batch), the same for any world size
-            generator = torch.Generator(device=device).manual_seed(
-                (args.seed * 1_000_003 + step) * 1_009 + rank * grad_accum + micro_step)
+            generator = sketch_generator(args.seed, step, rank * grad_accum + micro_step, device)
             # under FSDP the teacher forward is a collective: every rank runs it whenever the step needs it
             teacher_lambda1 = (step_lambdas if args.fsdp else micro_lambdas)[0]
             total, components = micro_batch_objective(args, model, raw_model, micro_batch, micro_lambdas, teacher_lambda1,
@@ -331,10 +336,7 @@ def main(argv=None):
         if is_master:
             training.append_jsonl(log_path, record)
             reporter.log(record)
-            progress.set_postfix({"tok/s": f"{record['tokens'] / record['time']:.0f}",
-                                  **{name: f"{record[name]:.4f}" for name in ("task", *balora.REGULARIZERS)
-                                     if record[name] is not None}})
-            progress.update(1)
+            show_progress(progress, record)
         if args.save_every and (step + 1) % args.save_every == 0:
             save(args, checkpoint_path, raw_model, optimizer, scheduler, step + 1, skipped_batches)
     progress.close()
@@ -397,6 +399,14 @@ def step_record(step, lr, lambdas, sums, task_tokens, skipped_batches, grad_norm
     record.update(total=sums["total"], tokens=int(sums["tokens"]), task_tokens=int(task_tokens),
                   skipped_batches=skipped_batches, grad_norm=float(grad_norm), time=seconds)
     return record
+
+
+def show_progress(progress, record):
+    """The tqdm bar's step: tokens per second, the task loss and each regularizer computed."""
+    progress.set_postfix({"tok/s": f"{record['tokens'] / record['time']:.0f}",
+                          **{name: f"{record[name]:.4f}" for name in ("task", *balora.REGULARIZERS)
+                             if record[name] is not None}})
+    progress.update(1)
 
 
 def save(args, checkpoint_path, raw_model, optimizer, scheduler, step, skipped_batches):

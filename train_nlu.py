@@ -20,7 +20,6 @@ keeps the best adapter.
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -297,12 +296,8 @@ def load_data(args, tokenizer):
 def main(argv=None):
     args, defaults = parse_args(argv)
     if args.dry_run:
-        print(training.settings_block(args, defaults, NONE_MEANS, [data_note(args)]))
-        print(json.dumps(training.settings_record(args), indent=1))
-        return training.settings_record(args)
-    rank, local_rank, world_size, device, is_master = training.setup_distributed(args.device)
-    if is_master:
-        print(training.settings_block(args, defaults, NONE_MEANS, [data_note(args)]))
+        return training.dry_run(args, defaults, NONE_MEANS, [data_note(args)])
+    rank, local_rank, world_size, device, is_master = training.start_processes(args, defaults, NONE_MEANS, [data_note(args)])
     task, method = glue.TASKS[args.task], training.METHODS[args.method]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     micro_batch_size = args.micro_batch_size or args.batch_size // world_size

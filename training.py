@@ -481,6 +481,21 @@ def settings_block(args, defaults, none_means, notes=()):
     return "\n".join(lines)
 
 
+def dry_run(args, defaults, none_means, notes):
+    """--dry-run: print the settings block and every value, and return them; nothing is read or written."""
+    print(settings_block(args, defaults, none_means, notes))
+    print(json.dumps(settings_record(args), indent=1))
+    return settings_record(args)
+
+
+def start_processes(args, defaults, none_means, notes):
+    """Distributed setup (setup_distributed), then the settings block on rank 0. Returns setup_distributed's tuple."""
+    rank, local_rank, world_size, device, is_master = setup_distributed(args.device)
+    if is_master:
+        print(settings_block(args, defaults, none_means, notes))
+    return rank, local_rank, world_size, device, is_master
+
+
 def settings_record(args):
     """Every setting of the run, normalized: what <out>/config.json holds (resume compares run_config's share)."""
     return {key: normalized(value) for key, value in vars(args).items()}
