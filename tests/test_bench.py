@@ -3,6 +3,7 @@ shape and the report is complete; without transformers / peft the peer variants 
 
 import json
 import math
+import re
 import os
 import sys
 
@@ -62,3 +63,16 @@ def test_bench_skips_the_peer_variants_without_transformers_or_peft(tmp_path, mo
     report = bench.main(["--shape", "smoke", "--steps", "1", "--warmup", "1", "--variants", "balora", "official"])
     assert "peft not installed: skipping the peer variants official" in capsys.readouterr().out
     assert set(report["results"]["off"]) == {"balora"} and report["ratios"] == {}
+
+
+def test_bench_objective_runs_both_objectives_on_the_same_step(capsys):
+    """tools/bench_objective.py: the chunked objective and an earlier commit's hand-derived one give the same
+    first-step loss on the smoke shape (the same model, batch and sketch), and both are timed."""
+    import bench_objective
+
+    if os.system(f"git -C {bench.REPO} cat-file -e 96c8a35:balora.py 2>/dev/null") != 0:
+        pytest.skip("this checkout has no history back to commit 96c8a35 (a shallow clone)")
+    medians = bench_objective.main(["--shape", "smoke", "--against", "96c8a35", "--steps", "1"])
+    assert len(medians) == 2 and all(step > objective > 0 for step, objective in medians.values())
+    losses = re.search(r"first-step loss: (\S+) \(autograd\) vs (\S+) \(hand-derived\)", capsys.readouterr().out)
+    assert abs(float(losses.group(1)) - float(losses.group(2))) <= 1e-5 * abs(float(losses.group(2)))

@@ -704,7 +704,7 @@ def main(argv=None):
                              "transformers or peft is missing)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (OMP_NUM_THREADS) for every variant: 1, as on a shared CPU more "
-                             "threads make LAPACK on skinny matrices collapse (BENCHMARKS.md, finding 7)")
+                             "threads make LAPACK on skinny matrices collapse (BENCHMARKS.md, What the numbers say)")
     parser.add_argument("--out", default=None,
                         help="markdown file whose section for this run is replaced (default: out/bench/BENCHMARKS.md)")
     parser.add_argument("--update-docs", action="store_true", help="write the tracked BENCHMARKS.md instead")
