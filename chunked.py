@@ -7,13 +7,17 @@ tokens and what autograd keeps around it: cross-entropy's log-probabilities, the
 logits, each regularizer's saved softmaxes and its own (M, V) gradient, all alive next to the model's
 activations. Here, instead:
 
-  1. Terms that are means over rows (the task cross-entropy, Eq. 9's KL, Eq. 10's entropy) run on
+  1. Terms that are not means over rows (Eq. 12's SVD ratio couples all rows) run once on the whole
+     matrix, under torch.autograd.grad; their gradient becomes the one (M, V) buffer. (Autograd forms
+     Eq. 12's two gradient parts, the sketch's and the Frobenius norm's, as two (M, V) tensors before
+     adding them: this pass is the objective's peak, one (M, V) above a hand-written in-place gradient;
+     BENCHMARKS.md, "What the numbers say", measures it.)
+  2. Terms that are means over rows (the task cross-entropy, Eq. 9's KL, Eq. 10's entropy) run on
      chunks of ~CHUNK_ELEMENTS logits: the chunk's share of the plain function (rows_in_chunk / M
      times its value on the chunk) under torch.autograd.grad, one term at a time, so only one term's
      chunk-sized temporaries exist at once. The teacher's logits are formed chunk by chunk from its
      final hidden states through `teacher_head` (the LM head), so no (M, V) teacher matrix exists.
-  2. Every other term (Eq. 12's SVD ratio, which couples all rows) runs once on the whole matrix.
-  3. The gradients land in ONE (M, V) tensor, which is all the autograd node keeps for backward.
+  3. Each chunk's gradient is added into that buffer's rows: it is all the autograd node keeps for backward.
 
 Nothing here is a formula: every value and gradient comes from balora.nlg_objective (Eq. 13) and the
 regularizers it calls, so an edit of any of them changes this path too (tests/test_chunked.py checks
@@ -93,7 +97,7 @@ def objective_in_chunks(objective, row_means, student_logits, task_loss, teacher
     def add(part, value):  # a term's value, summed over the passes that compute a part of it
         components[part] = components.get(part, zero) + value
 
-    # 2. the terms that are not row means (Eq. 12): once, on the whole matrix; their gradient is the buffer
+    # 1. the terms that are not row means (Eq. 12): once, on the whole matrix; their gradient is the buffer
     whole = _only(lambdas, [name for name in balora.REGULARIZERS if name not in row_means])
     if any(whole) and num_rows > 0:
         def whole_terms(z):
@@ -106,7 +110,7 @@ def objective_in_chunks(objective, row_means, student_logits, task_loss, teacher
         total, gradient = _value_and_gradient(whole_terms, logits)
     if gradient is None:
         gradient = torch.zeros_like(logits)
-    # 1. the task term and the row means, chunk by chunk, one term at a time
+    # 2. the task term and the row means, chunk by chunk, one term at a time
     terms = [name for name, weight in zip(balora.REGULARIZERS, lambdas) if name in row_means and weight != 0]
     passes = ["task"] * (task_loss is not None) + terms
     for rows in row_chunks(num_rows, logits.size(1), chunk_elements) if passes else ():
