@@ -433,6 +433,24 @@ def attention_mask_and_positions(attention_mask, query_length):
     return visible[:, None], positions
 
 
+def nucleus_filter(logits, top_p):
+    """
+    Nucleus (top-p) sampling's cut (Holtzman et al. 2020): of each row of logits (B, V), keep the most
+    probable tokens whose probabilities first reach a total of top_p, and set the others to -inf. Put
+    the other way round, as vLLM and transformers compute it: the least probable tokens are dropped
+    while their total stays <= 1 - top_p, and the most probable token always stays. top_p = 1 keeps all.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p == 1.0:
+        return logits
+    ascending, order = logits.sort(dim=-1)
+    mass_at_or_below = ascending.softmax(dim=-1).cumsum(dim=-1)  # each token's and every less probable one's
+    drop = mass_at_or_below <= 1.0 - top_p
+    drop[:, -1] = False  # the most probable token
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))  # back in vocabulary order
+
+
 class Llama(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -493,10 +511,11 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None,
-                 temperature=0.0, generator=None):
+                 temperature=0.0, generator=None, top_p=1.0):
         """
         Continue each row of `input_ids` (B, T) (batches left padded) by up to `max_new_tokens` tokens:
-        greedy when temperature == 0, else sampled from softmax(logits / temperature). A row stops at
+        greedy when temperature == 0, else sampled from softmax(nucleus_filter(logits / temperature,
+        top_p)) (temperature first, then top-p, as vLLM and transformers order them). A row stops at
         its first EOS (an int or a list of ids) and is filled with eos afterwards; generation stops when
         every row has stopped. Returns (B, T + generated) token ids.
         """
@@ -512,7 +531,7 @@ class Llama(nn.Module):
         for _ in range(max_new_tokens):
             logits = self(step_input, attention_mask, cache)[:, -1].float()
             if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
+                probs = F.softmax(nucleus_filter(logits / temperature, top_p), dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 next_token = logits.argmax(dim=-1)

@@ -256,6 +256,55 @@ def test_sampling_is_reproducible_with_a_generator(checkpoints):
     assert not torch.equal(sample(0), sample(1))
 
 
+def naive_nucleus(row, top_p):
+    """The token ids nucleus sampling may draw from one row of logits, by its definition: walk the tokens
+    from the most probable down, adding each, until the probabilities taken reach top_p."""
+    probs = torch.softmax(row.double(), dim=0).tolist()
+    kept, total = set(), 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t]):
+        kept.add(token)
+        total += probs[token]
+        if total >= top_p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
+def test_nucleus_filter_keeps_the_nucleus(top_p):
+    """The kept tokens are the definition's (a Python walk in float64) and exactly those transformers'
+    TopPLogitsWarper keeps; the kept logits are untouched, the others -inf."""
+    logits = 3.0 * torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    filtered = M.nucleus_filter(logits, top_p)
+    for row in range(len(logits)):
+        kept = set(torch.nonzero(filtered[row] > float("-inf")).flatten().tolist())
+        assert kept == naive_nucleus(logits[row], top_p)
+        assert 1 <= len(kept) < 50
+    expected = transformers.TopPLogitsWarper(top_p)(torch.zeros(6, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(filtered, expected)
+
+
+def test_nucleus_filter_edges():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    assert M.nucleus_filter(logits, 1.0) is logits  # top_p = 1: nothing is cut
+    assert M.nucleus_filter(logits, 1e-6).tolist() == [[float("-inf"), 5.0, float("-inf")]]  # the argmax stays
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_p must be in"):
+            M.nucleus_filter(logits, bad)
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy(checkpoints):
+    """A nucleus of one token: sampling at any temperature draws the argmax, so it equals greedy decoding."""
+    ours = M.Llama.from_pretrained(checkpoints["mistral"][0])
+    input_ids, attention_mask = padded_batch([6, 4], "left", T=6, seed=3)
+    greedy = ours.generate(input_ids, attention_mask, max_new_tokens=8)
+    sampled = ours.generate(input_ids, attention_mask, max_new_tokens=8, temperature=5.0, top_p=1e-6,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, greedy)
+    wide = ours.generate(input_ids, attention_mask, max_new_tokens=8, temperature=5.0, top_p=0.95,
+                         generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(wide, greedy)  # a hot temperature with a wide nucleus does leave the argmax
+
+
 @pytest.mark.parametrize("name", ["llama2_mha", "qwen2_mqa_bias", "mistral", "qwen3_mha_bias"])
 def test_bf16_load_is_close_to_float32(checkpoints, name):
     """Relative error ||bf16 - fp32|| / ||fp32|| over the real positions. These O(1), peaked models are
