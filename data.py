@@ -448,17 +448,17 @@ def query_and_response(record, data_format, index=0):
     return query, record[response_field]
 
 
-def load_records(data, limit=None, split="train", config=None):
+def load_records(data, limit=None, split="train", config=None, data_dir=None):
     """
     The first `limit` rows (dicts; all when None) of a local .jsonl/.json/.parquet file, or of `split`
-    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]). eval.py reads its
-    benchmarks through this too.
+    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]), read from the
+    repository's directory `data_dir` when given. eval.py reads its benchmarks through this too.
     """
     if not os.path.isfile(data):
         if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
             raise FileNotFoundError(f"--data {data!r} does not exist")
         split = split if limit is None else f"{split}[:{limit}]"
-        return load_hub_dataset(data, config, split).to_list()
+        return load_hub_dataset(data, config, split, data_dir=data_dir).to_list()
     extension = os.path.splitext(data)[1]
     if extension == ".jsonl":
         records = read_jsonl(data)
@@ -474,13 +474,13 @@ def load_records(data, limit=None, split="train", config=None):
     return records if limit is None else records[:limit]
 
 
-def load_hub_dataset(name, config, split, local_flag="--data FILE"):
-    """`split` of the `datasets` hub dataset `name`; offline (the hub unreachable), a one-line error
-    that says which flag takes a local file instead."""
+def load_hub_dataset(name, config, split, local_flag="--data FILE", data_dir=None):
+    """`split` of the `datasets` hub dataset `name` (its files under `data_dir`, when given); offline
+    (the hub unreachable), a one-line error that says which flag takes a local file instead."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, data_dir=data_dir)
     except ConnectionError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"{name!r} is not a local file and the hub cannot be reached ({reason}); "

