@@ -917,22 +917,32 @@ def answer_records(args, query_fields, reference_of):
 
 
 def eval_gsm8k(args):
-    """Exact (rational) accuracy of the numbers the completions commit to."""
+    """
+    Exact (rational) accuracy of the numbers the completions commit to; under --protocol official, the
+    official script's: the integer it rounds the answer to, compared with the reference as floats.
+    """
     apply_protocol(args)
     queries, references = answer_records(
         args, ("question", "query", "instruction"),
         lambda record: extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))))
-    return score_answers(queries, answer_completions(args, queries), references, extract_gsm8k_answer,
-                         {"correct": lambda prediction, reference: prediction == reference})
+    if args.protocol == "official":
+        extract, equal = protocols.official_gsm8k_answer, lambda prediction, reference: float(prediction) == float(reference)
+    else:
+        extract, equal = extract_gsm8k_answer, lambda prediction, reference: prediction == reference
+    return score_answers(queries, answer_completions(args, queries), references, extract, {"correct": equal})
 
 
 def eval_math(args):
-    """Two accuracies: the MATH grader's is_equiv (the paper's protocol) and math-verify's."""
+    """
+    Two accuracies: the MATH grader's is_equiv (the paper's protocol) and math-verify's, of the answers
+    extract_math_answer reads, or under --protocol official, those the official script reads.
+    """
     apply_protocol(args)
     if args.data is None:
         raise ValueError("math needs --data: a MATH test file (MetaMath's MATH_test.jsonl) or a hub dataset name")
     queries, references = answer_records(args, ("problem", "instruction", "question", "query"), math_reference)
-    return score_answers(queries, answer_completions(args, queries), references, extract_math_answer,
+    extract = protocols.official_math_answer if args.protocol == "official" else extract_math_answer
+    return score_answers(queries, answer_completions(args, queries), references, extract,
                          {"correct": hendrycks_equiv, "correct_math_verify": math_verify_equiv})
 
 

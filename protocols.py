@@ -51,6 +51,53 @@ DECODING = {
 OFFICIAL_ANSWER_DATA = "fxmeng/pissa-dataset"
 OFFICIAL_ANSWER_DATA_DIR = "metamath"
 
+# The official scoring (utils/test_acc.py) reads the answer after the last "The answer is: ", colon and
+# space included, as MetaMath's training data writes it.
+OFFICIAL_ANSWER_MARKER = "The answer is: "
+# The first number of the text after it: an optional sign, digits, at most one of . , / and digits.
+OFFICIAL_NUMBER = re.compile(r"[-+]?\d*[.,/]?\d+")
+
+
+def official_gsm8k_answer(completion):
+    """
+    The integer a GSM8K completion commits to under utils/test_acc.py's extract_answer_number
+    (llm172/BA-LoRA at 2829797), None for no answer. Its rules: the first OFFICIAL_NUMBER after the
+    last OFFICIAL_ANSWER_MARKER, rounded to an integer (Python's round: 18.5 -> 18, 19.5 -> 20); a
+    comma is a thousands separator, but only one fits the pattern ("1,234,567" -> 1234); "a/b" is
+    round(a / b), with "a/0" read as a; a fraction without digits before the slash is no answer.
+    """
+    pieces = completion.split(OFFICIAL_ANSWER_MARKER)
+    if len(pieces) < 2:
+        return None
+    match = OFFICIAL_NUMBER.search(pieces[-1].strip())
+    if match is None:
+        return None
+    number = match.group()
+    if "/" in number:
+        numerator, denominator = number.split("/")
+        if not any(char.isdigit() for char in numerator):
+            return None  # "/5" or "-/5": the official is_number rejects the numerator
+        if int(denominator) == 0:
+            return round(float(numerator))
+        return round(int(numerator) / int(denominator))
+    value = float(number.replace(",", ""))
+    return None if value == float("inf") else round(value)
+
+
+def official_math_answer(completion):
+    """
+    The answer string of a MATH completion under utils/test_acc.py's process_math_results (llm172/
+    BA-LoRA at 2829797), None for no answer: the text after the last OFFICIAL_ANSWER_MARKER up to the
+    first ".\n" (a bare newline does not end it), stripped, one trailing period dropped. A \boxed{}
+    is left as it is. The MATH grader's is_equiv then compares it with the reference.
+    """
+    pieces = completion.split(OFFICIAL_ANSWER_MARKER)
+    if len(pieces) < 2:
+        return None
+    answer = pieces[-1].split(".\n")[0].strip()
+    return answer.removesuffix(".").strip()
+
+
 # inference/humaneval.py's ALPACA_PREFIX_TEMPLATE_MD, character for character (the model sees it: the
 # stray space after "task.\n", the one after "code:" and the open ```python block the response starts
 # in are all part of what the authors' models were prompted with).

@@ -798,6 +798,20 @@ def test_official_protocol_refuses_other_settings(tmp_path, argv, message):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_official_protocol_reads_answers_as_the_official_script(tmp_path):
+    """utils/test_acc.py needs "The answer is: " with its colon and rounds to an integer; eval.py's own
+    rules take the marker without a colon and compare exactly."""
+    data_file = write_jsonl(tmp_path / "test.jsonl", PISSA_TEST_ROWS)  # gsm8k references: 5, 12
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "The answer is 5"},
+                                                     {"index": 1, "completion": "The answer is: 12.4"}])
+    verdicts = {}
+    for protocol in ("balora", "official"):
+        out = tmp_path / f"{protocol}.json"
+        evaluation.main(["gsm8k", "--protocol", protocol, "--data", data_file, "--completions", completions, "--out", str(out)])
+        verdicts[protocol] = [sample["correct"] for sample in json.loads(out.read_text())["samples"]]
+    assert verdicts == {"balora": [True, False], "official": [False, True]}
+
+
 def test_typed_rows_are_the_commands_own(tmp_path):
     """A pissa-layout file scored under the default protocol too: gsm8k reads its gsm8k rows, math its
     math rows, whose bare "output" is the reference."""

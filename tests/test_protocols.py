@@ -71,6 +71,40 @@ def test_official_code_prompt_wraps_the_problem():
     assert prompt.endswith("### Response:\n```python\n") and prompt.count(problem) == 1
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("So 6 + 12 = 18.\nThe answer is: 18", 18),
+    ("The answer is: 5\nThe answer is: 6", 6),  # the last marker
+    ("The answer is: $18.00.", 18),  # "18.00", then rounded
+    ("The answer is: 18.5", 18),  # Python's round: halves go to the even integer
+    ("The answer is: 19.5", 20),
+    ("The answer is: -5 degrees", -5),
+    ("The answer is: 12 apples and 3 pears", 12),  # the first number after the marker
+    ("The answer is: 1,234", 1234),  # a thousands separator
+    ("The answer is: 1,234,567", 1234),  # only one separator fits the pattern
+    ("The answer is: 3/4", 1),  # round(0.75)
+    ("The answer is: 7/0", 7),  # "a/0" is read as a
+    ("The answer is: /5", None),  # no digits before the slash
+    ("The answer is 18", None),  # no colon: no marker
+    ("The answer is: none", None),  # no number
+    ("18", None),
+])
+def test_official_gsm8k_answer_by_hand(completion, expected):
+    assert protocols.official_gsm8k_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("The answer is: \\frac{1}{2}.", "\\frac{1}{2}"),  # one trailing period dropped
+    ("The answer is: 5.\nSo we are done.", "5"),  # ".\n" ends the answer
+    ("The answer is: 5\nMore text", "5\nMore text"),  # a bare newline does not
+    ("The answer is: 3.14", "3.14"),
+    ("The answer is: $\\boxed{5}$", "$\\boxed{5}$"),  # a box stays a box
+    ("The answer is:  x = 2 . ", "x = 2"),  # stripped, the period dropped, stripped again
+    ("The answer is 5", None),  # no colon: no marker
+])
+def test_official_math_answer_by_hand(completion, expected):
+    assert protocols.official_math_answer(completion) == expected
+
+
 def test_official_decoding_settings():
     """utils/gen_vllm.py: greedy, 1024 tokens; inference/humaneval.py: n = 5 at T = 0.8, top_p 0.95, 1024 tokens."""
     official = protocols.DECODING["official"]
