@@ -20,8 +20,9 @@ A in R^{m x r} and B in R^{r x n}. PyTorch's nn.Linear stores the transpose, wei
     lora_A = A^T  (r x in),   lora_B = B^T  (out x r),   scaling s = alpha / r,
     y = base(x) + s * lora_B @ lora_A @ x,   i.e. the effective weight is W_res + s * lora_B @ lora_A.
 
-The teacher (our departure from the official code). The consistency terms (Eq. 4, 9) need the logits of
-the pretrained model. The official code keeps a second full copy of the model for that (BA-LoRA's
+The teacher (our departure from the official code, llm172/BA-LoRA train.py at commit 2829797). The
+consistency terms (Eq. 4, 9) need the logits of the pretrained model. The official code keeps a second
+full copy of the model for that (its `pt_model`) (BA-LoRA's
 overhead over PiSSA is +10.75 GB on LLaMA-2-7B, Table 5). We do not: every LoRALinear keeps its initial
 factors (lora_A0, lora_B0) as buffers, and `pretrained_mode(model)` swaps them in for the trained ones.
 Because PiSSA builds the frozen weight as W_res = W - s * B0 @ A0, the layer then computes
@@ -323,7 +324,8 @@ def pretrained_mode(model):
     """
     Inside, the adapted model computes the original pretrained function (the teacher of Eq. 4, 9):
     each LoRALinear uses its initial factors (W_res + s B0 A0 = W, or base alone for init="lora"),
-    and the model is in eval mode, like the official frozen teacher. Training flags are restored on
+    and the model is in eval mode, like the official code's frozen teacher (`pt_model.eval()`, train.py at
+    commit 2829797). Training flags are restored on
     exit. Use under torch.no_grad(). On a 4-bit base the teacher is the quantized model (nf4.py).
     """
     layers = [m for _, m in lora_layers(model)]
@@ -519,7 +521,8 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     a Gaussian sketch of l = k + oversample columns and `niter` power iterations, re-orthonormalized
     by QR, give an orthonormal basis Q (M, l) of the dominant column space; the exact singular values
     of the small (l, V) projection Q^T Z approximate the top singular values of Z. Cost O(M V l) per
-    product. Defaults (oversample 5, niter 2) are the official code's. `generator` seeds the sketch
+    product. Defaults (oversample 5, niter 2) are the official code's (llm172/BA-LoRA train.py at commit
+    2829797, `_randomized_topk_singular_values`: q = k + 5, niter=2). `generator` seeds the sketch
     (else the global RNG). Computed in float32 (float64 for float64 input).
 
     Gradients flow through sigma~ = singular values of Q^T Z, with the basis Q held constant. Ky Fan:
@@ -527,8 +530,9 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     top-k left singular vectors the gradient through Q vanishes (envelope theorem) and this is the
     gradient of the exact top-k sum; when l >= rank(Z) it is exact. Holding Q constant also avoids
     QR's undefined gradient for rank-deficient sketches (fewer than l distinct rows) and costs one
-    (M, V) product in backward instead of 2 * niter + 2. (The official code, through torch.svd_lowrank,
-    differentiates the range finder too.) -1 when k >= min(M, V); 0 for M = 0 or Z = 0.
+    (M, V) product in backward instead of 2 * niter + 2. (The official code, train.py at 2829797, through
+    torch.svd_lowrank, differentiates the range finder too.) When k >= min(M, V) the sum takes every
+    singular value: -||Z||_* / ||Z||_F, as the official code's exact branch gives; 0 for M = 0 or Z = 0.
     """
     _check_matrix("nlg_svd_loss", logits)
     if k < 1:
@@ -601,7 +605,7 @@ def scheduled_lambdas(step, total_steps, lambdas, lambda1_schedule="cosine", foc
                       warmup_ratio=0.2, rampup_ratio=0.05):
     """
     (lambda1, lambda2, lambda3, ...) at optimizer step `step` (0 for the first update) of `total_steps`,
-    as in the official code (llm172/BA-LoRA, train.py):
+    as in the official code (llm172/BA-LoRA train.py at commit 2829797, BALoRATrainer.compute_loss):
 
       lambda1_schedule="cosine": lambda1 decays from lambda1 to 0.1 * lambda1,
           l1 = 0.1 L1 + (L1 - 0.1 L1) * 0.5 * (1 + cos(pi * step / total_steps))

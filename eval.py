@@ -10,10 +10,13 @@ C.6, C.7):
   cluster            silhouette scores (cosine) and minority-class recall of a classifier (Table 12)
   mtbench            MT-Bench answers rated 1-10 by an OpenAI-compatible judge (FastChat's grading, Table 1)
 
+gsm8k, math, humaneval and mbpp generate under --protocol balora (the default, eval.py's settings) or
+--protocol official (the BA-LoRA authors' prompts, sampling and post-processing: protocols.py).
+
     python eval.py gsm8k                                  # bundled tiny model + toy data, offline
     python eval.py gsm8k --model meta-llama/Llama-2-7b-hf-dir --adapter out/nlg/adapter \\
         --data openai/gsm8k --dtype bf16 --device cuda
-    python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution --n-samples 5 --temperature 0.8
+    python eval.py humaneval --model DIR --data openai_humaneval --allow-code-execution --protocol official
     python eval.py humaneval --data HumanEval.jsonl --completions samples.jsonl --allow-code-execution  # no model
     python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
@@ -29,6 +32,7 @@ Results are printed as a table and written as JSON to --out (default out/eval/<c
 import argparse
 import json
 import math
+import operator
 import os
 import re
 import time
@@ -214,11 +218,11 @@ def hendrycks_strip(answer):
     """
     The canonical string of a LaTeX answer under the MATH grader's rules (Hendrycks et al. 2021,
     math_equivalence._strip_string), as MetaMath's util.py copies them and the BA-LoRA authors'
-    utils/test_acc.py runs them, in their order: drop newlines, "\\!", \\left/\\right, degrees
-    (^\\circ), "\\$" and "\\%"; \\tfrac/\\dfrac -> \\frac; units: everything from "\\text{ " on
-    ("24\\text{ cm}^2" -> "24"; the grader's authors found "\\text{ " with its space only before units,
-    so "3 \\text{ and } 4" -> "3", not "34"); ".5" -> "0.5"; a left-hand side of at most 2 characters
-    dropped ("x = 5" -> "5"); \\sqrt3 -> \\sqrt{3}; spaces removed; \\frac12 -> \\frac{1}{2};
+    utils/test_acc.py (llm172/BA-LoRA at commit 2829797) runs them, in their order: drop newlines,
+    "\\!", \\left/\\right, degrees (^\\circ), "\\$" and "\\%"; \\tfrac/\\dfrac -> \\frac; units: everything
+    from "\\text{ " on ("24\\text{ cm}^2" -> "24"; the grader's authors found "\\text{ " with its space
+    only before units, so "3 \\text{ and } 4" -> "3", not "34"); ".5" -> "0.5"; a left-hand side of at
+    most 2 characters dropped ("x = 5" -> "5"); \\sqrt3 -> \\sqrt{3}; spaces removed; \\frac12 -> \\frac{1}{2};
     "0.5" -> \\frac{1}{2}; "3/4" -> \\frac{3}{4}. Nothing else: "0.50", "1,000", a bare "%" or "$" stay
     as written. Raises NotNormalizable where that code raises: two "\\text{ ", a \\sqrt or \\frac at the
     very end, an a/b whose sides are not both integers (Hendrycks' original keeps that one as is).
@@ -925,10 +929,9 @@ def eval_gsm8k(args):
     queries, references = answer_records(
         args, ("question", "query", "instruction"),
         lambda record: extract_gsm8k_answer(str(field(record, ("answer", "response", "output")))))
-    if args.protocol == "official":
-        extract, equal = protocols.official_gsm8k_answer, lambda prediction, reference: float(prediction) == float(reference)
-    else:
-        extract, equal = extract_gsm8k_answer, lambda prediction, reference: prediction == reference
+    official = args.protocol == "official"
+    extract = protocols.official_gsm8k_answer if official else extract_gsm8k_answer
+    equal = (lambda prediction, reference: float(prediction) == float(reference)) if official else operator.eq
     return score_answers(queries, answer_completions(args, queries), references, extract, {"correct": equal})
 
 

@@ -751,10 +751,12 @@ class DisentangledSelfAttention(nn.Module):
             scores = scores + torch.gather(c2p, -1, index)
         if "p2c" in self.pos_att_type:
             # 3. position->content: K_j · Q^r at the distance of query i from key j. The paper writes
-            #    δ(j, i); the official code (whose checkpoints we load) negates it, so the row is again
-            #    that of δ(i, j) = -δ(j, i). Score every key against every relative-position query,
-            #    (B, nh, T_key, 2 * buckets), gather for key j the column rel_index[i, j] (the transposed
-            #    index, as rows are keys here), then transpose back to (query, key).
+            #    δ(j, i); the official code (whose checkpoints we load: microsoft/DeBERTa's
+            #    DeBERTa/deberta/disentangled_attention.py at commit 009cc44, p2c_pos from -r_pos)
+            #    negates it, so the row is again that of δ(i, j) = -δ(j, i). Score every key against
+            #    every relative-position query, (B, nh, T_key, 2 * buckets), gather for key j the column
+            #    rel_index[i, j] (the transposed index, as rows are keys here), then transpose back to
+            #    (query, key).
             pos_query = self.split_heads(self.query_proj(positions))
             p2c = k @ pos_query.transpose(-1, -2)
             scores = scores + torch.gather(p2c, -1, index.transpose(-1, -2)).transpose(-1, -2)

@@ -227,7 +227,8 @@ def parse_args(argv=None):
     flag("--grad-clip", default=1.0, type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
     # BA-LoRA (Sec. 3.1, NLU): lambda = (0.15, 0.03, 0.03), k = 5. The paper gives no NLU temperature and
-    # the official code (llm172/BA-LoRA) only ships the NLG script, whose setting is --distill_temp 2.0
+    # the official code (llm172/BA-LoRA at commit 2829797) only ships the NLG script, whose setting
+    # (scripts/ba-lora.sh) is --distill_temp 2.0
     # (also B.4); D.1 says T is fixed per backbone and reused across datasets, so 2.0 here too.
     flag("--lambda1", default=0.15, type=float, help="consistency weight (Eq. 4)")
     flag("--lambda2", default=0.03, type=float, help="diversity weight (Eq. 5)")

@@ -15,7 +15,7 @@ round robin in one process (one step of each in turn), so that a busy machine sl
   balora                           PiSSA + the three NLG regularizers at the paper's defaults
   pissa+consistency / +diversity / +svd   one regularizer alone on top of PiSSA
   peft-lora                        the peer baseline: transformers LlamaForCausalLM (sdpa) + peft LoRA
-  official                         the paper's own recipe (llm172/BA-LoRA train.py): transformers + peft
+  official                         the paper's own recipe (llm172/BA-LoRA train.py, commit 2829797): transformers + peft
                                    PiSSA, a second full model as teacher, its loss code on (B, T, V) logits
 A step is the one of train_nlg.py (its micro_batch_objective, written once more here, since a tool
 imports a trainer only to run its main): student forward (bf16 autocast for bf16 shapes; no mask, as the batch has no padding; the
@@ -283,7 +283,7 @@ def peft_loss(peft_model, batch, dtype):
 
 def build_official(shape, device, gradient_checkpointing):
     """
-    The paper's own recipe (llm172/BA-LoRA scripts/ba-lora.sh + train.py): transformers' Llama with
+    The paper's own recipe (llm172/BA-LoRA scripts/ba-lora.sh + train.py at commit 2829797): transformers' Llama with
     peft PiSSA (init_lora_weights="pissa_niter_16", as its init script; r = alpha, dropout 0) on the
     seven targets, and a SECOND full transformers model with the pretrained weights as the frozen
     teacher (its `pt_model`, loaded from the base checkpoint in the same dtype, eval, no gradients).
@@ -301,7 +301,7 @@ def build_official(shape, device, gradient_checkpointing):
 
 def official_loss(student, teacher, batch, dtype, stopwatch):
     """
-    BALoRATrainer.compute_loss of llm172/BA-LoRA train.py at constant lambdas (its schedules only scale
+    BALoRATrainer.compute_loss of llm172/BA-LoRA train.py (commit 2829797) at constant lambdas (its schedules only scale
     them), rewritten here from what it computes: the model's own shifted cross-entropy on the labels ->
     the teacher's (B, T, V) logits under no_grad -> on the FULL (B, T, V) student logits: T^2 * KL(teacher
     || student) summed over the vocabulary, masked by labels != -100 (unshifted, as there) and averaged
