@@ -963,6 +963,8 @@ def eval_code(args):
     completions = None if args.completions is None else read_code_completions(args.completions, records)
     if completions is None and args.n_samples > 1 and args.temperature == 0:
         raise ValueError("--n-samples > 1 needs --temperature > 0 (greedy decoding gives n identical samples)")
+    if not 0 < args.top_p <= 1 or (args.top_p < 1 and args.temperature == 0):
+        raise ValueError(f"--top-p {args.top_p}: needs 0 < top_p <= 1, and --temperature > 0 to sample at all")
     fewest = args.n_samples if completions is None else min(len(mine) for mine in completions)
     if max(ks) > fewest:
         source = "--n-samples" if completions is None else "the fewest of a problem in --completions"

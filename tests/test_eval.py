@@ -428,6 +428,13 @@ def test_completions_errors_name_the_file_and_line(tmp_path, line, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags", [["--top-p", "0"], ["--top-p", "1.5"], ["--top-p", "0.9"]])
+def test_top_p_needs_a_probability_and_sampling(tmp_path, flags):
+    with pytest.raises(ValueError, match=re.escape(f"--top-p {float(flags[1])}: needs 0 < top_p <= 1")):
+        evaluation.main(["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--allow-code-execution",
+                         "--model", str(tmp_path / "never-loaded")] + flags)
+
+
 def test_completions_need_k_samples_and_an_existing_file(tmp_path):
     data_file = write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
     samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": "x"} for t in ("T/0", "T/0", "T/1")])
