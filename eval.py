@@ -1223,8 +1223,8 @@ def parse_args(argv=None):
 
     def protocol_flag(sub, official):
         sub.add_argument("--protocol", default="balora", choices=list(protocols.PROTOCOLS),
-                         help=f"balora: eval.py's own settings, each flag below free; official: {official}, as "
-                              f"the BA-LoRA authors' scripts ({protocols.OFFICIAL_CODE}); a flag that departs from "
+                         help=f"balora: eval.py's own settings, each flag below free; official: the BA-LoRA "
+                              f"authors' scripts ({protocols.OFFICIAL_CODE}): {official}; a flag that departs from "
                               "them is then an error. balora is the default because it reads base and chat "
                               "checkpoints alike and its greedy runs are deterministic and cheap; docs/evaluation.md "
                               "compares the two (default: balora)")
@@ -1250,7 +1250,7 @@ def parse_args(argv=None):
         protocol_flag(sub, "each problem in inference/humaneval.py's Markdown Alpaca prompt, n = 5 samples at "
                            "temperature 0.8 and top_p 0.95, 1024 tokens each, the completions post-processed as "
                            "its post_process does (also given --completions, which are then raw model texts)"
-                           + ("; MBPP, which the official code has no such script for, in the same way" if name == "mbpp" else ""))
+                           + ("; MBPP, which has no official script of its own, the same way" if name == "mbpp" else ""))
         sub.add_argument("--prompt-format", default=None, choices=list(CODE_PROMPT_FORMATS),
                          help="plain: the BigCode harness's prompt, continued by a base model and cut at its stop "
                               "sequences; alpaca / chat: an instruction (as train_nlg.py trains), whose response's "

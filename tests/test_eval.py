@@ -244,6 +244,17 @@ def test_code_programs_check_the_completion():
     assert scored("mbpp", mbpp, "def add(a, b):\n    return a + b\n", "plain")
     assert scored("mbpp", mbpp, "```python\ndef add(a, b):\n    return a + b\n```", "alpaca")
     assert not scored("mbpp", mbpp, "def add(a, b):\n    return a - b\n", "plain")
+    # --protocol official: the raw text of the open ```python block, post-processed (tabs, docstring, fence)
+    assert scored("mbpp", mbpp, 'def add(a, b):\n\t"""Sum."""\n\treturn a + b\n```\nIt adds.\n', "official") is False
+    assert scored("mbpp", mbpp, 'def add(a, b):\n\t"""Sum."""\n\treturn a + b\n```', "official")
+    assert scored("humaneval", record, "def total(xs: List[int]) -> int:\n  return sum(xs)\n```", "official")
+
+
+def test_official_mbpp_prompt_is_the_harness_prompt_in_the_official_template():
+    mbpp = {"text": "Write a function to add.", "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}
+    tokenizer = data.Tokenizer(os.path.join(evaluation.ASSETS, "tiny-llama"))
+    expected = protocols.official_code_prompt('"""\nWrite a function to add.\nassert add(1, 2) == 3\n"""\n')
+    assert evaluation.code_prompt_ids(tokenizer, mbpp, "mbpp", "official") == tokenizer.encode(expected)
 
 
 # MBPP task 367's shape: the setup code builds the test trees from the Node class the solution defines.
