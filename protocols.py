@@ -88,7 +88,7 @@ def official_math_answer(completion):
     """
     The answer string of a MATH completion under utils/test_acc.py's process_math_results (llm172/
     BA-LoRA at 2829797), None for no answer: the text after the last OFFICIAL_ANSWER_MARKER up to the
-    first ".\n" (a bare newline does not end it), stripped, one trailing period dropped. A \boxed{}
+    first ".\\n" (a bare newline does not end it), stripped, one trailing period dropped. A \\boxed{}
     is left as it is. The MATH grader's is_equiv then compares it with the reference.
     """
     pieces = completion.split(OFFICIAL_ANSWER_MARKER)
