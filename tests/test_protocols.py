@@ -61,6 +61,14 @@ def test_official_post_process_by_hand(completion, expected):
     assert protocols.official_post_process(completion) == expected
 
 
+@pytest.mark.parametrize("completion, expected", POST_PROCESSED)
+def test_official_post_process_leaves_its_own_output_alone(completion, expected):
+    """Post-processed text has no fences, tabs, triple quotes or blank lines, its def line at indent 0 and
+    its levels 4, 8, ... consecutive: a second pass changes nothing, so inference/humaneval.py's own
+    samples file (already post-processed) scores as its raw texts do."""
+    assert protocols.official_post_process(expected) == expected
+
+
 def test_official_code_prompt_wraps_the_problem():
     """The problem sits verbatim in the instruction's code block, and the response opens a ```python
     block, so the model answers with code from its first token."""
