@@ -571,3 +571,29 @@ def test_documented_limit_an_object_equal_to_everything_passes(isolation):
 def test_a_program_that_is_not_text_is_invalid_and_not_run(solution, reason):
     result = run(solution, "assert f() == 1\n")
     assert result == {"status": "invalid", "passed": False, "returncode": None, "output": f"sandbox: not run: {reason}"}
+
+
+@needs_bwrap
+def test_every_sample_is_scored_whatever_it_holds(tmp_path):
+    # a lone surrogate (valid JSON) used to end the whole run; each of these is one sample among good ones
+    import eval as evaluation
+
+    problems = [{"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f",
+                 "test": "def check(candidate):\n    assert candidate() == 1\n"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps(problems[0]) + "\n")
+    good = '{"task_id": "T/0", "completion": "    return 1\\n"}'
+    lines = [good.encode(),
+             b'{"task_id": "T/0", "completion": "    return 1 # \\ud800\\n"}',  # a lone surrogate
+             b'{"task_id": "T/0", "completion": "    return 1\\u0000\\n"}',  # a NUL byte
+             b'{"task_id": "T/0", "completion": "    return 1 # \xff\xfe\\n"}',  # not UTF-8
+             json.dumps({"task_id": "T/0", "completion": "    return 1\n" + "#" * (10 << 20) + "\n"}).encode(),  # 10 MB
+             b'{"task_id": "T/0", "completion": 5}',  # not a string
+             good.encode()]
+    (tmp_path / "s.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "r.json"
+    evaluation.main(["humaneval", "--data", str(tmp_path / "p.jsonl"), "--completions", str(tmp_path / "s.jsonl"),
+                     "--allow-code-execution", "--k", "1", "--out", str(out)])
+    samples = json.loads(out.read_text())["samples"]
+    assert [s["status"] for s in samples] == ["passed", "invalid", "failed", "invalid", "passed", "invalid", "passed"]
+    assert "surrogates not allowed" in samples[1]["output"] and "null bytes" in samples[2]["output"]
+    assert "surrogates not allowed" in samples[3]["output"] and "int, not text" in samples[5]["output"]
