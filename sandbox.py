@@ -247,7 +247,10 @@ def interpreter_directories():
     found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable),
              os.path.dirname(os.path.realpath(sys.executable)), *site.getsitepackages()}
     found = [path for path in found if os.path.isdir(path)] + ["/usr"]
-    inside = lambda path, other: path != other and path.startswith(other.rstrip("/") + "/")
+
+    def inside(path, other):
+        return path != other and path.startswith(other.rstrip("/") + "/")
+
     return sorted(path for path in found if path != "/usr" and not any(inside(path, other) for other in found))
 
 
@@ -287,7 +290,8 @@ def staged_namespace():
                               env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         if stager.stdout.readline() != b"ready\n":
-            raise OSError(stager.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or "stager failed")
+            said = stager.stderr.read().decode(errors="replace").strip().splitlines()
+            raise OSError(said[-1] if said else f"the stager exited with status {stager.wait()}")
         return os.open(f"/proc/{stager.pid}/ns/mnt", os.O_RDONLY)  # it is waiting on stdin: the pid is its
     finally:
         stager.stdin.close()
