@@ -27,15 +27,15 @@ Results are printed as a table and written as JSON to --out (default out/eval/<c
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
-import hashlib
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
@@ -443,18 +443,23 @@ def read_progress(path):
 
 
 def run_sample(program, args, isolation):
-    """sandbox.run_program of one program; a harness error fails that sample, with the reason, not the run."""
+    """
+    sandbox.run_program of one program; an error of the harness fails that sample, with the reason
+    (harness_error: True), not the whole run.
+    """
     try:
         return sandbox.run_program(*program, args.timeout, args.memory_mb, isolation=isolation)
     except Exception as error:
-        return {"status": "failed", "passed": False, "returncode": None, "output": f"harness: {type(error).__name__}: {error}"}
+        return {"status": "failed", "passed": False, "returncode": None, "harness_error": True,
+                "output": f"harness: {type(error).__name__}: {error}"}
 
 
 def execute_programs(programs, args, isolation):
     """
     Each program's run, --workers at a time. Every run is appended to progress_path(--out) as it
-    ends; the runs an earlier, interrupted invocation recorded there (same program, same settings) are
-    reused. On Ctrl-C or a crash, what is running is abandoned (the sandbox dies with its harness).
+    ends (but a harness error, which a rerun tries again); the runs an earlier, interrupted invocation
+    recorded there (same program, same settings) are reused. On Ctrl-C or a crash, what is running is
+    abandoned (the sandbox dies with its harness).
     """
     path = progress_path(args.out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -472,10 +477,15 @@ def execute_programs(programs, args, isolation):
             for future in tqdm(as_completed(futures), total=len(futures), desc="execute", leave=False):
                 i = futures[future]
                 runs[i] = future.result()
-                progress.write(json.dumps({"key": keys[i], "run": runs[i]}) + "\n")
-                progress.flush()
+                if not runs[i].get("harness_error"):
+                    progress.write(json.dumps({"key": keys[i], "run": runs[i]}) + "\n")
+                    progress.flush()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    errors = sum(bool(run.get("harness_error")) for run in runs)
+    if errors:
+        print(f"WARNING: {errors} of {len(runs)} programs failed in the harness, not in the sandbox "
+              "(their output says why); they count as failed", file=sys.stderr)
     return runs
 
 

@@ -369,6 +369,26 @@ def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch,
         assert metrics["isolation"] == "guard" and metrics["pass@1"] == 0.5  # T/0 passes, T/1 exits early
 
 
+def test_a_harness_error_fails_its_sample_only_and_is_tried_again(tmp_path, monkeypatch, capsys):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "T/0", "completion": "    return 2 * x\n"},
+                                                 {"task_id": "T/1", "completion": "    return -x\n"}])
+    argv = ["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--completions", samples,
+            "--allow-code-execution", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: None)
+
+    def fake_run(solution, tests, *args, **kwargs):
+        if "negate" in solution:
+            raise RuntimeError("the sandbox broke")
+        return {"status": "passed", "passed": True, "returncode": 0, "output": ""}
+
+    monkeypatch.setattr(sandbox, "run_program", fake_run)
+    metrics, samples = evaluation.eval_code(evaluation.parse_args(argv))  # main would remove the progress file
+    assert metrics["pass@1"] == 0.5 and "1 of 2 programs failed in the harness" in capsys.readouterr().err
+    assert [s["status"] for s in samples] == ["passed", "failed"]
+    assert samples[1]["output"] == "harness: RuntimeError: the sandbox broke"
+    assert len((tmp_path / "r.json.progress.jsonl").read_text().splitlines()) == 1  # a rerun runs T/1 again
+
+
 def test_an_interrupted_code_run_keeps_its_verdicts_and_a_rerun_continues(tmp_path, monkeypatch):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": f"    return {k}\n"}
                                                  for t in ("T/0", "T/1") for k in range(3)])
