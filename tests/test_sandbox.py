@@ -451,6 +451,52 @@ for name, attempt in attempts.items():
 
 
 @needs_bwrap
+def test_memory_as_a_whole_is_the_address_space_the_work_dir_and_pipe_buffers():
+    # what sandbox.py's docstring says bounds a run without a cgroup, filled one after the other:
+    # anonymous memory to MemoryError, the work dir to ENOSPC, pipes (grown to 1 MiB) to EMFILE
+    solution = """
+import fcntl, os
+held = []
+try:
+    while True:
+        held.append(bytearray(1 << 20))
+except MemoryError:
+    del held[-32:]  # room for the rest of the program
+files = 0
+try:
+    while True:
+        with open(f"f{files}", "wb") as f:
+            f.write(bytes(1 << 20))
+        files += 1
+except OSError:
+    pass
+pipes, piped = [], 0
+try:
+    while True:
+        pipes.append(os.pipe())
+        fcntl.fcntl(pipes[-1][1], 1031, 1 << 20)  # F_SETPIPE_SZ
+        os.set_blocking(pipes[-1][1], False)
+        try:
+            while True:
+                piped += os.write(pipes[-1][1], bytes(1 << 16))
+        except BlockingIOError:
+            pass
+except OSError as error:
+    stop = error.errno
+for pair in pipes[-4:]:
+    os.close(pair[0]), os.close(pair[1])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmPeak:")).split()[1]
+print("peak_kib", peak, "work_mib", files, "piped", piped, "stop", stop)
+"""
+    result = run(solution, memory_mb=128, file_mb=8)
+    assert result["status"] == "passed", result
+    values = result["output"].split()
+    peak_kib, work_mib, piped, stop = (int(values[values.index(key) + 1]) for key in ("peak_kib", "work_mib", "piped", "stop"))
+    assert 100 << 10 < peak_kib <= 128 << 10 and work_mib <= 8 and stop == errno.EMFILE, result
+    assert piped <= sandbox.MAX_FILES << 20, result
+
+
+@needs_bwrap
 def test_only_the_interpreters_directories_are_visible(tmp_path):
     marker = tmp_path / "harness-only.txt"
     marker.write_text("harness")
