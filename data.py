@@ -25,10 +25,13 @@ import torch
 # Causal LM tokenizer
 
 
-def parse_json(raw, where, expected):
-    """The JSON value (of type `expected`) in `raw` bytes; anything else is a ValueError naming `where`."""
+def parse_json(raw, where, expected, text_errors="strict"):
+    """
+    The JSON value (of type `expected`) in `raw` bytes; anything else is a ValueError naming `where`.
+    text_errors="surrogateescape" reads bytes that are not UTF-8 as lone surrogates instead.
+    """
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8", text_errors))
     except UnicodeDecodeError as error:
         raise ValueError(f"{where}: not UTF-8 text (byte {error.start})") from None
     except json.JSONDecodeError as error:

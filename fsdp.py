@@ -343,38 +343,100 @@ def load_checkpoint(directory, model, optimizer, scheduler):
         raise ValueError(f"{path} was written by {record['world_size']} processes, this run has "
                          f"{dist.get_world_size()}: resume with the same world size to continue exactly")
     folder = os.path.join(directory, record["folder"])
-    check_metadata(folder)
+    reader = VettedReader(folder)  # before any tensor is touched: a refused checkpoint changes nothing
     tensors = _tensors(model, optimizer)
-    dcp.load(tensors, checkpoint_id=folder)  # fills every tensor in place: the shards and AdamW's state
+    dcp.load(tensors, storage_reader=reader)  # fills every tensor in place: the shards and AdamW's state
     for group, saved in zip(optimizer.param_groups, record["param_groups"]):
         group.update(saved, betas=tuple(saved["betas"]))
     scheduler.load_state_dict(record["scheduler"])
     return dict(record, rng=_rng_from_json(record["rng"][dist.get_rank()]))
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles torch.distributed.checkpoint's .metadata, refusing every global (code) it does not hold."""
+# Every global a genuine .metadata names, by exact (module, name): DCP's metadata classes, the
+# filesystem writer's _StorageInfo, torch.Size, the layout and dtype objects, and the PosixPath of the
+# checkpoint's id. No dotted name (pickle protocol 4 would resolve "os.system" through a module's
+# globals) and no whole module is allowed.
+_METADATA = "torch.distributed.checkpoint.metadata"
+METADATA_GLOBALS = {(_METADATA, name) for name in ("Metadata", "TensorStorageMetadata", "TensorProperties",
+                                                   "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING", "MetadataIndex",
+                                                   "StorageMeta")}
+METADATA_GLOBALS |= {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+METADATA_GLOBALS |= {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's .metadata, refusing every global not in METADATA_GLOBALS."""
 
     def find_class(self, module, name):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if dtype or module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+        if (module, name) in METADATA_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not part of a checkpoint's metadata")
 
 
+def _metadata_problem(metadata, folder):
+    """Why the unpickled `metadata` is not a sharded checkpoint's of tensors in `folder` (None when it is)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    if type(metadata) is not Metadata:
+        return f"it holds a {type(metadata).__name__}, not a Metadata"
+    if type(metadata.state_dict_metadata) is not dict or type(metadata.storage_data) is not dict:
+        return "its state_dict_metadata and storage_data are not dicts"
+    for key, entry in metadata.state_dict_metadata.items():
+        # Anything but tensor metadata would make dcp.load read that entry with torch.load(weights_only=False)
+        if type(key) is not str or type(entry) is not TensorStorageMetadata:
+            return f"entry {key!r} is a {type(entry).__name__}, not tensor metadata"
+        if (type(entry.properties) is not TensorProperties or not isinstance(entry.properties.dtype, torch.dtype)
+                or type(entry.size) is not torch.Size or type(entry.chunks) is not list
+                or any(type(chunk) is not ChunkStorageMetadata for chunk in entry.chunks)):
+            return f"entry {key!r} is not well-formed tensor metadata"
+    root = os.path.realpath(folder)
+    for index, info in metadata.storage_data.items():
+        if type(index) is not MetadataIndex or type(info) is not _StorageInfo or type(info.relative_path) is not str:
+            return "its storage_data is not a map of MetadataIndex to _StorageInfo"
+        if not os.path.realpath(os.path.join(root, info.relative_path)).startswith(root + os.sep):
+            return f"storage path {info.relative_path!r} leaves the checkpoint directory"
+        if info.transform_descriptors:
+            return f"storage of {index.fqn!r} names transforms {info.transform_descriptors!r}"
+    if metadata.storage_meta is not None and type(metadata.storage_meta) is not StorageMeta:
+        return f"its storage_meta is a {type(metadata.storage_meta).__name__}"
+    return None
+
+
 def check_metadata(folder):
     """
-    torch.distributed.checkpoint reads its .metadata file with pickle, which would run any code a
-    crafted file names. Read it first with an unpickler that knows only the metadata's own classes.
+    torch.distributed.checkpoint's .metadata of `folder`, vetted: DCP itself reads the file with pickle,
+    which would run any code a crafted file names, and reads a bytes entry with torch.load(weights_only=
+    False). Here it is unpickled once, knowing only METADATA_GLOBALS, and must describe tensors stored
+    in files inside `folder`; VettedReader hands this object to dcp.load, which never opens the file.
     """
     path = os.path.join(folder, ".metadata")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: {folder} has no .metadata (not a complete sharded checkpoint)")
     with open(path, "rb") as f:
         try:
-            _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as error:
+            metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"--resume: {path} was not read: {error}") from None
+    problem = _metadata_problem(metadata, folder)
+    if problem is not None:
+        raise ValueError(f"--resume: {path} is not a checkpoint of tensors: {problem}")
+    return metadata
+
+
+class VettedReader(FileSystemReader):
+    """A FileSystemReader whose metadata is check_metadata's object, not a second unpickling of the file."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.vetted = check_metadata(folder)
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if self.vetted.storage_meta is None:
+            self.vetted.storage_meta = StorageMeta()
+        self.vetted.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata sets it
+        return self.vetted

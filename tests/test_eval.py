@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -425,7 +426,6 @@ PROBLEMS = [{"task_id": "T/0", "prompt": "def double(x):\n    \"\"\"Twice x.\"\"
     ('{"task_id": "T/1", "completion": ', "line 2: not valid JSON"),
     ('["T/1", "    return -x"]', "line 2: expected a JSON dict, got list"),
     ('{"task_id": "T/1"}', "line 2: expected {\"task_id\""),
-    ('{"task_id": "T/1", "completion": 5}', "line 2: expected {\"task_id\""),
     ('{"task_id": "T/9", "completion": "    return -x"}', "line 2: task_id 'T/9' is not a problem of --data"),
     ('', "no completion for 1 problem(s) of --data, e.g. task_id 'T/1'"),
 ])
@@ -455,7 +455,7 @@ def test_completions_need_k_samples_and_an_existing_file(tmp_path):
         evaluation.main(["humaneval", "--data", data_file, "--completions", str(tmp_path / "no.jsonl"), "--allow-code-execution"])
 
 
-def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch):
+def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sandbox, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
     samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "T/0", "completion": "    return 2 * x\n"},
                                                  {"task_id": "T/1", "completion": "    import sys\n    sys.exit(0)\n"}])
@@ -463,9 +463,63 @@ def test_without_bwrap_code_runs_only_with_unsafe_sandbox(tmp_path, monkeypatch)
             "--allow-code-execution", "--out", str(tmp_path / "r.json")]
     with pytest.raises(SystemExit, match="not installed: refusing .* --unsafe-sandbox"):
         evaluation.main(argv)
-    with pytest.warns(UserWarning, match="best-effort"):
+    for _ in range(2):  # said on every run, not once per process as a warning would be
         metrics = evaluation.main(argv + ["--unsafe-sandbox"])
-    assert metrics["isolation"] == "guard" and metrics["pass@1"] == 0.5  # T/0 passes, T/1 exits early
+        assert "does not contain a hostile program" in capsys.readouterr().err
+        assert metrics["isolation"] == "guard" and metrics["pass@1"] == 0.5  # T/0 passes, T/1 exits early
+
+
+def test_a_harness_error_fails_its_sample_only_and_is_tried_again(tmp_path, monkeypatch, capsys):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "T/0", "completion": "    return 2 * x\n"},
+                                                 {"task_id": "T/1", "completion": "    return -x\n"}])
+    argv = ["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--completions", samples,
+            "--allow-code-execution", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: None)
+
+    def fake_run(solution, tests, *args, **kwargs):
+        if "negate" in solution:
+            raise RuntimeError("the sandbox broke")
+        return {"status": "passed", "passed": True, "returncode": 0, "output": ""}
+
+    monkeypatch.setattr(sandbox, "run_program", fake_run)
+    metrics, samples = evaluation.eval_code(evaluation.parse_args(argv))  # main would remove the progress file
+    assert metrics["pass@1"] == 0.5 and "1 of 2 programs failed in the harness" in capsys.readouterr().err
+    assert [s["status"] for s in samples] == ["passed", "failed"]
+    assert samples[1]["output"] == "harness: RuntimeError: the sandbox broke"
+    assert len((tmp_path / "r.json.progress.jsonl").read_text().splitlines()) == 1  # a rerun runs T/1 again
+
+
+def test_an_interrupted_code_run_keeps_its_verdicts_and_a_rerun_continues(tmp_path, monkeypatch):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": f"    return {k}\n"}
+                                                 for t in ("T/0", "T/1") for k in range(3)])
+    argv = ["humaneval", "--data", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--completions", samples,
+            "--allow-code-execution", "--workers", "1", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: None)
+    ran = []
+
+    progress = tmp_path / "r.json.progress.jsonl"
+
+    def fake_run(solution, tests, *args, **kwargs):  # passes the "return 1" bodies; Ctrl-C during the third program
+        if len(ran) == 2 and not hasattr(fake_run, "interrupted"):
+            fake_run.interrupted = True
+            while len(progress.read_text().splitlines()) < 2:  # the harness has recorded the first two
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread, as Ctrl-C
+            time.sleep(0.5)
+            return {"status": "failed", "passed": False, "returncode": -9, "output": ""}
+        ran.append(solution)
+        passed = solution.endswith("return 1\n")
+        return {"status": "passed" if passed else "failed", "passed": passed, "returncode": 0, "output": ""}
+
+    monkeypatch.setattr(sandbox, "run_program", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main(argv)
+    assert not (tmp_path / "r.json").exists() and len(progress.read_text().splitlines()) == 2
+    metrics = evaluation.main(argv)
+    assert len(ran) == 6 and len(set(ran)) == 6  # the two recorded programs did not run again
+    assert metrics["pass@1"] == pytest.approx(1 / 3) and not progress.exists()
+    statuses = [s["status"] for s in json.loads((tmp_path / "r.json").read_text())["samples"]]
+    assert statuses == ["failed", "passed", "failed"] * 2
 
 
 # -----------------------------------------------------------------------------

@@ -75,6 +75,16 @@ class RunsCode:
         return (os.system, ("echo owned",))
 
 
+class CreatesFile:
+    """Unpickling this opens `path` for writing: a harmless stand-in for code a crafted checkpoint runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     import pickle
 
@@ -83,6 +93,85 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps({"storage_data": RunsCode()}))
     with pytest.raises(ValueError, match="global posix.system is not part of a checkpoint's metadata"):
         fsdp.check_metadata(str(tmp_path))
+
+
+def test_a_dotted_global_through_the_metadata_module_is_refused_before_it_runs(tmp_path):
+    # pickle protocol 4's STACK_GLOBAL resolves "os.system" through the module's globals (it imports os)
+    import pickle
+
+    import fsdp
+
+    marker = tmp_path / "marker"
+
+    def text(value):  # SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(value)]) + value.encode()
+
+    crafted = (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system") + b"\x93"
+               + text(f"touch {marker}") + b"\x85R.")  # STACK_GLOBAL, TUPLE1, REDUCE, STOP
+    (tmp_path / ".metadata").write_bytes(crafted)
+    with pytest.raises(ValueError, match=r"global torch\.distributed\.checkpoint\.metadata\.os\.system is not part"):
+        fsdp.check_metadata(str(tmp_path))
+    assert not marker.exists()
+    assert pickle.loads(crafted) == 0 and marker.exists()  # what it does when unpickled unchecked
+
+
+def genuine_checkpoint(folder, state=None):
+    """A dcp.save of a few tensors (one process, no process group) in `folder`; returns the saved tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    state = state or {"adapter.w": torch.randn(3, 2), "optimizer.w.step": torch.tensor(4.0)}
+    dcp.save(state, checkpoint_id=str(folder))
+    return state
+
+
+def test_a_bytes_entry_in_the_metadata_is_refused_before_any_data_is_read(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import fsdp
+
+    # a .metadata made only of DCP's own classes that marks a tensor key as bytes: dcp.load would give
+    # that key's data file to torch.load(weights_only=False)
+    marker = tmp_path / "marker"
+    genuine_checkpoint(tmp_path / "step", {"adapter.w": CreatesFile(str(marker))})  # DCP torch.saves a non-tensor
+    with pytest.raises(ValueError, match=r"BytesStorageMetadata is not part of a checkpoint's metadata"):
+        fsdp.VettedReader(str(tmp_path / "step"))
+    assert not marker.exists()
+    dcp.load({"adapter.w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "step"))  # unchecked, it runs
+    assert marker.exists()
+
+
+def test_metadata_entries_must_be_tensors_stored_inside_the_checkpoint(tmp_path):
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    import fsdp
+
+    genuine_checkpoint(tmp_path)
+    metadata = fsdp.check_metadata(str(tmp_path))
+    metadata.state_dict_metadata["adapter.w"] = BytesStorageMetadata()  # past the unpickler, the check holds too
+    assert fsdp._metadata_problem(metadata, str(tmp_path)) == "entry 'adapter.w' is a BytesStorageMetadata, not tensor metadata"
+    metadata = fsdp.check_metadata(str(tmp_path))
+    next(iter(metadata.storage_data.values())).relative_path = "../outside.distcp"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"storage path '\.\./outside\.distcp' leaves the checkpoint directory"):
+        fsdp.check_metadata(str(tmp_path))
+
+
+def test_a_genuine_checkpoint_loads_from_the_vetted_metadata_alone(tmp_path, monkeypatch):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    import fsdp
+
+    saved = genuine_checkpoint(tmp_path)
+    reader = fsdp.VettedReader(str(tmp_path))
+    monkeypatch.setattr(pickle, "load", lambda *args, **kwargs: pytest.fail("the .metadata was unpickled again"))
+    loaded = {key: torch.zeros_like(value) for key, value in saved.items()}
+    dcp.load(loaded, storage_reader=reader)
+    assert all(torch.equal(loaded[key], saved[key]) for key in saved)
 
 
 def test_fsdp_needs_torchrun_and_offload_needs_fsdp(tiny, tmp_path):
