@@ -2,7 +2,7 @@
 Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (paper Sec. 2.2.2, 3.1, B.4).
 
     python train_nlg.py                                   # toy preset: assets/tiny-llama, toy data (< 3 min on CPU)
-    python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMathQA samples from the hub
+    python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMath samples of fxmeng/pissa-dataset
     python train_nlg.py --model ... --dry-run             # print the settings in force and stop
     torchrun --standalone --nproc_per_node=4 train_nlg.py --model ...    # DDP, same global batch
     torchrun --standalone --nproc_per_node=8 train_nlg.py --model ... --fsdp   # FSDP2: the model sharded (fsdp.py)
@@ -47,15 +47,22 @@ from model import Llama
 # -----------------------------------------------------------------------------
 # Flags: the two presets set only what differs between them; every other flag has its own default
 
-# The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
-PAPER = dict(model=None, data="meta-math/MetaMathQA", max_samples=100_000, max_length=512, rank=128, alpha=128,
-             lr=2e-5, batch_size=32, micro_batch_size=4, dtype="bf16", save_every=500)
+# The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is
+# given. The samples are those the official script reads (llm172/BA-LoRA scripts/ba-lora.sh and train.py at
+# 2829797: --data_path pissa-dataset --sub_task metamath:100000 --dataset_field instruction output), the
+# first 100,000 rows of the metamath directory of fxmeng/pissa-dataset. --data-dir and --format describe
+# that data set: with another --data they are the toy preset's, so `--data meta-math/MetaMathQA` (or a
+# MetaMath-style file) reads it in the metamath format.
+PAPER = dict(model=None, data="fxmeng/pissa-dataset", data_dir="metamath", format="pissa", max_samples=100_000,
+             max_length=512, rank=128, alpha=128, lr=2e-5, batch_size=32, micro_batch_size=4, dtype="bf16",
+             save_every=500)
 # The toy preset (no --model): the bundled tiny model and toy data, 24 steps on a CPU in well under 3
 # minutes. A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
 TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
-           data=os.path.join(training.ASSETS, "data", "metamath_train.jsonl"), max_samples=384, max_length=256,
+           data=os.path.join(training.ASSETS, "data", "metamath_train.jsonl"), data_dir=None, format="metamath",
+           max_samples=384, max_length=256,
            rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
-NONE_MEANS = {"model": "your checkpoint", "prompt_format": "chat when the checkpoint has a template, else alpaca",
+NONE_MEANS = {"model": "your checkpoint", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
               "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
 
 
@@ -64,8 +71,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = training.preset_flag(parser, TOY, PAPER, NONE_MEANS)
     flag("--model", help="Hugging Face-format Llama directory; giving one selects the paper preset")
-    flag("--data", help=".jsonl/.json/.parquet file or datasets hub name")
-    flag("--format", default="metamath", choices=list(FORMATS), help="the records' field names (see data.FORMATS)")
+    flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory")
+    flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
+         help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "
+              "whole); the paper preset's only with its own --data")
+    flag("--format", choices=list(FORMATS),
+         help="the records' field names (see data.FORMATS); the paper preset's only with its own --data")
     flag("--prompt-format", choices=list(PROMPT_FORMATS),
          help="alpaca: PiSSA/MetaMath's Alpaca prompt; chat: the checkpoint's chat template")
     flag("--max-samples", type=int, help="use the first N records")
@@ -113,17 +124,31 @@ def parse_args(argv=None):
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
     flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
-    args, defaults = training.resolve_settings(parser, argv, lambda first: (
-        ("paper", PAPER) if first.model is not None else ("toy", TOY)))
+    args, defaults = training.resolve_settings(parser, argv, choose_preset)
     training.check_report_to(args.report_to)
     return args, defaults
 
 
+def choose_preset(first):
+    """The preset in force (--model given: paper) and its values; --data-dir and --format belong to the
+    paper's data set, so with another --data they are the toy preset's (none, metamath)."""
+    if first.model is None:
+        return "toy", TOY
+    if first.data is not None and first.data != PAPER["data"]:
+        return "paper", dict(PAPER, data_dir=TOY["data_dir"], format=TOY["format"])
+    return "paper", PAPER
+
+
 def data_note(args):
     """The settings block's line on the data: which set, how much, and when it is the paper's."""
-    note = f"data: {training.shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
-    if args.preset == "paper" and args.data == PAPER["data"]:
-        note += " (the paper's data set, Sec. 3.1; read from the hub: pass --data FILE for another)"
+    if args.data_dir:
+        note = (f"data: {args.data} ({args.data_dir}, {args.max_samples:,}): the first {args.max_samples:,} records of "
+                f"its {args.data_dir} train split, in the {args.format} format")
+    else:
+        note = f"data: {training.shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
+    if (args.data, args.data_dir, args.format) == (PAPER["data"], PAPER["data_dir"], PAPER["format"]):
+        note += (" (the official script's data: llm172/BA-LoRA scripts/ba-lora.sh at 2829797, "
+                 "MetaMathQA as fxmeng/pissa-dataset holds it; read through `datasets`: pass --data FILE for another)")
     return note
 
 
@@ -244,7 +269,7 @@ def main(argv=None):
     # data: the first --max-samples records; each step reads one global batch, this rank its slice
     tokenizer = Tokenizer(args.model)
     prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)  # None: from the checkpoint
-    examples = load_examples(args.data, args.format, args.max_samples)
+    examples = load_examples(args.data, args.format, args.max_samples, args.data_dir)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one global batch (--batch-size {args.batch_size})")

@@ -137,6 +137,45 @@ def test_json_and_parquet_files_load_the_first_max_samples(tmp_path):
         load_examples(str(tmp_path / "d.txt"), "alpaca", 3)
 
 
+def pissa_dataset_copy(root, rows):
+    """A local directory laid out as the hub's fxmeng/pissa-dataset: one sub-directory per task, each
+    with its train / test files; `rows` in metamath/, other rows beside them in python/."""
+    import pyarrow
+    import pyarrow.parquet
+
+    for task, task_rows in (("metamath", rows), ("python", [{"instruction": "def f", "output": "pass", "type": "x"}])):
+        (root / task).mkdir(parents=True)
+        for split, split_rows in (("train", task_rows), ("test", task_rows[:1])):
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(split_rows), root / task / f"{split}-00000-of-00001.parquet")
+    return str(root)
+
+
+def test_paper_preset_reads_the_metamath_directory_of_pissa_dataset(tiny, tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"instruction": row["query"], "output": row["response"], "type": "GSM_Rephrased"} for row in tiny["rows"]]
+    root = pissa_dataset_copy(tmp_path / "pissa-dataset", rows)
+    calls, real_load_dataset = [], datasets.load_dataset
+
+    def hub_from_local_copy(name, *args, **kwargs):  # the hub is out of reach here: its layout is read from disk
+        calls.append((name, kwargs))
+        return real_load_dataset(root if name == "fxmeng/pissa-dataset" else name, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_from_local_copy)
+    expected = [(row["instruction"], row["output"]) for row in rows[:8]]
+    assert load_examples("fxmeng/pissa-dataset", "pissa", 8, data_dir="metamath") == expected
+    out = tmp_path / "out"
+    train_nlg.main(["--model", tiny["model"], "--max-samples", "8", "--batch-size", "4", "--micro-batch-size", "2",
+                    "--rank", "4", "--alpha", "8", "--dtype", "fp32", "--device", "cpu", "--max-length", "96",
+                    "--save-every", "0", "--out", str(out), "--no-progress"])
+    assert calls[-1] == ("fxmeng/pissa-dataset", {"data_dir": "metamath", "split": "train[:8]"})
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["format"] == "pissa" and config["derived"]["examples"] == 8
+    # a local file cannot have a sub-directory: the flag is named before anything runs
+    with pytest.raises(ValueError, match="--data-dir 'metamath' names a sub-directory"):
+        load_examples(tiny["data"], "metamath", 8, data_dir="metamath")
+
+
 def test_missing_field_stops_the_run_before_training(tiny, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q", "answer": "A"}])
     with pytest.raises(ValueError, match="'query', 'response'"):
@@ -158,11 +197,11 @@ def test_prompt_is_masked_and_response_ends_with_eos(tiny):
     tokenizer = Tokenizer(tiny["model"])
     query, response = "Tom has 3 apples.", "The answer is: 3"
     input_ids, labels = tokenize_example(tokenizer, query, response, max_len=512)
-    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(query=query), bos=True)
-    assert input_ids[: len(prompt_ids)] == prompt_ids and input_ids[0] == tokenizer.bos_id
+    prompt = PROMPT_TEMPLATE.format(query=query)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    assert input_ids == tokenizer.encode(prompt + response, bos=True) + [tokenizer.eos_id] and input_ids[0] == tokenizer.bos_id
     assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
-    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] == tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
-    assert tokenizer.decode(input_ids[len(prompt_ids):-1]) == response
+    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] and labels[-1] == tokenizer.eos_id
     short_ids, short_labels = tokenize_example(tokenizer, query, response, max_len=len(prompt_ids) + 2)
     assert len(short_ids) == len(short_labels) == len(prompt_ids) + 2
 
@@ -183,9 +222,10 @@ def response_token_batch(tiny, rows):
     tokenizer = Tokenizer(tiny["model"] if isinstance(tiny, dict) else tiny)
     sequences, prompt_lengths = [], []
     for row in rows:
-        prompt = tokenizer.encode(PROMPT_TEMPLATE.format(query=row["query"]), bos=True)
-        sequences.append(prompt + tokenizer.encode(row["response"], bos=False) + [tokenizer.eos_id])
-        prompt_lengths.append(len(prompt))
+        # one string, the prompt's own token count masked (the official preprocess)
+        prompt = PROMPT_TEMPLATE.format(query=row["query"])
+        sequences.append(tokenizer.encode(prompt + row["response"], bos=True) + [tokenizer.eos_id])
+        prompt_lengths.append(len(tokenizer.encode(prompt, bos=True)))
     input_ids, attention_mask = tokenizer.pad_batch(sequences)
     # logits at position t predict token t + 1: response tokens are predicted from prompt_len - 1 on
     positions = torch.arange(input_ids.shape[1] - 1)
