@@ -104,6 +104,9 @@ def parse_args(argv=None):
     flag("--temperature", default=2.0, type=float, help="distillation temperature T of Eq. 9")
     flag("--reg-tokens", default="task", choices=["task", "all"],
          help="regularize the response tokens (task) or every non-padded token (all)")
+    flag("--loss-normalization", default="tokens", choices=list(LOSS_NORMALIZATIONS),
+         help="the task loss over a global batch: tokens, one mean over its response tokens; micro-batch, the mean "
+              "of each micro-batch's token mean (the official code's, transformers 4.45.1's Trainer)")
     flag("--lr", type=float, help="AdamW peak learning rate")
     flag("--weight-decay", default=0.0, type=float, help="AdamW weight decay")
     flag("--warmup-ratio", default=0.03, type=float, help="share of the steps warming the learning rate up before its cosine decay")
@@ -197,15 +200,41 @@ def step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, wor
             for j in range(0, per_rank, args.micro_batch_size)]
 
 
-def global_task_tokens(micro_batches, device, distributed):
+def response_tokens(micro_batch):
+    """How many tokens of a micro-batch the task loss scores (positions whose next token is a response token)."""
+    return int((micro_batch[2][:, 1:] != -100).sum())
+
+
+def global_task_counts(micro_batches, device, distributed):
     """
-    The response tokens of the GLOBAL batch (all ranks' micro-batches): the task loss is the mean CE over
-    them, so it does not depend on how the batch is split into micro-batches and ranks.
+    (response tokens, micro-batches with any) of the GLOBAL batch, all ranks' micro-batches: the
+    denominators of the task loss (task_loss_scale), the same for any split into micro-batches and ranks.
     """
-    task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
+    tokens = [response_tokens(micro_batch) for micro_batch in micro_batches]
+    counts = torch.tensor([float(sum(tokens)), float(sum(n > 0 for n in tokens))], device=device)
     if distributed:
-        dist.all_reduce(task_tokens)
-    return task_tokens
+        dist.all_reduce(counts)
+    return counts[0], counts[1]
+
+
+# --loss-normalization: how the task cross-entropy of a global batch is averaged
+LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
+
+
+def task_loss_scale(loss_normalization, micro_batch, task_tokens, task_micro_batches, num_micro_batches):
+    """
+    The factor on a micro-batch's summed response-token CE such that the sum over the global batch's
+    micro-batches of (scaled CE) / num_micro_batches is the step's task loss:
+      tokens       the CE summed over every response token of the global batch / their number: each
+                   token weighs the same, however the batch is cut into micro-batches and ranks;
+      micro-batch  the mean over the micro-batches of each one's token mean: a token weighs more in a
+                   micro-batch with fewer response tokens. transformers 4.45.1's Trainer (the official
+                   code's pin) averages its per-micro-batch mean loss so over gradient accumulation (and
+                   DDP over ranks); micro-batches with no response token, which it cannot score, are left out.
+    """
+    if loss_normalization == "tokens":
+        return num_micro_batches / task_tokens.clamp(min=1)
+    return num_micro_batches / (task_micro_batches.clamp(min=1) * max(response_tokens(micro_batch), 1))
 
 
 def sketch_generator(seed, step, micro_batch_index, device):
@@ -310,7 +339,7 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         t0 = time.time()
         micro_batches = step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, world_size)
-        task_tokens = global_task_tokens(micro_batches, device, distributed)
+        task_tokens, task_micro_batches = global_task_counts(micro_batches, device, distributed)
         step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, args.lambda1_schedule, args.focus_schedule,
                                                 args.lambda_warmup_ratio, args.lambda_rampup_ratio)
         # summed over micro-batches (and ranks), kept on the device until the step ends (one sync): the
@@ -329,20 +358,20 @@ def main(argv=None):
             if ddp:
                 model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
             # scaled so that the sum over the global batch's micro-batches of total / num_micro_batches is
-            # (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13
-            task_scale = num_micro_batches / task_tokens.clamp(min=1)
+            # (mean CE, --loss-normalization) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13
+            scale = task_loss_scale(args.loss_normalization, micro_batch, task_tokens, task_micro_batches, num_micro_batches)
             generator = sketch_generator(args.seed, step, rank * grad_accum + micro_step, device)
             # under FSDP the teacher forward is a collective: every rank runs it whenever the step needs it
             teacher_lambda1 = (step_lambdas if args.fsdp else micro_lambdas)[0]
             total, components = micro_batch_objective(args, model, raw_model, micro_batch, micro_lambdas, teacher_lambda1,
-                                                      task_scale, generator, device, dtype)
+                                                      scale, generator, device, dtype)
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
             # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
             # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
             sums["tokens"] += micro_batch[1].sum()
-            sums["task"] += components.pop("task")  # the CE sum; then each regularizer computed
+            sums["task"] += components.pop("task") * scale / num_micro_batches  # its share of the task loss; then each regularizer computed
             for name, value in components.items():
                 sums[name] += value
                 sums[name + "_n"] += 1
@@ -413,12 +442,12 @@ def sum_over_ranks(sums, device, distributed):
 
 def step_record(step, lr, lambdas, sums, task_tokens, skipped_batches, grad_norm, seconds):
     """
-    The log.jsonl line of a step: lr, the lambdas, the task loss (mean CE per response token), each
+    The log.jsonl line of a step: lr, the lambdas, the task loss (mean CE, --loss-normalization), each
     regularizer of balora.REGULARIZERS as the mean over the micro-batches that computed it (None: none
     did), the total objective, and counts.
     """
     record = {"step": step + 1, "lr": lr, **{f"lambda{i}": weight for i, weight in enumerate(lambdas, 1)},
-              "task": sums["task"] / max(task_tokens, 1)}
+              "task": sums["task"]}
     for name in balora.REGULARIZERS:
         record[name] = sums[name] / sums[name + "_n"] if sums[name + "_n"] else None
     record.update(total=sums["total"], tokens=int(sums["tokens"]), task_tokens=int(task_tokens),

@@ -249,6 +249,51 @@ def test_task_loss_is_plain_cross_entropy_on_response_tokens(tiny, tmp_path):
     assert abs(logged["total"] - expected.item()) < 1e-5
 
 
+@pytest.mark.parametrize("loss_normalization", ["tokens", "micro-batch"])
+def test_task_loss_over_an_uneven_accumulation_is_its_naive_mean(tiny, tmp_path, monkeypatch, loss_normalization):
+    # responses of very different lengths: the 4 micro-batches of 2 hold different numbers of response tokens
+    rows = [dict(row, response=row["response"] + " Check: 2 + 2 = 4." * (3 * i % 7)) for i, row in enumerate(tiny["rows"][:8])]
+    args = tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "pissa",
+                     "--batch-size", "8", "--micro-batch-size", "2", "--max-length", "512", "--max-steps", "1",
+                     "--loss-normalization", loss_normalization)
+    gradients, real_clip = {}, torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(parameters, max_norm):  # the step's gradient, before clipping
+        parameters = list(parameters)
+        gradients.update({id(p): p.grad.clone() for p in parameters})
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    train_nlg.main(args)
+    logged = read_log(tmp_path)[0]
+
+    # naive: the step's micro-batches in order, each one's CE summed over its response tokens
+    model = Llama.from_pretrained(tiny["model"])
+    balora.add_lora(model, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","), r=4, alpha=8, init="pissa")
+    order = train_nlg.global_batch_indices(len(rows), 8, step=0, seed=42)
+    sums, counts = [], []
+    for start in range(0, 8, 2):
+        input_ids, attention_mask, valid = response_token_batch(tiny, [rows[i] for i in order[start:start + 2]])
+        logits = model(input_ids, attention_mask)[:, :-1]
+        sums.append(F.cross_entropy(logits[valid], input_ids[:, 1:][valid], reduction="sum"))
+        counts.append(int(valid.sum()))
+    assert len(set(counts)) > 1, counts  # uneven
+    if loss_normalization == "tokens":
+        expected = sum(sums) / sum(counts)
+    else:  # transformers 4.45.1: each micro-batch's mean, averaged over the accumulation steps
+        expected = sum(total / count for total, count in zip(sums, counts)) / len(counts)
+    expected.backward()
+    assert abs(logged["task"] - expected.item()) < 1e-5 and abs(logged["total"] - expected.item()) < 1e-5
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ours = list(gradients.values())
+    assert len(ours) == len(trainable)
+    for theirs, mine in zip(trainable, ours):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-7)
+    other = sum(sums) / sum(counts) if loss_normalization != "tokens" else \
+        sum(total / count for total, count in zip(sums, counts)) / len(counts)
+    assert abs(other.item() - expected.item()) > 1e-3  # the two normalizations differ on this batch
+
+
 def crash_after_saving(monkeypatch, at_step):
     """Make the run die right after it writes the checkpoint of `at_step` (a simulated preemption)."""
     real_save = training.save_checkpoint
