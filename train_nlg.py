@@ -38,7 +38,6 @@ import adapters
 import balora
 import chunked
 import fsdp
-import nf4
 import plot
 import training
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
@@ -90,6 +89,7 @@ def parse_args(argv=None):
          help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
+    flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
     flag("--lambda1", default=0.025, type=float, help="consistency weight (Eq. 9)")
     flag("--lambda2", default=0.005, type=float, help="diversity weight (Eq. 10)")
     flag("--lambda3", default=0.005, type=float, help="SVD weight (Eq. 12)")
@@ -312,8 +312,7 @@ def main(argv=None):
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        adapter = balora.add_lora(model, **lora)
-        nf4.quantize_base(model, args.quantize)  # after PiSSA's SVD: QPiSSA quantizes W_res
+        adapter = training.adapt(model, args.quantize, args.teacher, **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper

@@ -49,6 +49,22 @@ METHOD_HELP = "lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dor
 QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
                  "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
+TEACHER_CHOICES = list(nf4.TEACHERS)
+TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, the full-precision pretrained model "
+                "as the official QBA-LoRA's, at one extra copy of the quantized weights in the model dtype; quantized, "
+                "the 4-bit model itself, at no extra memory (ours)")
+
+
+def adapt(model, quantize, teacher, **lora):
+    """
+    balora.add_lora(model, **lora), then the base in --quantize (nf4.quantize_base: after PiSSA's SVD,
+    so that QPiSSA quantizes W_res). With --teacher full on a 4-bit base the pretrained weights are
+    copied first, for the teacher. Returns add_lora's summary.
+    """
+    teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
+    adapter = balora.add_lora(model, **lora)
+    nf4.quantize_base(model, quantize, teacher_weights)
+    return adapter
 
 
 def parameter_groups(model, weight_decay):
