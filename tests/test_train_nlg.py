@@ -613,8 +613,9 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
     assert saved == {key: value for key, value in config["settings"].items() if key not in training.RESUME_MAY_CHANGE}
 
-    # The task loss falls: response-token CE on the first 64 training examples, pretrained model
-    # vs the same model with the saved adapter (per-step log values are too noisy at loss ~0.05).
+    # The task loss falls: response-token CE on the first 64 training examples (tokenized as the official
+    # preprocess: no space after "### Response:", unlike the tiny model's pretraining text), pretrained
+    # model vs the same model with the saved adapter.
     with open(os.path.join(REPO, "assets", "data", "metamath_train.jsonl")) as f:
         rows = [json.loads(line) for line, _ in zip(f, range(64))]
     input_ids, attention_mask, valid = response_token_batch(model_dir, rows)
@@ -626,7 +627,7 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
 
     before = response_loss(Llama.from_pretrained(model_dir))
     after = response_loss(adapters.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
-    assert after < 0.95 * before, (before, after)  # measured: 0.033 -> 0.029 after 12 steps
+    assert after < 0.95 * before, (before, after)  # measured: 1.024 -> 0.547 after 12 steps
 
 
 # -----------------------------------------------------------------------------
