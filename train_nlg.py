@@ -61,6 +61,8 @@ TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
            data=os.path.join(training.ASSETS, "data", "metamath_train.jsonl"), data_dir=None, format="metamath",
            max_samples=384, max_length=256,
            rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
+# --loss-normalization: how the task cross-entropy of a global batch is averaged (task_loss_scale)
+LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
 NONE_MEANS = {"model": "your checkpoint", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
               "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
 
@@ -217,10 +219,6 @@ def global_task_counts(micro_batches, device, distributed):
     return counts[0], counts[1]
 
 
-# --loss-normalization: how the task cross-entropy of a global batch is averaged
-LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
-
-
 def task_loss_scale(loss_normalization, micro_batch, task_tokens, task_micro_batches, num_micro_batches):
     """
     The factor on a micro-batch's summed response-token CE such that the sum over the global batch's
@@ -347,7 +345,7 @@ def main(argv=None):
                               *(name + "_n" for name in balora.REGULARIZERS)], 0.0)
         for micro_step, micro_batch in enumerate(micro_batches):
             last_micro_step, micro_lambdas = micro_step == grad_accum - 1, step_lambdas
-            if not (micro_batch[2][:, 1:] != -100).any():
+            if not response_tokens(micro_batch):
                 sums["skipped"] += 1
                 warnings.warn(f"step {step + 1}: a micro-batch has every label masked (prompts longer than "
                               f"--max-length {args.max_length}?); skipping it")
