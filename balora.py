@@ -151,6 +151,9 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x):
+        if self.pretrained and getattr(self.base, "teacher_weight", None) is not None:
+            # a 4-bit base that keeps its pretrained W for the teacher (nf4.py, --teacher full): the original layer
+            return F.linear(x, self.base.teacher_weight, self.base.bias)
         result = self.base(x)
         if self.pretrained and self.lora_A0 is None:  # init="lora": B0 = 0, the pretrained layer is base
             return result
@@ -325,12 +328,14 @@ def pretrained_mode(model):
     Inside, the adapted model computes the original pretrained function (the teacher of Eq. 4, 9):
     each LoRALinear uses its initial factors (W_res + s B0 A0 = W, or base alone for init="lora"),
     and the model is in eval mode, like the official code's frozen teacher (`pt_model.eval()`, train.py at
-    commit 2829797). Training flags are restored on
-    exit. Use under torch.no_grad(). On a 4-bit base the teacher is the quantized model (nf4.py).
+    commit 2829797). Training flags are restored on exit. Use under torch.no_grad(). On a 4-bit base
+    the teacher is the quantized model, or with --teacher full the pretrained weights the base keeps
+    (nf4.py).
     """
-    layers = [m for _, m in lora_layers(model)]
-    if not layers:
+    if not lora_layers(model):
         raise ValueError("pretrained_mode: the model has no LoRALinear layers (call add_lora first)")
+    # every layer with a pretrained mode: the LoRALinear layers, and the 4-bit layers outside them (nf4.NF4Linear)
+    layers = [m for m in model.modules() if hasattr(m, "pretrained")]
     training = {m: m.training for m in model.modules()}
     model.eval()
     for layer in layers:

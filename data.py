@@ -7,7 +7,8 @@ train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only mod
                      as transformers' AutoTokenizer on the same directory
   DebertaTokenizer   DeBERTa-v3's spm.model, [CLS] A [SEP] (B [SEP])
   RobertaTokenizer   RoBERTa's byte-level BPE (tokenizer.json or vocab.json + merges.txt), <s> A </s>(</s> B </s>)
-  load_records       rows of a local .jsonl/.json/.parquet file or of a `datasets` hub name
+  load_records       rows of a local .jsonl/.json/.parquet file, or of a `datasets` hub name or local dataset
+                     directory (a sub-directory of it with data_dir)
   query_and_response the (query, response) of a record under --format
   prompt_ids, tokenize_example, collate
                      an instruction example as tokens, the prompt masked out of the loss, in the
@@ -420,8 +421,11 @@ def truncate_longest_first(a, b, budget):
 
 # --format -> (query field, response field); alpaca also appends a non-empty "input" to the query,
 # wizardlm may instead hold a `conversations` list [{"from": "human", ...}, {"from": "gpt", ...}].
+# pissa: fxmeng/pissa-dataset, whose fields the official script names (scripts/ba-lora.sh's
+# --dataset_field instruction output, llm172/BA-LoRA at 2829797): nothing else is read.
 FORMATS = {
     "metamath": ("query", "response"),
+    "pissa": ("instruction", "output"),
     "codefeedback": ("query", "answer"),
     "wizardlm": ("instruction", "output"),
     "alpaca": ("instruction", "output"),
@@ -454,14 +458,18 @@ def query_and_response(record, data_format, index=0):
 def load_records(data, limit=None, split="train", config=None, data_dir=None):
     """
     The first `limit` rows (dicts; all when None) of a local .jsonl/.json/.parquet file, or of `split`
-    of a `datasets` hub name (PiSSA / BA-LoRA train on MetaMathQA's train[:100000]), read from the
-    repository's directory `data_dir` when given. eval.py reads its benchmarks through this too.
+    of a `datasets` hub name or local dataset directory, read from its sub-directory `data_dir` when
+    given (the official BA-LoRA script trains on fxmeng/pissa-dataset, data_dir "metamath", split
+    "train[:100000]"). eval.py reads its benchmarks through this too.
     """
     if not os.path.isfile(data):
         if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
             raise FileNotFoundError(f"--data {data!r} does not exist")
         split = split if limit is None else f"{split}[:{limit}]"
         return load_hub_dataset(data, config, split, data_dir=data_dir).to_list()
+    if data_dir is not None:
+        raise ValueError(f"--data-dir {data_dir!r} names a sub-directory of a dataset directory or hub name; "
+                         f"--data {data!r} is a file, read as it is (drop --data-dir)")
     extension = os.path.splitext(data)[1]
     if extension == ".jsonl":
         records = read_jsonl(data)
@@ -478,12 +486,13 @@ def load_records(data, limit=None, split="train", config=None, data_dir=None):
 
 
 def load_hub_dataset(name, config, split, local_flag="--data FILE", data_dir=None):
-    """`split` of the `datasets` hub dataset `name` (its files under `data_dir`, when given); offline
-    (the hub unreachable), a one-line error that says which flag takes a local file instead."""
+    """`split` of the `datasets` hub dataset (or local dataset directory) `name`, from its sub-directory
+    `data_dir` when given; offline (the hub unreachable), a one-line error that says which flag takes a
+    local file instead."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split, data_dir=data_dir)
+        return datasets.load_dataset(name, config, data_dir=data_dir, split=split)
     except ConnectionError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"{name!r} is not a local file and the hub cannot be reached ({reason}); "
@@ -501,9 +510,9 @@ def read_jsonl(path):
     return records
 
 
-def load_examples(data, data_format, max_samples):
-    """(query, response) pairs of the first `max_samples` records under --format."""
-    records = load_records(data, max_samples)
+def load_examples(data, data_format, max_samples, data_dir=None):
+    """(query, response) pairs of the first `max_samples` records (of the sub-directory `data_dir`) under --format."""
+    records = load_records(data, max_samples, data_dir=data_dir)
     try:
         examples = [query_and_response(record, data_format, i) for i, record in enumerate(records)]
     except ValueError as error:
@@ -579,15 +588,22 @@ def chat_example_ids(tokenizer, query, response):
 def tokenize_example(tokenizer, query, response, max_len, prompt_format="alpaca"):
     """
     input_ids and labels of one example: prompt + response, cut at max_len, the prompt masked out of
-    the loss (label -100). Alpaca: the response is encoded on its own plus EOS, so the mask boundary
-    is exact (sentencepiece gives the response its leading space, as "Response: ..."). Chat: the
-    response is the assistant turn with its end-of-turn token (chat_example_ids).
+    the loss (label -100).
+
+    Alpaca, as the official `preprocess` (llm172/BA-LoRA train.py, commit 2829797) builds it: prompt +
+    response + EOS is tokenized as ONE string, and its first len(tokenize(prompt)) labels are masked.
+    The response therefore follows "### Response:" with no space of its own, and a tokenizer may merge
+    tokens across the boundary (sentencepiece then writes ':', 'W', 'e', not the ':', '▁W', 'e' of the
+    response encoded alone): the mask counts the prompt's own tokens all the same, as there.
+    Chat: the response is the assistant turn with its end-of-turn token (chat_example_ids).
     """
     if prompt_format == "alpaca":
-        prompt = prompt_ids(tokenizer, query, prompt_format)
-        response_ids = tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
-    else:
-        prompt, response_ids = chat_example_ids(tokenizer, query, response)
+        prompt_text = PROMPT_TEMPLATE.format(query=query)
+        prompt_length = len(tokenizer.encode(prompt_text))  # with the checkpoint's BOS rule, as the joint string
+        input_ids = tokenizer.encode(prompt_text + response, eos=True)
+        labels = [-100] * prompt_length + input_ids[prompt_length:]
+        return input_ids[:max_len], labels[:len(input_ids)][:max_len]
+    prompt, response_ids = chat_example_ids(tokenizer, query, response)
     input_ids = (prompt + response_ids)[:max_len]
     labels = ([-100] * len(prompt) + response_ids)[:max_len]
     return input_ids, labels

@@ -40,6 +40,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import balora
+import training
 from model import Llama, LlamaConfig, _assign, checkpoint_files, config_from, rope_inv_freq
 
 # -----------------------------------------------------------------------------
@@ -311,9 +312,8 @@ def save_checkpoint(directory, model, optimizer, scheduler, step, rng, data_stat
     Write step `step` of a sharded run to `directory` (collective: every rank calls it). `rng` is this
     rank's train_nlg.rng_state(). Refuses (on every rank at once) to save a non-finite adapter.
     """
-    broken = torch.tensor(float(sum(not torch.isfinite(p.to_local()).all() for p in model.parameters() if p.requires_grad)))
-    dist.all_reduce(broken)
-    if broken.item():
+    finite = all(torch.isfinite(p.to_local()).all() for p in model.parameters() if p.requires_grad)
+    if training.min_over_ranks(finite) < 1:  # every rank's shards finite
         raise FloatingPointError(f"not writing {directory}: trainable tensors are non-finite")
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_as_json(rng))

@@ -7,10 +7,17 @@ The 4-bit base of QLoRA / QPiSSA / QBA-LoRA (Fig. 5 of the paper): NF4 (Dettmers
 Order matters: QPiSSA quantizes the residual W_res, so the principal part stays in the float32
 adapter and the quantization error is that of W_res, smaller than that of W (assets/nf4 measures it).
 
-The teacher on a 4-bit base is the quantized model, as QLoRA holds it: balora.pretrained_mode computes
-Q(W_res) + s B0 A0 (PiSSA init) or Q(W) (LoRA init), never the full-precision W, which is not kept. The
-official QBA-LoRA loads its teacher as a separate bf16 model instead (llm172/BA-LoRA, train.py at commit
-2829797): its teacher is the full-precision W, at the memory of a second model; docs/dora-and-4bit.md says more.
+The teacher on a 4-bit base (the trainers' --teacher) is one of two:
+  quantized  the quantized model, as QLoRA holds it: balora.pretrained_mode computes Q(W_res) + s B0 A0
+             (PiSSA init) or Q(W) (LoRA init); the full-precision W is not kept (ours: no extra memory).
+  full       the full-precision pretrained model, the official QBA-LoRA's teacher (llm172/BA-LoRA train.py
+             at commit 2829797 loads it as a second, unquantized model in the compute dtype): every
+             quantized layer keeps its pretrained W in the model dtype beside its codes (pretrained_weights,
+             taken before add_lora, then quantize_base), and pretrained_mode computes x W^T with it. The one
+             extra copy is of the quantized linear weights only, on the device the model runs on, where
+             the teacher pass reads it every micro-batch; embeddings, norms and the LM head are shared
+             with the student, not copied as a second model copies them.
+docs/dora-and-4bit.md measures both.
 
 Levels, block size, packing and double quantization are bitsandbytes' (tests/test_nf4.py compares them
 bit for bit with bitsandbytes' quantize_4bit / dequantize_4bit).
@@ -147,21 +154,30 @@ class NF4Linear(nn.Module):
     and backward and never kept; the bias stays in full precision. Buffers: the nf4_quantize state.
     """
 
-    def __init__(self, linear, double_quant=False):
+    def __init__(self, linear, double_quant=False, teacher_weight=None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype, self.double_quant = linear.weight.dtype, double_quant
         self.quantize = "nf4-dq" if double_quant else "nf4"  # as QUANTIZE names it (LoRALinear.quantize reads it)
-        for name, tensor in nf4_quantize(linear.weight, double_quant).items():
+        state = nf4_quantize(linear.weight, double_quant)
+        self.state_names = list(state)
+        for name, tensor in state.items():
             self.register_buffer(name, tensor)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        # --teacher full: the pretrained weight (out x in, model dtype) that balora.pretrained_mode computes
+        # with, None for the quantized teacher. A plain tensor, not a buffer: never saved (a checkpoint holds
+        # the trainable weights only) nor broadcast by DDP before every forward, as buffers are
+        self.teacher_weight = teacher_weight
+        self.pretrained = False  # set by balora.pretrained_mode: compute with teacher_weight when kept
 
     def dequantize(self, dtype=None):
         """The weight W (out x in) in `dtype` (default: the dtype of the weight that was quantized)."""
-        state = {name: buffer for name, buffer in self.named_buffers()}
+        state = {name: getattr(self, name) for name in self.state_names}
         return nf4_dequantize(state, (self.out_features, self.in_features), dtype or self.dtype)
 
     def forward(self, x):
+        if self.pretrained and self.teacher_weight is not None:  # the full teacher, in a layer left unadapted
+            return F.linear(x, self.teacher_weight, self.bias)
         y = _NF4MatMul.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -176,8 +192,8 @@ class NF4Linear(nn.Module):
         return linear.requires_grad_(False)
 
     def base_bytes(self):
-        """Bytes of the quantized weight (codes + constants), the bias left out."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+        """Bytes of the quantized weight (codes + constants), the bias and a full teacher's weight left out."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.state_names)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -186,35 +202,59 @@ class NF4Linear(nn.Module):
 
 # --quantize -> double quantization of the absmax constants? (None: the base stays in its dtype)
 QUANTIZE = {"none": None, "nf4": False, "nf4-dq": True}
+TEACHERS = ("quantized", "full")  # --teacher on a 4-bit base (module docstring)
 
 
-def quantize_base(model, quantize):
+def quantized_layer_names(model):
+    """The qualified names of the layers quantize_base stores in NF4: every frozen nn.Linear but lm_head / classifier."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in balora.NEVER_ADAPTED]
+
+
+def pretrained_weights(model):
+    """
+    {name: weight} copies of the weights quantize_base will quantize, for --teacher full: taken BEFORE
+    balora.add_lora, whose PiSSA init overwrites W with W_res in place. Names are the layers' names
+    before adapting ("layers.0.mlp.up_proj"; after add_lora its base is "layers.0.mlp.up_proj.base").
+    """
+    return {name: m.weight.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rpartition(".")[2] not in balora.NEVER_ADAPTED}
+
+
+def quantize_base(model, quantize, teacher_weights=None):
     """
     Store every frozen nn.Linear of the model (the bases inside the LoRALinear layers included, never
     lm_head / classifier, as bitsandbytes' 4-bit loading in QLoRA) as an NF4Linear; quantize="none"
     leaves the model as it is. Call it after balora.add_lora (PiSSA's SVD): the principal part stays in
     the float32 adapter and only W_res is quantized (QPiSSA). A DoRA layer's magnitude restarts at the
     norm of the quantized V, so the adapted model still starts at its (quantized) base.
-    Returns the bytes of the quantized weights and the number of weights they hold.
+    `teacher_weights` (pretrained_weights(model) before add_lora: --teacher full) gives each NF4Linear
+    its pretrained weight for the teacher. Returns the bytes of the quantized weights and the number of
+    weights they hold.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize_base: quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
     double_quant = QUANTIZE[quantize]
     if double_quant is None:
         return 0, 0
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in balora.NEVER_ADAPTED]
+    names = quantized_layer_names(model)
     stored, weights = 0, 0
     for name in names:
         linear = model.get_submodule(name)
-        quantized = NF4Linear(linear, double_quant)
+        teacher_weight = None
+        if teacher_weights is not None:  # a LoRALinear's base was the layer itself before add_lora
+            adapted = name.endswith(".base") and isinstance(model.get_submodule(name[:-len(".base")]), balora.LoRALinear)
+            teacher_weight = teacher_weights.pop(name[:-len(".base")] if adapted else name)
+        quantized = NF4Linear(linear, double_quant, teacher_weight)
         balora.set_submodule(model, name, quantized)
         stored, weights = stored + quantized.base_bytes(), weights + linear.weight.numel()
     for _, layer in balora.lora_layers(model):
         if layer.dora:
             with torch.no_grad():
                 layer.lora_magnitude_vector.copy_(layer.weight_norm())
+    kept = "" if teacher_weights is None else f"; the full teacher keeps their pretrained weights, " \
+        f"{sum(m.teacher_weight.numel() * m.teacher_weight.element_size() for m in model.modules() if isinstance(m, NF4Linear)):,} bytes"
     print(f"quantize_base: {len(names)} linear layers in {quantize}, {stored:,} bytes for {weights:,} weights "
-          f"({stored / max(weights, 1):.4f} bytes per weight)")
+          f"({stored / max(weights, 1):.4f} bytes per weight){kept}")
     return stored, weights
 

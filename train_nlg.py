@@ -2,7 +2,7 @@
 Fine-tune a LLaMA-style model on instruction data with LoRA, PiSSA or BA-LoRA (paper Sec. 2.2.2, 3.1, B.4).
 
     python train_nlg.py                                   # toy preset: assets/tiny-llama, toy data (< 3 min on CPU)
-    python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMathQA samples from the hub
+    python train_nlg.py --model /path/to/Llama-2-7b-hf    # paper preset (B.4): 100K MetaMath samples of fxmeng/pissa-dataset
     python train_nlg.py --model ... --dry-run             # print the settings in force and stop
     torchrun --standalone --nproc_per_node=4 train_nlg.py --model ...    # DDP, same global batch
     torchrun --standalone --nproc_per_node=8 train_nlg.py --model ... --fsdp   # FSDP2: the model sharded (fsdp.py)
@@ -38,7 +38,6 @@ import adapters
 import balora
 import chunked
 import fsdp
-import nf4
 import plot
 import training
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
@@ -47,15 +46,24 @@ from model import Llama
 # -----------------------------------------------------------------------------
 # Flags: the two presets set only what differs between them; every other flag has its own default
 
-# The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is given.
-PAPER = dict(model=None, data="meta-math/MetaMathQA", max_samples=100_000, max_length=512, rank=128, alpha=128,
-             lr=2e-5, batch_size=32, micro_batch_size=4, dtype="bf16", save_every=500)
+# The paper preset (Sec. 3.1, B.4: LLaMA-2-7B on 100K MetaMathQA samples, one epoch), in force when --model is
+# given. The samples are those the official script reads (llm172/BA-LoRA scripts/ba-lora.sh and train.py at
+# 2829797: --data_path pissa-dataset --sub_task metamath:100000 --dataset_field instruction output), the
+# first 100,000 rows of the metamath directory of fxmeng/pissa-dataset. --data-dir and --format describe
+# that data set: with another --data they are the toy preset's, so `--data meta-math/MetaMathQA` (or a
+# MetaMath-style file) reads it in the metamath format.
+PAPER = dict(model=None, data="fxmeng/pissa-dataset", data_dir="metamath", format="pissa", max_samples=100_000,
+             max_length=512, rank=128, alpha=128, lr=2e-5, batch_size=32, micro_batch_size=4, dtype="bf16",
+             save_every=500)
 # The toy preset (no --model): the bundled tiny model and toy data, 24 steps on a CPU in well under 3
 # minutes. A tiny model needs a small rank and a much larger learning rate to move in a few dozen steps.
 TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
-           data=os.path.join(training.ASSETS, "data", "metamath_train.jsonl"), max_samples=384, max_length=256,
+           data=os.path.join(training.ASSETS, "data", "metamath_train.jsonl"), data_dir=None, format="metamath",
+           max_samples=384, max_length=256,
            rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
-NONE_MEANS = {"model": "your checkpoint", "prompt_format": "chat when the checkpoint has a template, else alpaca",
+# --loss-normalization: how the task cross-entropy of a global batch is averaged (task_loss_scale)
+LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
+NONE_MEANS = {"model": "your checkpoint", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
               "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
 
 
@@ -64,8 +72,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = training.preset_flag(parser, TOY, PAPER, NONE_MEANS)
     flag("--model", help="Hugging Face-format Llama directory; giving one selects the paper preset")
-    flag("--data", help=".jsonl/.json/.parquet file or datasets hub name")
-    flag("--format", default="metamath", choices=list(FORMATS), help="the records' field names (see data.FORMATS)")
+    flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory")
+    flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
+         help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "
+              "whole); the paper preset's only with its own --data")
+    flag("--format", choices=list(FORMATS),
+         help="the records' field names (see data.FORMATS); the paper preset's only with its own --data")
     flag("--prompt-format", choices=list(PROMPT_FORMATS),
          help="alpaca: PiSSA/MetaMath's Alpaca prompt; chat: the checkpoint's chat template")
     flag("--max-samples", type=int, help="use the first N records")
@@ -79,6 +91,7 @@ def parse_args(argv=None):
          help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
+    flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
     flag("--lambda1", default=0.025, type=float, help="consistency weight (Eq. 9)")
     flag("--lambda2", default=0.005, type=float, help="diversity weight (Eq. 10)")
     flag("--lambda3", default=0.005, type=float, help="SVD weight (Eq. 12)")
@@ -93,6 +106,9 @@ def parse_args(argv=None):
     flag("--temperature", default=2.0, type=float, help="distillation temperature T of Eq. 9")
     flag("--reg-tokens", default="task", choices=["task", "all"],
          help="regularize the response tokens (task) or every non-padded token (all)")
+    flag("--loss-normalization", default="tokens", choices=list(LOSS_NORMALIZATIONS),
+         help="the task loss over a global batch: tokens, one mean over its response tokens; micro-batch, the mean "
+              "of each micro-batch's token mean (the official code's, transformers 4.45.1's Trainer)")
     flag("--lr", type=float, help="AdamW peak learning rate")
     flag("--weight-decay", default=0.0, type=float, help="AdamW weight decay")
     flag("--warmup-ratio", default=0.03, type=float, help="share of the steps warming the learning rate up before its cosine decay")
@@ -113,17 +129,31 @@ def parse_args(argv=None):
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
     flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
-    args, defaults = training.resolve_settings(parser, argv, lambda first: (
-        ("paper", PAPER) if first.model is not None else ("toy", TOY)))
+    args, defaults = training.resolve_settings(parser, argv, choose_preset)
     training.check_report_to(args.report_to)
     return args, defaults
 
 
+def choose_preset(first):
+    """The preset in force (--model given: paper) and its values; --data-dir and --format belong to the
+    paper's data set, so with another --data they are the toy preset's (none, metamath)."""
+    if first.model is None:
+        return "toy", TOY
+    if first.data is not None and first.data != PAPER["data"]:
+        return "paper", dict(PAPER, data_dir=TOY["data_dir"], format=TOY["format"])
+    return "paper", PAPER
+
+
 def data_note(args):
     """The settings block's line on the data: which set, how much, and when it is the paper's."""
-    note = f"data: {training.shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
-    if args.preset == "paper" and args.data == PAPER["data"]:
-        note += " (the paper's data set, Sec. 3.1; read from the hub: pass --data FILE for another)"
+    if args.data_dir:
+        note = (f"data: {args.data} ({args.data_dir}, {args.max_samples:,}): the first {args.max_samples:,} records of "
+                f"its {args.data_dir} train split, in the {args.format} format")
+    else:
+        note = f"data: {training.shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
+    if (args.data, args.data_dir, args.format) == (PAPER["data"], PAPER["data_dir"], PAPER["format"]):
+        note += (" (the official script's data: llm172/BA-LoRA scripts/ba-lora.sh at 2829797, "
+                 "MetaMathQA as fxmeng/pissa-dataset holds it; read through `datasets`: pass --data FILE for another)")
     return note
 
 
@@ -172,15 +202,37 @@ def step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, wor
             for j in range(0, per_rank, args.micro_batch_size)]
 
 
-def global_task_tokens(micro_batches, device, distributed):
+def response_tokens(micro_batch):
+    """How many tokens of a micro-batch the task loss scores (positions whose next token is a response token)."""
+    return int((micro_batch[2][:, 1:] != -100).sum())
+
+
+def global_task_counts(micro_batches, device, distributed):
     """
-    The response tokens of the GLOBAL batch (all ranks' micro-batches): the task loss is the mean CE over
-    them, so it does not depend on how the batch is split into micro-batches and ranks.
+    (response tokens, micro-batches with any) of the GLOBAL batch, all ranks' micro-batches: the
+    denominators of the task loss (task_loss_scale), the same for any split into micro-batches and ranks.
     """
-    task_tokens = torch.tensor(float(sum((labels[:, 1:] != -100).sum() for _, _, labels in micro_batches)), device=device)
+    tokens = [response_tokens(micro_batch) for micro_batch in micro_batches]
+    counts = torch.tensor([float(sum(tokens)), float(sum(n > 0 for n in tokens))], device=device)
     if distributed:
-        dist.all_reduce(task_tokens)
-    return task_tokens
+        dist.all_reduce(counts)
+    return counts[0], counts[1]
+
+
+def task_loss_scale(loss_normalization, micro_batch, task_tokens, task_micro_batches, num_micro_batches):
+    """
+    The factor on a micro-batch's summed response-token CE such that the sum over the global batch's
+    micro-batches of (scaled CE) / num_micro_batches is the step's task loss:
+      tokens       the CE summed over every response token of the global batch / their number: each
+                   token weighs the same, however the batch is cut into micro-batches and ranks;
+      micro-batch  the mean over the micro-batches of each one's token mean: a token weighs more in a
+                   micro-batch with fewer response tokens. transformers 4.45.1's Trainer (the official
+                   code's pin) averages its per-micro-batch mean loss so over gradient accumulation (and
+                   DDP over ranks); micro-batches with no response token, which it cannot score, are left out.
+    """
+    if loss_normalization == "tokens":
+        return num_micro_batches / task_tokens.clamp(min=1)
+    return num_micro_batches / (task_micro_batches.clamp(min=1) * max(response_tokens(micro_batch), 1))
 
 
 def sketch_generator(seed, step, micro_batch_index, device):
@@ -244,7 +296,7 @@ def main(argv=None):
     # data: the first --max-samples records; each step reads one global batch, this rank its slice
     tokenizer = Tokenizer(args.model)
     prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)  # None: from the checkpoint
-    examples = load_examples(args.data, args.format, args.max_samples)
+    examples = load_examples(args.data, args.format, args.max_samples, args.data_dir)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one global batch (--batch-size {args.batch_size})")
@@ -258,8 +310,7 @@ def main(argv=None):
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        adapter = balora.add_lora(model, **lora)
-        nf4.quantize_base(model, args.quantize)  # after PiSSA's SVD: QPiSSA quantizes W_res
+        adapter = training.adapt(model, args.quantize, args.teacher, **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
@@ -285,7 +336,7 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         t0 = time.time()
         micro_batches = step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, world_size)
-        task_tokens = global_task_tokens(micro_batches, device, distributed)
+        task_tokens, task_micro_batches = global_task_counts(micro_batches, device, distributed)
         step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, args.lambda1_schedule, args.focus_schedule,
                                                 args.lambda_warmup_ratio, args.lambda_rampup_ratio)
         # summed over micro-batches (and ranks), kept on the device until the step ends (one sync): the
@@ -294,7 +345,7 @@ def main(argv=None):
                               *(name + "_n" for name in balora.REGULARIZERS)], 0.0)
         for micro_step, micro_batch in enumerate(micro_batches):
             last_micro_step, micro_lambdas = micro_step == grad_accum - 1, step_lambdas
-            if not (micro_batch[2][:, 1:] != -100).any():
+            if not response_tokens(micro_batch):
                 sums["skipped"] += 1
                 warnings.warn(f"step {step + 1}: a micro-batch has every label masked (prompts longer than "
                               f"--max-length {args.max_length}?); skipping it")
@@ -304,20 +355,20 @@ def main(argv=None):
             if ddp:
                 model.require_backward_grad_sync = last_micro_step  # all-reduce gradients once per step
             # scaled so that the sum over the global batch's micro-batches of total / num_micro_batches is
-            # (token-mean CE) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13
-            task_scale = num_micro_batches / task_tokens.clamp(min=1)
+            # (mean CE, --loss-normalization) + sum_i lambda_i * (micro-batch mean of regularizer i), Eq. 13
+            scale = task_loss_scale(args.loss_normalization, micro_batch, task_tokens, task_micro_batches, num_micro_batches)
             generator = sketch_generator(args.seed, step, rank * grad_accum + micro_step, device)
             # under FSDP the teacher forward is a collective: every rank runs it whenever the step needs it
             teacher_lambda1 = (step_lambdas if args.fsdp else micro_lambdas)[0]
             total, components = micro_batch_objective(args, model, raw_model, micro_batch, micro_lambdas, teacher_lambda1,
-                                                      task_scale, generator, device, dtype)
+                                                      scale, generator, device, dtype)
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
             # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
             # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
             sums["tokens"] += micro_batch[1].sum()
-            sums["task"] += components.pop("task")  # the CE sum; then each regularizer computed
+            sums["task"] += components.pop("task") * scale / num_micro_batches  # its share of the task loss; then each regularizer computed
             for name, value in components.items():
                 sums[name] += value
                 sums[name + "_n"] += 1
@@ -388,12 +439,12 @@ def sum_over_ranks(sums, device, distributed):
 
 def step_record(step, lr, lambdas, sums, task_tokens, skipped_batches, grad_norm, seconds):
     """
-    The log.jsonl line of a step: lr, the lambdas, the task loss (mean CE per response token), each
+    The log.jsonl line of a step: lr, the lambdas, the task loss (mean CE, --loss-normalization), each
     regularizer of balora.REGULARIZERS as the mean over the micro-batches that computed it (None: none
     did), the total objective, and counts.
     """
     record = {"step": step + 1, "lr": lr, **{f"lambda{i}": weight for i, weight in enumerate(lambdas, 1)},
-              "task": sums["task"] / max(task_tokens, 1)}
+              "task": sums["task"]}
     for name in balora.REGULARIZERS:
         record[name] = sums[name] / sums[name + "_n"] if sums[name + "_n"] else None
     record.update(total=sums["total"], tokens=int(sums["tokens"]), task_tokens=int(task_tokens),

@@ -31,7 +31,6 @@ from tqdm import tqdm
 import adapters
 import balora
 import glue
-import nf4
 import plot
 import training
 from model import DebertaClassifier, read_config, roberta_hf_key
@@ -223,6 +222,7 @@ def parse_args(argv=None):
     flag("--dropout", default=0.0, type=float, help="LoRA dropout")
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
+    flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
     flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
     flag("--grad-clip", default=1.0, type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
@@ -315,9 +315,9 @@ def main(argv=None):
         raise FileNotFoundError(f"--model {args.model!r} is not a model directory{hint}")
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
     tokenizer = glue.TOKENIZERS[model.config.model_type](args.model)
-    balora.add_lora(model, args.targets.split(","), r=args.rank, alpha=args.alpha, init=method.init,
-                    dropout=args.dropout, trainable=("classifier", "pooler"), dora=method.dora)
-    nf4.quantize_base(model, args.quantize)
+    training.adapt(model, args.quantize, args.teacher, target_modules=args.targets.split(","), r=args.rank,
+                   alpha=args.alpha, init=method.init, dropout=args.dropout, trainable=("classifier", "pooler"),
+                   dora=method.dora)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)

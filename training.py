@@ -49,6 +49,22 @@ METHOD_HELP = "lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dor
 QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
                  "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
+TEACHER_CHOICES = list(nf4.TEACHERS)
+TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, the full-precision pretrained model "
+                "as the official QBA-LoRA's, at one extra copy of the quantized weights in the model dtype; quantized, "
+                "the 4-bit model itself, at no extra memory (ours)")
+
+
+def adapt(model, quantize, teacher, **lora):
+    """
+    balora.add_lora(model, **lora), then the base in --quantize (nf4.quantize_base: after PiSSA's SVD,
+    so that QPiSSA quantizes W_res). With --teacher full on a 4-bit base the pretrained weights are
+    copied first, for the teacher. Returns add_lora's summary.
+    """
+    teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
+    adapter = balora.add_lora(model, **lora)
+    nf4.quantize_base(model, quantize, teacher_weights)
+    return adapter
 
 
 def parameter_groups(model, weight_decay):
@@ -336,6 +352,27 @@ def lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, decay="cosine"
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+def collective_device():
+    """
+    The device a tensor must be on to take part in the process group's collectives: the CPU when the
+    backend reduces CPU tensors (gloo), else this process's GPU (NCCL reduces GPU tensors only, and a
+    CPU tensor in its all_reduce raises).
+    """
+    if "cpu" in dist.Backend.backend_capability.get(dist.get_backend(), ["cpu"]):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def min_over_ranks(value):
+    """A number's minimum over the ranks (the number itself without a process group): a flag every rank
+    agrees on, e.g. "all finite", through one all-reduce on collective_device()."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    reduced = torch.tensor(float(value), device=collective_device())
+    dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+    return reduced.item()
+
+
 def check_finite(value, step, quantity="loss", checkpoint_path=None):
     """
     Stop the run before optimizer step `step` applies a NaN/inf `quantity` (the loss, the gradient
@@ -343,11 +380,7 @@ def check_finite(value, step, quantity="loss", checkpoint_path=None):
     so every rank stops at the same step. Since no non-finite update is ever applied, the last
     checkpoint holds finite values only: the error names it, so the run can resume with other flags.
     """
-    finite = torch.isfinite(torch.as_tensor(value)).all().to(torch.float32)
-    if dist.is_available() and dist.is_initialized():
-        finite = finite.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 1.0:
+    if min_over_ranks(torch.isfinite(torch.as_tensor(value)).all()) == 1.0:
         return
     shown = f" ({float(value)})" if torch.as_tensor(value).numel() == 1 else ""
     if checkpoint_path is not None and os.path.isfile(checkpoint_path):

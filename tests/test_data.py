@@ -1,7 +1,8 @@
 """
 data.py against transformers on the same files: Tokenizer ids and decoding (AutoTokenizer), chat
 templates rendered byte for byte (apply_chat_template), chat-format SFT examples tokenized as the
-template tokenizes the whole conversation, and the errors a user meets first.
+template tokenizes the whole conversation, Alpaca-format examples tokenized as the official
+`preprocess` (llm172/BA-LoRA train.py, commit 2829797) tokenizes them, and the errors a user meets first.
 
 Two tokenizer.json styles are built here with the `tokenizers` library (a byte-level BPE with
 Llama-3's split regex and a BOS-adding post-processor; a Metaspace BPE with add_bos_token in
@@ -10,10 +11,13 @@ tools/import_gguf.py reconstructs (the `smollm2_dir` fixture).
 """
 
 import json
+import os
 
 import pytest
 
-from data import Tokenizer, resolve_prompt_format, tokenize_example
+from data import PROMPT_TEMPLATE, Tokenizer, load_examples, resolve_prompt_format, tokenize_example
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 CORPUS = [
     "Hello world! The answer is: 42.",
@@ -56,7 +60,8 @@ SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_heade
 
 
 def training_text():
-    return CORPUS * 20 + ["system user assistant helpful answer question " * 5]
+    # "::" and "Response:" as tokens: an Alpaca response starting with ":" merges with the prompt's end
+    return CORPUS * 20 + ["system user assistant helpful answer question " * 5, "### Response:: a::b ::= c:: " * 5]
 
 
 def write_directory(directory, tokenizer, config, generation_config=None):
@@ -187,6 +192,72 @@ def test_chat_example_tokenizes_like_the_whole_conversation(tokenizer_dir):
     assert input_ids[-1] in ours.eos_ids and input_ids[-1] not in input_ids[len(prompt):-1]
     assert labels[:len(prompt)] == [-100] * len(prompt) and labels[len(prompt):] == input_ids[len(prompt):]
     assert response.split("\n")[0] in theirs.decode(input_ids[len(prompt):])
+
+
+# -----------------------------------------------------------------------------
+# Alpaca examples as the official preprocess builds them
+
+# Responses whose first characters a tokenizer can join to the prompt's last token(s), ":" and "Response:".
+BOUNDARY_RESPONSES = [" 4 + 9 = 13.\nThe answer is: 13", ": 12", "::=", "\n\nStep 1: 3 * 4 = 12", "= 5", "se: 7",
+                      ":)", "  two spaces", "-7 + 2 = -5", "", "The answer is: 42"]
+
+
+def alpaca_pairs():
+    """200 MetaMathQA-style (query, response) pairs: the toy MetaMath data, and responses that start
+    with what may merge with the prompt's end."""
+    pairs = load_examples(os.path.join(ASSETS, "data", "metamath_train.jsonl"), "metamath", 200 - len(BOUNDARY_RESPONSES))
+    return pairs + [(f"Question {i}: what follows?", response) for i, response in enumerate(BOUNDARY_RESPONSES)]
+
+
+def check_official_alpaca(tokenizer, official_ids, official_prompt_length, max_len=10_000):
+    """tokenize_example(..., "alpaca") against the official preprocess on alpaca_pairs(): input ids and
+    label mask. Returns how many pairs tokenize differently from prompt tokens + response tokens."""
+    merged = 0
+    pairs = alpaca_pairs()
+    assert len(pairs) == 200
+    for query, response in pairs:
+        prompt = PROMPT_TEMPLATE.format(query=query)
+        expected_ids = official_ids(prompt + response)[:max_len]
+        source_length = official_prompt_length(prompt)  # label[:source_len] = IGNORE_INDEX
+        expected_labels = ([-100] * source_length + expected_ids[source_length:])[:len(expected_ids)]
+        input_ids, labels = tokenize_example(tokenizer, query, response, max_len, "alpaca")
+        assert input_ids == expected_ids, (query, response)
+        assert labels == expected_labels, (query, response)
+        separate = official_ids(prompt)[:official_prompt_length(prompt)] + tokenizer.encode(response, bos=False)
+        merged += expected_ids[:-1] != separate
+    return merged
+
+
+def test_alpaca_example_is_the_official_preprocess_on_sentencepiece():
+    """The official pin (transformers 4.45) tokenizes with the slow LlamaTokenizer, legacy mode, which
+    gives BOS + sentencepiece(text) + EOS for text + "</s>" ("</s>" is split off as a special token);
+    transformers 5 has no slow tokenizer, so sentencepiece computes it here."""
+    import sentencepiece
+
+    directory = os.path.join(ASSETS, "tiny-llama")
+    processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+    bos, eos = processor.bos_id(), processor.eos_id()
+    tokenizer = Tokenizer(directory)
+    merged = check_official_alpaca(tokenizer, lambda text: [bos] + processor.encode(text) + [eos],
+                                   lambda prompt: 1 + len(processor.encode(prompt)))
+    assert merged >= 190  # sentencepiece's "▁" starts a response encoded alone: nearly every pair differs
+    # truncated as the official `tokenizer(..., max_length, truncation=True)`: the cut may take the EOS and the response
+    check_official_alpaca(tokenizer, lambda text: ([bos] + processor.encode(text) + [eos])[:40],
+                          lambda prompt: min(40, 1 + len(processor.encode(prompt))), max_len=40)
+
+
+@pytest.mark.parametrize("style", ["llama3_style", "metaspace_style", "smollm2_dir"])
+def test_alpaca_example_is_the_official_preprocess_on_tokenizer_json(style, request):
+    """A tokenizer.json checkpoint in transformers' fast tokenizer, `tokenizer(text)`: the `tokenizers`
+    library with its post-processor, the EOS written as text ("{response}{eos_token}") split off as the
+    special token it is."""
+    directory = request.getfixturevalue(style)
+    tokenizer = Tokenizer(directory)
+    eos_text = tokenizer.token_text(tokenizer.eos_id)
+    merged = check_official_alpaca(tokenizer,
+                                   lambda text: tokenizer.backend.encode(text + eos_text).ids,
+                                   lambda prompt: len(tokenizer.backend.encode(prompt).ids))
+    assert merged >= 1  # some response joins the prompt's last token: one string is not two
 
 
 def test_prompt_format_defaults_to_the_checkpoint(llama3_style, tmp_path):

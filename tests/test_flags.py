@@ -144,19 +144,26 @@ def test_a_flag_the_presets_do_not_set_has_one_default_in_both(trainer, model, c
 
 
 def test_model_without_data_trains_on_the_paper_data_set(tmp_path, capsys):
-    """--model given, no --data: the paper preset, MetaMathQA's first 100K samples, and the run says so."""
+    """--model given, no --data: the paper preset, the official script's 100K MetaMathQA samples
+    (fxmeng/pissa-dataset's metamath directory, fields instruction / output), and the run says so."""
     model = tmp_path / "model"
     shutil.copytree(os.path.join(ASSETS, "tiny-llama"), model)
     out = tmp_path / "run"
     settings = train_nlg.main(["--model", str(model), "--out", str(out), "--dry-run"])
-    assert settings["data"] == "meta-math/MetaMathQA" and settings["max_samples"] == 100_000  # Sec. 3.1
+    assert (settings["data"], settings["data_dir"], settings["format"]) == ("fxmeng/pissa-dataset", "metamath", "pissa")
+    assert settings["max_samples"] == 100_000  # Sec. 3.1
     for key, value in train_nlg.PAPER.items():
         if key != "model":
             assert settings[key] == value, key
     printed = capsys.readouterr().out
     assert "settings: the paper preset" in printed
-    assert "data: meta-math/MetaMathQA, its first 100,000 records" in printed and "the paper's data set" in printed
+    assert "data: fxmeng/pissa-dataset (metamath, 100,000): the first 100,000 records" in printed
+    assert "the official script's data" in printed
     assert not out.exists()  # a dry run writes nothing
+    # MetaMathQA itself: another --data takes the metamath format, without a sub-directory
+    settings = train_nlg.main(["--model", str(model), "--data", "meta-math/MetaMathQA", "--dry-run"])
+    assert (settings["data_dir"], settings["format"]) == (None, "metamath")
+    assert "data: meta-math/MetaMathQA, its first 100,000 records in the metamath format" in capsys.readouterr().out
     # the toy preset: its own data, said as well
     settings = train_nlg.main(["--dry-run"])
     assert settings["data"] == os.path.join(ASSETS, "data", "metamath_train.jsonl") and settings["max_samples"] == 384

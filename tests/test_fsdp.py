@@ -212,6 +212,63 @@ def test_sharded_loading_names_missing_and_unexpected_weights_before_reading_any
         dist.destroy_process_group()
 
 
+class ReducedOn(Exception):
+    """Raised by the stand-in all_reduce below with the device of the tensor it was given."""
+
+
+def nccl_all_reduce(tensor, op=None, group=None):
+    """NCCL's all_reduce as far as devices go: a CPU tensor raises (as NCCL does), any other stops the
+    test with its device."""
+    if tensor.device.type == "cpu":
+        raise RuntimeError("No backend type associated with device type cpu")
+    raise ReducedOn(tensor.device)
+
+
+def test_finiteness_flags_are_reduced_on_the_backends_device(tmp_path, monkeypatch):
+    """fsdp.save_checkpoint and training.check_finite put their flag where the backend reduces: under
+    a backend whose capability is GPU only (NCCL) on this process's GPU, not the CPU. A CPU-only machine
+    has no GPU tensor, so the GPU is stood in for by the meta device once collective_device() has
+    chosen it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import fsdp
+    import training
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        # sharded parameters as FSDP leaves them (DTensors) on a one-rank mesh
+        mesh = init_device_mesh("cpu", (1,))
+        model = torch.nn.Linear(4, 4)
+        for name, parameter in list(model.named_parameters()):
+            setattr(model, name, torch.nn.Parameter(distribute_tensor(parameter.detach(), mesh, [Replicate()])))
+        assert training.collective_device() == torch.device("cpu")  # gloo reduces CPU tensors
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+        assert training.collective_device() == torch.device("cuda", 3)
+        monkeypatch.setitem(dist.Backend.backend_capability, "nccl", ["cpu", "cuda"])  # the capability decides
+        assert training.collective_device() == torch.device("cpu")
+        monkeypatch.undo()
+
+        monkeypatch.setattr(training, "collective_device", lambda: torch.device("meta"))
+        monkeypatch.setattr(dist, "all_reduce", nccl_all_reduce)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = training.lr_schedule_with_warmup(optimizer, 0, 1)
+        with pytest.raises(ReducedOn) as reduced:
+            fsdp.save_checkpoint(str(tmp_path / "checkpoint"), model, optimizer, scheduler, 1, {}, {}, {})
+        assert reduced.value.args[0] == torch.device("meta")
+        with pytest.raises(ReducedOn) as reduced:
+            training.check_finite(torch.tensor(1.0), step=1)
+        assert reduced.value.args[0] == torch.device("meta")
+        assert not (tmp_path / "checkpoint").exists()
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_exports_the_same_peft_adapter(tiny, tmp_path):
     train_nlg.main(tiny_args(tiny, tmp_path / "single", *COMMON))

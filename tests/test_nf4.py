@@ -2,7 +2,8 @@
 Tests of the 4-bit base (nf4.py: NF4 levels, nf4_quantize / nf4_dequantize, NF4Linear,
 quantize_base after add_lora): bit for bit against bitsandbytes' quantize_4bit /
 dequantize_4bit (quant_type="nf4", blocksize=64) on random and on real matrices, double quantization,
-the QPiSSA order, the teacher under quantization, and adapters saved and merged on a 4-bit base.
+the QPiSSA order, the teacher under quantization (the quantized model) and the full one (the
+full-precision model, bit for bit), and adapters saved and merged on a 4-bit base.
 bitsandbytes is a test-only oracle (requirements-dev.txt).
 """
 
@@ -202,6 +203,42 @@ def test_the_teacher_under_quantization_is_the_quantized_model(method):
     train_a_few_steps(model)
     with torch.no_grad(), pretrained_mode(model):
         assert rel_err(model(ids).logits, teacher) <= 1e-6
+
+
+@pytest.mark.parametrize("method, targets", [
+    (dict(init="lora"), TARGETS), (dict(init="pissa"), TARGETS), (dict(init="pissa", dora=True), TARGETS),
+    (dict(init="pissa"), ["q_proj", "v_proj"]),  # the other linear layers quantized without an adapter
+], ids=["qlora", "qpissa", "qdora-pissa", "qpissa-two-targets"])
+def test_the_full_teacher_is_the_full_precision_model_bit_for_bit(method, targets):
+    original = tiny_llama()
+    model = copy.deepcopy(original)
+    teacher_weights = nf4.pretrained_weights(model)  # before add_lora: PiSSA writes W_res in place
+    add_lora(model, targets, r=4, alpha=8, **method)
+    nf4.quantize_base(model, "nf4", teacher_weights)
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(quantized) == 14 and all(m.teacher_weight.dtype == torch.float32 for m in quantized)
+    assert not any("teacher" in name for name in model.state_dict())  # kept for the teacher, never saved
+    ids = input_ids()
+    expected = logits_of(original, ids)
+    with torch.no_grad(), pretrained_mode(model):
+        teacher = model(ids).logits
+    assert torch.equal(teacher, expected)  # KL(teacher || full-precision model) = 0
+    assert rel_err(logits_of(model, ids), expected) > 1e-3  # the student computes on the 4-bit base
+    train_a_few_steps(model)
+    with torch.no_grad(), pretrained_mode(model):
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_the_trainers_keep_the_full_teacher_only_when_asked():
+    import training
+
+    for teacher, kept in (("full", True), ("quantized", False)):
+        model = tiny_llama()
+        training.adapt(model, "nf4", teacher, target_modules=TARGETS, r=4, alpha=8, init="pissa")
+        assert all((m.teacher_weight is not None) == kept for m in model.modules() if isinstance(m, NF4Linear))
+    model = tiny_llama()
+    training.adapt(model, "none", "full", target_modules=TARGETS, r=4, alpha=8, init="pissa")
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())  # a full-precision base is its own teacher
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -2,7 +2,8 @@
 QBA-LoRA (Fig. 5) and DoRA + Reg (Table 10) through the training scripts: a 4-bit run on the tiny
 Llama resumes to the same adapter as an uninterrupted one, a DoRA + Reg run on a 4-bit base is
 evaluated by eval.py on the base it was trained on, train_nlu.py runs both, and SmolLM2 trains a few
-4-bit steps with a resume.
+4-bit steps with a resume; the consistency term's teacher on a 4-bit base is the full-precision model
+(--teacher full) or the quantized one (--teacher quantized), as logged.
 """
 
 import json
@@ -10,21 +11,47 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adapters
 import balora
 import eval as evaluation
+import nf4
 import train_nlg
 import train_nlu
 from model import Llama
-from test_train_nlg import (crash_after_saving, max_abs_diff, read_log, run_killed_and_resumed, tiny,  # noqa: F401
-                            tiny_args, trainable_after)
+from test_train_nlg import (crash_after_saving, max_abs_diff, read_log, response_token_batch, run_killed_and_resumed,  # noqa: F401
+                            tiny, tiny_args, trainable_after, write_jsonl)
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def adapter_config(out):
     return json.loads((out / "adapter" / adapters.CONFIG_NAME).read_text())
+
+
+@pytest.mark.parametrize("teacher", ["full", "quantized"])
+def test_the_logged_consistency_on_a_4bit_base_is_against_the_chosen_teacher(tiny, tmp_path, teacher):
+    # step 1 sees the adapter at its start, on the quantized base: the student is Q(W_res) + s B0 A0
+    rows = tiny["rows"][:4]
+    train_nlg.main(tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "balora",
+                             "--quantize", "nf4", "--teacher", teacher, "--batch-size", "4", "--micro-batch-size", "4",
+                             "--max-steps", "1", "--max-length", "512"))
+    logged = read_log(tmp_path)[0]
+    input_ids, attention_mask, valid = response_token_batch(tiny, rows)
+    full_precision = Llama.from_pretrained(tiny["model"])
+    student = Llama.from_pretrained(tiny["model"])
+    balora.add_lora(student, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","), r=4, alpha=8, init="pissa")
+    nf4.quantize_base(student, "nf4")
+    with torch.no_grad():
+        student_logits = student(input_ids, attention_mask)[:, :-1][valid]
+        full_logits = full_precision(input_ids, attention_mask)[:, :-1][valid]
+    if teacher == "full":  # the official teacher: KL(full-precision model || 4-bit student)
+        expected = balora.nlg_consistency_loss(full_logits, student_logits, 2.0).item()
+        assert expected > 1e-5  # 4 bits move the tiny model's distributions a little
+        assert abs(logged["consistency"] - expected) <= 1e-3 * expected
+    else:  # the quantized model is its own teacher: the student starts on it
+        assert abs(logged["consistency"]) <= 1e-8
 
 
 @pytest.mark.slow

@@ -137,6 +137,45 @@ def test_json_and_parquet_files_load_the_first_max_samples(tmp_path):
         load_examples(str(tmp_path / "d.txt"), "alpaca", 3)
 
 
+def pissa_dataset_copy(root, rows):
+    """A local directory laid out as the hub's fxmeng/pissa-dataset: one sub-directory per task, each
+    with its train / test files; `rows` in metamath/, other rows beside them in python/."""
+    import pyarrow
+    import pyarrow.parquet
+
+    for task, task_rows in (("metamath", rows), ("python", [{"instruction": "def f", "output": "pass", "type": "x"}])):
+        (root / task).mkdir(parents=True)
+        for split, split_rows in (("train", task_rows), ("test", task_rows[:1])):
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(split_rows), root / task / f"{split}-00000-of-00001.parquet")
+    return str(root)
+
+
+def test_paper_preset_reads_the_metamath_directory_of_pissa_dataset(tiny, tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"instruction": row["query"], "output": row["response"], "type": "GSM_Rephrased"} for row in tiny["rows"]]
+    root = pissa_dataset_copy(tmp_path / "pissa-dataset", rows)
+    calls, real_load_dataset = [], datasets.load_dataset
+
+    def hub_from_local_copy(name, *args, **kwargs):  # the hub is out of reach here: its layout is read from disk
+        calls.append((name, kwargs))
+        return real_load_dataset(root if name == "fxmeng/pissa-dataset" else name, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_from_local_copy)
+    expected = [(row["instruction"], row["output"]) for row in rows[:8]]
+    assert load_examples("fxmeng/pissa-dataset", "pissa", 8, data_dir="metamath") == expected
+    out = tmp_path / "out"
+    train_nlg.main(["--model", tiny["model"], "--max-samples", "8", "--batch-size", "4", "--micro-batch-size", "2",
+                    "--rank", "4", "--alpha", "8", "--dtype", "fp32", "--device", "cpu", "--max-length", "96",
+                    "--save-every", "0", "--out", str(out), "--no-progress"])
+    assert calls[-1] == ("fxmeng/pissa-dataset", {"data_dir": "metamath", "split": "train[:8]"})
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["format"] == "pissa" and config["derived"]["examples"] == 8
+    # a local file cannot have a sub-directory: the flag is named before anything runs
+    with pytest.raises(ValueError, match="--data-dir 'metamath' names a sub-directory"):
+        load_examples(tiny["data"], "metamath", 8, data_dir="metamath")
+
+
 def test_missing_field_stops_the_run_before_training(tiny, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q", "answer": "A"}])
     with pytest.raises(ValueError, match="'query', 'response'"):
@@ -158,11 +197,11 @@ def test_prompt_is_masked_and_response_ends_with_eos(tiny):
     tokenizer = Tokenizer(tiny["model"])
     query, response = "Tom has 3 apples.", "The answer is: 3"
     input_ids, labels = tokenize_example(tokenizer, query, response, max_len=512)
-    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(query=query), bos=True)
-    assert input_ids[: len(prompt_ids)] == prompt_ids and input_ids[0] == tokenizer.bos_id
+    prompt = PROMPT_TEMPLATE.format(query=query)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    assert input_ids == tokenizer.encode(prompt + response, bos=True) + [tokenizer.eos_id] and input_ids[0] == tokenizer.bos_id
     assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
-    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] == tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
-    assert tokenizer.decode(input_ids[len(prompt_ids):-1]) == response
+    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):] and labels[-1] == tokenizer.eos_id
     short_ids, short_labels = tokenize_example(tokenizer, query, response, max_len=len(prompt_ids) + 2)
     assert len(short_ids) == len(short_labels) == len(prompt_ids) + 2
 
@@ -183,9 +222,10 @@ def response_token_batch(tiny, rows):
     tokenizer = Tokenizer(tiny["model"] if isinstance(tiny, dict) else tiny)
     sequences, prompt_lengths = [], []
     for row in rows:
-        prompt = tokenizer.encode(PROMPT_TEMPLATE.format(query=row["query"]), bos=True)
-        sequences.append(prompt + tokenizer.encode(row["response"], bos=False) + [tokenizer.eos_id])
-        prompt_lengths.append(len(prompt))
+        # one string, the prompt's own token count masked (the official preprocess)
+        prompt = PROMPT_TEMPLATE.format(query=row["query"])
+        sequences.append(tokenizer.encode(prompt + row["response"], bos=True) + [tokenizer.eos_id])
+        prompt_lengths.append(len(tokenizer.encode(prompt, bos=True)))
     input_ids, attention_mask = tokenizer.pad_batch(sequences)
     # logits at position t predict token t + 1: response tokens are predicted from prompt_len - 1 on
     positions = torch.arange(input_ids.shape[1] - 1)
@@ -207,6 +247,51 @@ def test_task_loss_is_plain_cross_entropy_on_response_tokens(tiny, tmp_path):
     assert logged["task_tokens"] == int(valid.sum())
     assert abs(logged["task"] - expected.item()) < 1e-5
     assert abs(logged["total"] - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("loss_normalization", ["tokens", "micro-batch"])
+def test_task_loss_over_an_uneven_accumulation_is_its_naive_mean(tiny, tmp_path, monkeypatch, loss_normalization):
+    # responses of very different lengths: the 4 micro-batches of 2 hold different numbers of response tokens
+    rows = [dict(row, response=row["response"] + " Check: 2 + 2 = 4." * (3 * i % 7)) for i, row in enumerate(tiny["rows"][:8])]
+    args = tiny_args(tiny, tmp_path, "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--method", "pissa",
+                     "--batch-size", "8", "--micro-batch-size", "2", "--max-length", "512", "--max-steps", "1",
+                     "--loss-normalization", loss_normalization)
+    gradients, real_clip = {}, torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(parameters, max_norm):  # the step's gradient, before clipping
+        parameters = list(parameters)
+        gradients.update({id(p): p.grad.clone() for p in parameters})
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    train_nlg.main(args)
+    logged = read_log(tmp_path)[0]
+
+    # naive: the step's micro-batches in order, each one's CE summed over its response tokens
+    model = Llama.from_pretrained(tiny["model"])
+    balora.add_lora(model, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","), r=4, alpha=8, init="pissa")
+    order = train_nlg.global_batch_indices(len(rows), 8, step=0, seed=42)
+    sums, counts = [], []
+    for start in range(0, 8, 2):
+        input_ids, attention_mask, valid = response_token_batch(tiny, [rows[i] for i in order[start:start + 2]])
+        logits = model(input_ids, attention_mask)[:, :-1]
+        sums.append(F.cross_entropy(logits[valid], input_ids[:, 1:][valid], reduction="sum"))
+        counts.append(int(valid.sum()))
+    assert len(set(counts)) > 1, counts  # uneven
+    if loss_normalization == "tokens":
+        expected = sum(sums) / sum(counts)
+    else:  # transformers 4.45.1: each micro-batch's mean, averaged over the accumulation steps
+        expected = sum(total / count for total, count in zip(sums, counts)) / len(counts)
+    expected.backward()
+    assert abs(logged["task"] - expected.item()) < 1e-5 and abs(logged["total"] - expected.item()) < 1e-5
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ours = list(gradients.values())
+    assert len(ours) == len(trainable)
+    for theirs, mine in zip(trainable, ours):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-7)
+    other = sum(sums) / sum(counts) if loss_normalization != "tokens" else \
+        sum(total / count for total, count in zip(sums, counts)) / len(counts)
+    assert abs(other.item() - expected.item()) > 1e-3  # the two normalizations differ on this batch
 
 
 def crash_after_saving(monkeypatch, at_step):
@@ -528,8 +613,9 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
     assert saved == {key: value for key, value in config["settings"].items() if key not in training.RESUME_MAY_CHANGE}
 
-    # The task loss falls: response-token CE on the first 64 training examples, pretrained model
-    # vs the same model with the saved adapter (per-step log values are too noisy at loss ~0.05).
+    # The task loss falls: response-token CE on the first 64 training examples (tokenized as the official
+    # preprocess: no space after "### Response:", unlike the tiny model's pretraining text), pretrained
+    # model vs the same model with the saved adapter.
     with open(os.path.join(REPO, "assets", "data", "metamath_train.jsonl")) as f:
         rows = [json.loads(line) for line, _ in zip(f, range(64))]
     input_ids, attention_mask, valid = response_token_batch(model_dir, rows)
@@ -541,7 +627,7 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
 
     before = response_loss(Llama.from_pretrained(model_dir))
     after = response_loss(adapters.load_adapter(Llama.from_pretrained(model_dir), str(tmp_path / "adapter")))
-    assert after < 0.95 * before, (before, after)  # measured: 0.033 -> 0.029 after 12 steps
+    assert after < 0.95 * before, (before, after)  # measured: 1.024 -> 0.547 after 12 steps
 
 
 # -----------------------------------------------------------------------------

@@ -3,10 +3,11 @@ The 4-bit base (QLoRA / QPiSSA / QBA-LoRA, Fig. 5) measured on real weights, Smo
 
   1. quantization error of every adapted matrix, QLoRA ||W - Q(W)||_F against QPiSSA
      ||W - (Q(W_res) + s B A)||_F (the trainers' path: balora.add_lora's SVD, then nf4.quantize_base of the residual);
-  2. the teacher under quantization (pretrained_mode on a 4-bit base is the quantized model, not W):
-     its distance from the full-precision model's next-token distributions on metamath_train's responses;
+  2. the teacher on a 4-bit base (--teacher quantized: pretrained_mode computes the quantized model;
+     --teacher full: the pretrained W kept beside the codes): its distance from the full-precision model's
+     next-token distributions on metamath_train's responses;
   3. peak memory (CPU resident set) of one training step, and bytes per base weight, with and without
-     --quantize, each in a fresh subprocess.
+     --quantize, and on a 4-bit base with either teacher, each in a fresh subprocess.
 
     python tools/nf4_report.py --model ~/.cache/balora/smollm2-135m-instruct                 # -> out/nf4/
     python tools/nf4_report.py --model ~/.cache/balora/smollm2-135m-instruct --update-docs   # -> assets/nf4/
@@ -34,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import balora  # noqa: E402
 import nf4  # noqa: E402
+import training  # noqa: E402
 from data import Tokenizer, collate, load_examples  # noqa: E402
 from model import Llama  # noqa: E402
 
@@ -78,15 +80,14 @@ def response_batch(model_dir, count, max_length):
     return input_ids, attention_mask, labels[:, 1:] != -100
 
 
-def teacher_distance(model, batch, init, rank, quantize):
+def teacher_distance(model, batch, init, rank, quantize, teacher):
     """KL(p_W || p_teacher) per response token (mean), top-1 agreement and max |logit difference|."""
     input_ids, attention_mask, response = batch
     output_mask = F.pad(response, (0, 1), value=False)
     with torch.no_grad():
         reference = model(input_ids, attention_mask, output_mask=output_mask).float()
         adapted = copy.deepcopy(model)
-        balora.add_lora(adapted, TARGETS, r=rank, alpha=rank, init=init)
-        nf4.quantize_base(adapted, quantize)
+        training.adapt(adapted, quantize, teacher, target_modules=TARGETS, r=rank, alpha=rank, init=init)
         with balora.pretrained_mode(adapted):
             teacher = adapted(input_ids, attention_mask, output_mask=output_mask).float()
     log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(teacher, -1)
@@ -105,7 +106,7 @@ def resident_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def one_step(model_dir, dtype, quantize, rank, micro_batch_size, max_length):
+def one_step(model_dir, dtype, quantize, teacher, rank, micro_batch_size, max_length):
     """Load, adapt (PiSSA + the regularizers' teacher, as --method balora), then measure one step."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)
@@ -113,9 +114,9 @@ def one_step(model_dir, dtype, quantize, rank, micro_batch_size, max_length):
     with torch.no_grad():  # fp32 tensors from safetensors are views of the memory-mapped file, whose
         for tensor in [*model.parameters(), *model.buffers()]:  # pages would stay resident: own copies
             tensor.data = tensor.data.clone()
-    balora.add_lora(model, TARGETS, r=rank, alpha=rank, init="pissa", pissa_niter=4)
-    # quantized after add_lora, as the trainers do: measure the base bytes here
-    stored, weights = nf4.quantize_base(model, quantize)
+    # quantized after add_lora, as the trainers do (training.adapt): measure the base bytes here
+    training.adapt(model, quantize, teacher, target_modules=TARGETS, r=rank, alpha=rank, init="pissa", pissa_niter=4)
+    stored, weights = quantized_bytes(model)
     linear_weights = weights or sum(m.base.weight.numel() for _, m in balora.lora_layers(model))
     linear_bytes = stored or linear_weights * torch.finfo(dtype).bits // 8
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,7 +124,8 @@ def one_step(model_dir, dtype, quantize, rank, micro_batch_size, max_length):
     input_ids, attention_mask, response = response_batch(model_dir, micro_batch_size, max_length)
     output_mask = F.pad(response, (0, 1), value=False)
     targets = input_ids[:, 1:][response]
-    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    teacher_tensors = [m.teacher_weight for m in model.modules() if getattr(m, "teacher_weight", None) is not None]
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), *teacher_tensors])
     # the full-precision weights freed by quantize_base stay in the C heap unless it is trimmed
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -140,13 +142,21 @@ def one_step(model_dir, dtype, quantize, rank, micro_batch_size, max_length):
     optimizer.step()
     seconds = time.time() - start
     peak = resident_kib("VmHWM")
-    return dict(model_tensors_mib=model_bytes / 2**20, resident_before_step_mib=before / 1024,
+    return dict(model_tensors_mib=model_bytes / 2**20, teacher_weights_mib=sum(t.numel() * t.element_size()
+                                                                                   for t in teacher_tensors) / 2**20,
+                resident_before_step_mib=before / 1024,
                 peak_during_step_mib=peak / 1024, step_increase_mib=(peak - before) / 1024, step_seconds=seconds, linear_weights=linear_weights, linear_bytes=linear_bytes,
                 bytes_per_linear_weight=linear_bytes / linear_weights, tokens=int(attention_mask.sum()))
 
 
-def step_in_subprocess(args, dtype, quantize):
-    command = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--step", dtype, quantize,
+def quantized_bytes(model):
+    """(bytes of the NF4 codes and constants, weights they hold) over the model's NF4Linear layers."""
+    layers = [m for m in model.modules() if isinstance(m, nf4.NF4Linear)]
+    return sum(m.base_bytes() for m in layers), sum(m.in_features * m.out_features for m in layers)
+
+
+def step_in_subprocess(args, dtype, quantize, teacher):
+    command = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--step", dtype, quantize, teacher,
                "--rank", str(args.rank), "--micro-batch-size", str(args.micro_batch_size),
                "--max-length", str(args.max_length)]
     # a fixed mmap threshold: glibc otherwise raises it to the size of the first freed weight, and the
@@ -182,11 +192,13 @@ def write_report(results, out):
             smaller = sum(p[1] < p[0] for p in pairs)
             lines.append(f"| {name} ({len(pairs)}) | {qlora:.4f} | {qpissa:.4f} | {qpissa / qlora:.3f} | {smaller} / {len(pairs)} |")
         lines.append("")
-    lines += ["## 2. The teacher under quantization", "",
-              "The consistency terms' teacher on a 4-bit base is the quantized model (pretrained_mode computes "
-              "Q(W) for init=lora, Q(W_res) + s B0 A0 for init=pissa), as in QLoRA; the full-precision W is not kept. "
-              f"Its distance from the full-precision model on the {results['teacher_tokens']} response tokens of "
-              f"the first {results['teacher_examples']} metamath_train examples (chat format, fp32):", "",
+    lines += ["## 2. The teacher on a 4-bit base", "",
+              "The consistency terms' teacher on a 4-bit base: with --teacher quantized the quantized model "
+              "(pretrained_mode computes Q(W) for init=lora, Q(W_res) + s B0 A0 for init=pissa), as in QLoRA; with "
+              "--teacher full the full-precision model, the official QBA-LoRA's teacher (each quantized layer keeps "
+              "its pretrained W). Its distance from the full-precision model on the "
+              f"{results['teacher_tokens']} response tokens of the first {results['teacher_examples']} metamath_train "
+              "examples (chat format, fp32):", "",
               "| teacher | mean KL(p_W ‖ p_teacher) | max KL | top-1 agreement | max abs logit diff |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for name, row in results["teacher"].items():
@@ -198,12 +210,15 @@ def write_report(results, out):
               "on the CPU: the model's tensors (parameters and buffers), the process's resident set before the step "
               "(Python and torch included), its peak during the step, and what the step adds (activations, gradients, "
               "AdamW state, the dequantized weight of the layer being computed). Only the 210 adapted linear layers "
-              "are quantized; the tied embedding / LM head (28.3M of the 134.5M weights) stays in the model dtype, as in QLoRA.", "",
-              "| dtype | --quantize | bytes per linear weight | linear weights (MiB) | model tensors (MiB) | resident before (MiB) | peak during the step (MiB) | step adds (MiB) | step (s) |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "are quantized; the tied embedding / LM head (28.3M of the 134.5M weights) stays in the model dtype, as in QLoRA. "
+              "With --teacher full the model tensors include the pretrained linear weights the teacher computes with "
+              "(the `teacher copy` column), in the model dtype, on the device the model runs on.", "",
+              "| dtype | --quantize | --teacher | bytes per linear weight | linear weights (MiB) | teacher copy (MiB) | model tensors (MiB) | resident before (MiB) | peak during the step (MiB) | step adds (MiB) | step (s) |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in results["memory"].items():
-        dtype, quantize = name.split("/")
-        lines.append(f"| {dtype} | {quantize} | {row['bytes_per_linear_weight']:.4f} | {row['linear_bytes'] / 2**20:.1f} | "
+        dtype, quantize, teacher = name.split("/")
+        lines.append(f"| {dtype} | {quantize} | {teacher if quantize != 'none' else '-'} | {row['bytes_per_linear_weight']:.4f} | "
+                     f"{row['linear_bytes'] / 2**20:.1f} | {row['teacher_weights_mib']:.1f} | "
                      f"{row['model_tensors_mib']:.0f} | {row['resident_before_step_mib']:.0f} | {row['peak_during_step_mib']:.0f} | "
                      f"{row['step_increase_mib']:.0f} | {row['step_seconds']:.1f} |")
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -220,8 +235,12 @@ def run_errors_and_teacher(args, results, start):
     batch = response_batch(args.model, args.teacher_examples, args.max_length)
     for quantize in ("nf4", "nf4-dq"):
         for init, label in (("lora", "QLoRA: Q(W)"), ("pissa", f"QPiSSA: Q(W_res) + s B0 A0, r = {args.rank}")):
-            row = teacher_distance(model, batch, init, args.rank, quantize)
-            results["teacher"][f"{label}, {quantize}"] = row
+            row = teacher_distance(model, batch, init, args.rank, quantize, "quantized")
+            results["teacher"][f"--teacher quantized, {label}, {quantize}"] = row
+            print(f"[{time.time() - start:5.0f}s] teacher {label} {quantize}: {row}", flush=True)
+        for init, label in (("lora", "QLoRA"), ("pissa", f"QPiSSA, r = {args.rank}")):
+            row = teacher_distance(model, batch, init, args.rank, quantize, "full")
+            results["teacher"][f"--teacher full: W, {label}, {quantize}"] = row
             results["teacher_tokens"] = row["tokens"]
             print(f"[{time.time() - start:5.0f}s] teacher {label} {quantize}: {row}", flush=True)
 
@@ -238,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--memory-only", action="store_true",
                         help="rerun part 3 only, keeping parts 1 and 2 of the results.json already in the output directory")
-    parser.add_argument("--step", nargs=2, metavar=("DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)  # the subprocess
+    parser.add_argument("--step", nargs=3, metavar=("DTYPE", "QUANTIZE", "TEACHER"), help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     if args.step:
         print(json.dumps(one_step(args.model, *args.step, args.rank, args.micro_batch_size, args.max_length)))
@@ -258,9 +277,11 @@ def main(argv=None):
     else:
         run_errors_and_teacher(args, results, start)
     for dtype in ("fp32", "bf16"):
-        for quantize in ("none", "nf4", "nf4-dq"):
-            results["memory"][f"{dtype}/{quantize}"] = step_in_subprocess(args, dtype, quantize)
-            print(f"[{time.time() - start:5.0f}s] memory {dtype} {quantize}: {results['memory'][f'{dtype}/{quantize}']}", flush=True)
+        for quantize, teacher in (("none", "full"), ("nf4", "quantized"), ("nf4", "full"), ("nf4-dq", "quantized"),
+                                  ("nf4-dq", "full")):
+            key = f"{dtype}/{quantize}/{teacher}"
+            results["memory"][key] = step_in_subprocess(args, dtype, quantize, teacher)
+            print(f"[{time.time() - start:5.0f}s] memory {key}: {results['memory'][key]}", flush=True)
     results["minutes"] = (time.time() - start) / 60 + results.get("minutes_parts_1_2", 0)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
