@@ -111,7 +111,12 @@ def word_problem(rng, op, flawed=False):
 
 
 def metamath_response(problem):
-    return f"{problem['step']}\nThe answer is: {problem['answer']}"
+    """
+    The response as it follows the Alpaca prompt's "### Response:": after one space, in pretraining and in
+    the fine-tuning set alike. train_nlg.py tokenizes prompt + response as one string (the official
+    preprocess), so the fine-tuning tokens are then the ones pretraining showed (':', '▁4', not ':', '4').
+    """
+    return f" {problem['step']}\nThe answer is: {problem['answer']}"
 
 
 def gsm8k_answer(problem):
@@ -241,7 +246,7 @@ def build_datasets(rng):
             problem = pretraining_problem(rng)
             seen_questions.add(problem["question"])
             pretrain_docs.append(
-                PROMPT_TEMPLATE.format(query=problem["question"]) + " " + metamath_response(problem))
+                PROMPT_TEMPLATE.format(query=problem["question"]) + metamath_response(problem))
         else:
             pretrain_docs.append(paragraph(rng, facts))
     seen = set(pretrain_docs)
@@ -627,7 +632,7 @@ Face layout, so the code that loads them also loads real checkpoints.
 | --- | --- |
 | `tiny-llama/` | `config.json` (model_type llama), `model.safetensors`, `tokenizer.model`: a LLaMA-2-style decoder, {LLAMA_CONFIG['num_hidden_layers']} layers, hidden {LLAMA_CONFIG['hidden_size']}, {LLAMA_CONFIG['num_attention_heads']} query / {LLAMA_CONFIG['num_key_value_heads']} key-value heads (GQA), SwiGLU {LLAMA_CONFIG['intermediate_size']}, RoPE, untied head; {llama['params']:,} parameters; BPE vocabulary of {llama['vocab_size']} (digits split, byte fallback, LLaMA's ids unk 0 / bos 1 / eos 2) |
 | `tiny-deberta/` | `config.json` (model_type deberta-v2 with the v3 flags), `model.safetensors` (encoder only, keys under `deberta.`), `spm.model` ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3): a DeBERTa-v3-style encoder, {DEBERTA_CONFIG['num_hidden_layers']} layers, hidden {DEBERTA_CONFIG['hidden_size']}, {DEBERTA_CONFIG['num_attention_heads']} heads, {DEBERTA_CONFIG['position_buckets']} relative-position buckets; {deberta['params']:,} parameters; vocabulary of {deberta['vocab_size']} |
-| `data/metamath_train.jsonl` | {report['sizes']['metamath_train']} `{{query, response}}` arithmetic word problems (add, subtract, multiply, two steps); responses show the step and end "The answer is: N"; all answers correct |
+| `data/metamath_train.jsonl` | {report['sizes']['metamath_train']} `{{query, response}}` arithmetic word problems (add, subtract, multiply, two steps); responses start with the space that follows "### Response:" in pretraining, show the step and end "The answer is: N"; all answers correct |
 | `data/gsm8k_test.jsonl` | {report['sizes']['gsm8k_test']} `{{question, answer}}` problems of the same mix, none of them (word for word) in the pretraining corpus or the fine-tuning set; answers end "#### N" |
 | `data/nli_train.jsonl`, `data/nli_validation.jsonl` | {report['sizes']['nli_train']} / {report['sizes']['nli_validation']} balanced MNLI-shaped pairs `{{premise, hypothesis, label}}`, 0 = entailment, 1 = neutral, 2 = contradiction, from three rule-labelled template families: compare a person's age with a number, match an object's color, match a person's place (the hypothesis is neutral when it names someone/something the premise does not) |
 | `data/ppl.txt` | {report['sizes']['ppl']} held-out paragraphs of the pretraining distribution's plain text (never a pretraining document): the "pretrained knowledge" perplexity probe of Appendix C.7 |
