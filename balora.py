@@ -537,7 +537,7 @@ def nlg_svd_loss(logits, k, oversample=5, niter=2, generator=None):
     QR's undefined gradient for rank-deficient sketches (fewer than l distinct rows) and costs one
     (M, V) product in backward instead of 2 * niter + 2. (The official code, train.py at 2829797, through
     torch.svd_lowrank, differentiates the range finder too.) When k >= min(M, V) the sum takes every
-    singular value: -||Z||_* / ||Z||_F, as the official code's exact branch gives; 0 for M = 0 or Z = 0.
+    singular value: -||Z||_* / ||Z||_F, as the official code's exact branch (train.py at 2829797) gives; 0 for M = 0 or Z = 0.
     """
     _check_matrix("nlg_svd_loss", logits)
     if k < 1:

@@ -108,7 +108,7 @@ def parse_args(argv=None):
          help="regularize the response tokens (task) or every non-padded token (all)")
     flag("--loss-normalization", default="tokens", choices=list(LOSS_NORMALIZATIONS),
          help="the task loss over a global batch: tokens, one mean over its response tokens; micro-batch, the mean "
-              "of each micro-batch's token mean (the official code's, transformers 4.45.1's Trainer)")
+              "of each micro-batch's token mean (llm172/BA-LoRA train.py at 2829797 through transformers 4.45.1's Trainer)")
     flag("--lr", type=float, help="AdamW peak learning rate")
     flag("--weight-decay", default=0.0, type=float, help="AdamW weight decay")
     flag("--warmup-ratio", default=0.03, type=float, help="share of the steps warming the learning rate up before its cosine decay")

@@ -51,7 +51,7 @@ QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 6
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
 TEACHER_CHOICES = list(nf4.TEACHERS)
 TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, the full-precision pretrained model "
-                "as the official QBA-LoRA's, at one extra copy of the quantized weights in the model dtype; quantized, "
+                "as the official QBA-LoRA's (llm172/BA-LoRA train.py at 2829797), at one extra copy of the quantized weights in the model dtype; quantized, "
                 "the 4-bit model itself, at no extra memory (ours)")
 
 
