@@ -111,12 +111,7 @@ def word_problem(rng, op, flawed=False):
 
 
 def metamath_response(problem):
-    """
-    The response as it follows the Alpaca prompt's "### Response:": after one space, in pretraining and in
-    the fine-tuning set alike. train_nlg.py tokenizes prompt + response as one string (the official
-    preprocess), so the fine-tuning tokens are then the ones pretraining showed (':', '▁4', not ':', '4').
-    """
-    return f" {problem['step']}\nThe answer is: {problem['answer']}"
+    return f"{problem['step']}\nThe answer is: {problem['answer']}"
 
 
 def gsm8k_answer(problem):
@@ -246,6 +241,9 @@ def build_datasets(rng):
             problem = pretraining_problem(rng)
             seen_questions.add(problem["question"])
             pretrain_docs.append(
+                # the Alpaca prompt and the response as one string, with no space between them: the
+                # text train_nlg.py's Alpaca examples are (the official preprocess), so fine-tuning
+                # continues the token sequences pretraining showed
                 PROMPT_TEMPLATE.format(query=problem["question"]) + metamath_response(problem))
         else:
             pretrain_docs.append(paragraph(rng, facts))
@@ -327,7 +325,12 @@ def train_deberta_tokenizer(data, model_path):
     model, as v3 uses, keeps too few pieces and splits numbers inconsistently)."""
     rows = data["nli_train"] + data["source_nli"]
     lines = [text for row in rows for text in (row["premise"], row["hypothesis"])]
-    lines += [line for doc in data["pretrain_docs"] for line in doc.split("\n") if line]
+    # and the decoder's documents with a space after "### Response:": the corpus this tokenizer was first
+    # trained on, kept because the encoder's pretraining is sensitive to its vocabulary (the same
+    # documents without that space give a tokenizer on which tiny-deberta stays at chance, 31% after
+    # the NLI check's fine-tuning against 35% for a random encoder)
+    lines += [line for doc in data["pretrain_docs"] for line in doc.replace("### Response:", "### Response: ").split("\n")
+              if line]
     train_sentencepiece(
         lines, model_path, model_type="bpe", vocab_size=1000, character_coverage=1.0,
         pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]",
@@ -632,7 +635,7 @@ Face layout, so the code that loads them also loads real checkpoints.
 | --- | --- |
 | `tiny-llama/` | `config.json` (model_type llama), `model.safetensors`, `tokenizer.model`: a LLaMA-2-style decoder, {LLAMA_CONFIG['num_hidden_layers']} layers, hidden {LLAMA_CONFIG['hidden_size']}, {LLAMA_CONFIG['num_attention_heads']} query / {LLAMA_CONFIG['num_key_value_heads']} key-value heads (GQA), SwiGLU {LLAMA_CONFIG['intermediate_size']}, RoPE, untied head; {llama['params']:,} parameters; BPE vocabulary of {llama['vocab_size']} (digits split, byte fallback, LLaMA's ids unk 0 / bos 1 / eos 2) |
 | `tiny-deberta/` | `config.json` (model_type deberta-v2 with the v3 flags), `model.safetensors` (encoder only, keys under `deberta.`), `spm.model` ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3): a DeBERTa-v3-style encoder, {DEBERTA_CONFIG['num_hidden_layers']} layers, hidden {DEBERTA_CONFIG['hidden_size']}, {DEBERTA_CONFIG['num_attention_heads']} heads, {DEBERTA_CONFIG['position_buckets']} relative-position buckets; {deberta['params']:,} parameters; vocabulary of {deberta['vocab_size']} |
-| `data/metamath_train.jsonl` | {report['sizes']['metamath_train']} `{{query, response}}` arithmetic word problems (add, subtract, multiply, two steps); responses start with the space that follows "### Response:" in pretraining, show the step and end "The answer is: N"; all answers correct |
+| `data/metamath_train.jsonl` | {report['sizes']['metamath_train']} `{{query, response}}` arithmetic word problems (add, subtract, multiply, two steps); responses show the step and end "The answer is: N"; all answers correct |
 | `data/gsm8k_test.jsonl` | {report['sizes']['gsm8k_test']} `{{question, answer}}` problems of the same mix, none of them (word for word) in the pretraining corpus or the fine-tuning set; answers end "#### N" |
 | `data/nli_train.jsonl`, `data/nli_validation.jsonl` | {report['sizes']['nli_train']} / {report['sizes']['nli_validation']} balanced MNLI-shaped pairs `{{premise, hypothesis, label}}`, 0 = entailment, 1 = neutral, 2 = contradiction, from three rule-labelled template families: compare a person's age with a number, match an object's color, match a person's place (the hypothesis is neutral when it names someone/something the premise does not) |
 | `data/ppl.txt` | {report['sizes']['ppl']} held-out paragraphs of the pretraining distribution's plain text (never a pretraining document): the "pretrained knowledge" perplexity probe of Appendix C.7 |
