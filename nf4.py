@@ -159,9 +159,7 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype, self.double_quant = linear.weight.dtype, double_quant
         self.quantize = "nf4-dq" if double_quant else "nf4"  # as QUANTIZE names it (LoRALinear.quantize reads it)
-        state = nf4_quantize(linear.weight, double_quant)
-        self.state_names = list(state)
-        for name, tensor in state.items():
+        for name, tensor in nf4_quantize(linear.weight, double_quant).items():
             self.register_buffer(name, tensor)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         # --teacher full: the pretrained weight (out x in, model dtype) that balora.pretrained_mode computes
@@ -172,7 +170,7 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype=None):
         """The weight W (out x in) in `dtype` (default: the dtype of the weight that was quantized)."""
-        state = {name: getattr(self, name) for name in self.state_names}
+        state = {name: buffer for name, buffer in self.named_buffers()}
         return nf4_dequantize(state, (self.out_features, self.in_features), dtype or self.dtype)
 
     def forward(self, x):
@@ -193,7 +191,7 @@ class NF4Linear(nn.Module):
 
     def base_bytes(self):
         """Bytes of the quantized weight (codes + constants), the bias and a full teacher's weight left out."""
-        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.state_names)
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())  # teacher_weight is no buffer
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -205,19 +203,13 @@ QUANTIZE = {"none": None, "nf4": False, "nf4-dq": True}
 TEACHERS = ("quantized", "full")  # --teacher on a 4-bit base (module docstring)
 
 
-def quantized_layer_names(model):
-    """The qualified names of the layers quantize_base stores in NF4: every frozen nn.Linear but lm_head / classifier."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in balora.NEVER_ADAPTED]
-
-
 def pretrained_weights(model):
     """
-    {name: weight} copies of the weights quantize_base will quantize, for --teacher full: taken BEFORE
-    balora.add_lora, whose PiSSA init overwrites W with W_res in place. Names are the layers' names
-    before adapting ("layers.0.mlp.up_proj"; after add_lora its base is "layers.0.mlp.up_proj.base").
+    {layer: copy of its weight} for the layers quantize_base may quantize, for --teacher full: taken
+    BEFORE balora.add_lora, whose PiSSA init overwrites W with W_res in place. Keyed by the nn.Linear
+    itself, which add_lora keeps as its LoRALinear's `base`.
     """
-    return {name: m.weight.detach().clone() for name, m in model.named_modules()
+    return {m: m.weight.detach().clone() for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.rpartition(".")[2] not in balora.NEVER_ADAPTED}
 
 
@@ -237,14 +229,12 @@ def quantize_base(model, quantize, teacher_weights=None):
     double_quant = QUANTIZE[quantize]
     if double_quant is None:
         return 0, 0
-    names = quantized_layer_names(model)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not m.weight.requires_grad and name.rpartition(".")[2] not in balora.NEVER_ADAPTED]
     stored, weights = 0, 0
     for name in names:
         linear = model.get_submodule(name)
-        teacher_weight = None
-        if teacher_weights is not None:  # a LoRALinear's base was the layer itself before add_lora
-            adapted = name.endswith(".base") and isinstance(model.get_submodule(name[:-len(".base")]), balora.LoRALinear)
-            teacher_weight = teacher_weights.pop(name[:-len(".base")] if adapted else name)
+        teacher_weight = None if teacher_weights is None else teacher_weights[linear]
         quantized = NF4Linear(linear, double_quant, teacher_weight)
         balora.set_submodule(model, name, quantized)
         stored, weights = stored + quantized.base_bytes(), weights + linear.weight.numel()
