@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn as nn
 
+import baselines  # noqa: F401  (registers MiLoRA's init in INITS, rebuilds the baselines' structures)
 import nf4
 from balora import INITS, add_lora, all_finite, lora_layers, set_submodule
 
@@ -77,6 +78,8 @@ def save_adapter(model, directory, training=None):
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "baseline_config", None) is not None:
+        return save_baseline(model, directory, training)
     layers = _require_lora(model, "save_adapter")
     config = dict(
         r=_uniform(layers, "r"), alpha=_uniform(layers, "alpha"), init=_uniform(layers, "init"),
@@ -86,6 +89,7 @@ def save_adapter(model, directory, training=None):
     )
     tensors = dict(trainable_state_dict(model))
     for name, layer in layers:
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach()  # also when frozen (LoRA-FA)
         if layer.lora_A0 is not None:
             tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"] = layer.lora_A0, layer.lora_B0
     os.makedirs(directory, exist_ok=True)
@@ -151,6 +155,8 @@ def load_adapter(model, directory):
             raise FileNotFoundError(f"load_adapter: no {os.path.basename(path)} in {directory!r} (a save_adapter directory?)")
     with open(config_path) as f:
         config = json.load(f)
+    if "method" in config:
+        return load_baseline(model, directory, config)
     missing_keys = [key for key in _ADAPTER_CONFIG_KEYS if key not in config]
     if missing_keys:
         raise ValueError(f"load_adapter: {config_path} lacks the keys {missing_keys}")
@@ -168,6 +174,44 @@ def load_adapter(model, directory):
     # a 4-bit adapter was trained on the NF4 codes of W_res: rebuilt from the same W_res, they are the same
     nf4.quantize_base(model, config.get("quantize", "none"))
     model.load_state_dict(tensors, strict=False)  # every key was checked by adapter_problems
+    return model
+
+
+def save_baseline(model, directory, training=None):
+    """
+    save_adapter for a baselines.py method (Full FT, BitFit, bottleneck adapters): balora_config.json
+    records the method, the head modules that train with it and the bottleneck size; the weights file
+    holds every trainable tensor (Full FT: the whole model).
+    """
+    from safetensors.torch import save_file
+
+    config = dict(model.baseline_config, **({"training": training} if training else {}))
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in trainable_state_dict(model).items()}, os.path.join(directory, WEIGHTS_NAME))
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_baseline(model, directory, config):
+    """
+    load_adapter for a save_baseline directory: the method applied to the original model
+    (baselines.adapt), then its tensors, which must be exactly its trainable ones, with their shapes.
+    """
+    from safetensors.torch import load_file
+
+    if config["method"] not in baselines.KINDS:
+        raise ValueError(f"load_adapter: {directory}: method {config['method']!r} is not one of {baselines.KINDS}")
+    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    baselines.adapt(model, config["method"], config.get("trainable", ()), config.get("bottleneck"))
+    expected = trainable_state_dict(model)
+    problems = [f"missing {sorted(set(expected) - set(tensors))[:5]}"] if set(expected) - set(tensors) else []
+    problems += [f"unexpected {sorted(set(tensors) - set(expected))[:5]}"] if set(tensors) - set(expected) else []
+    problems += [f"{key} has shape {tuple(tensors[key].shape)}, expected {tuple(expected[key].shape)}"
+                 for key in sorted(set(expected) & set(tensors)) if tensors[key].shape != expected[key].shape]
+    problems += [f"{key} holds NaN/inf" for key, t in sorted(tensors.items()) if t.is_floating_point() and not all_finite(t)]
+    if problems:
+        raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=False)
     return model
 
 

@@ -332,10 +332,11 @@ def pretrained_mode(model):
     the teacher is the quantized model, or with --teacher full the pretrained weights the base keeps
     (nf4.py).
     """
-    if not lora_layers(model):
-        raise ValueError("pretrained_mode: the model has no LoRALinear layers (call add_lora first)")
-    # every layer with a pretrained mode: the LoRALinear layers, and the 4-bit layers outside them (nf4.NF4Linear)
+    # every layer with a pretrained mode: the LoRALinear layers, the 4-bit layers outside them (nf4.NF4Linear),
+    # and the baselines' (baselines.py: bottleneck adapters, the frozen copy of Full FT and BitFit)
     layers = [m for m in model.modules() if hasattr(m, "pretrained")]
+    if not layers:
+        raise ValueError("pretrained_mode: the model has no adapted layers (call add_lora first)")
     training = {m: m.training for m in model.modules()}
     model.eval()
     for layer in layers:

@@ -827,6 +827,8 @@ def apply_adapter(model, adapter, quantize=None):
     """
     if adapter is not None:
         adapters.load_adapter(model, adapter)
+        if not balora.lora_layers(model):  # a baselines.py method (Full FT, adapters): nothing to merge
+            return model.eval()
         trained = balora.lora_layers(model)[0][1].quantize
         if quantize is not None and quantize != trained:
             raise ValueError(f"--quantize {quantize}: the adapter {adapter} was trained on a {trained!r} base "

@@ -90,6 +90,7 @@ def parse_args(argv=None):
     flag("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
          help="comma-separated suffixes of the nn.Linear names to adapt")
     flag("--pissa-niter", type=int, help="randomized SVD iterations for the PiSSA init")
+    flag("--loraplus-lr-ratio", default=16.0, type=float, help="LoRA+ (--method loraplus): lora_B's lr over lora_A's")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
     flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
     flag("--lambda1", default=0.025, type=float, help="consistency weight (Eq. 9)")
@@ -159,7 +160,8 @@ def data_note(args):
 
 def check_parallelism(args, world_size):
     """The flags that decide how the model is spread over the processes fit together; one line naming them if not."""
-    if args.fsdp and (training.METHODS[args.method].dora or args.quantize != "none"):
+    method = training.METHODS[args.method]
+    if args.fsdp and (method.dora or method.kind != "lora" or method.optimizer == "lorafa" or args.quantize != "none"):
         # fsdp.gathered_adapter rebuilds plain LoRA layers, and NF4 codes are buffers FSDP does not shard
         raise ValueError(f"--fsdp shards LoRA/PiSSA adapters on a full-precision base: --method {args.method} "
                          f"--quantize {args.quantize} is not supported with it (drop --fsdp, or use another --method "
@@ -310,7 +312,7 @@ def main(argv=None):
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        adapter = training.adapt(model, args.quantize, args.teacher, **lora)  # PiSSA's SVD, then the 4-bit base
+        adapter = training.adapt(model, args.quantize, args.teacher, kind=method.kind, **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
@@ -318,7 +320,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     torch.manual_seed(args.seed + rank)  # training-time randomness (LoRA dropout) differs per rank
     random.seed(args.seed + rank)
-    optimizer = training.build_optimizer(raw_model, args.lr, args.weight_decay)
+    optimizer = training.build_optimizer(raw_model, args.lr, args.weight_decay, method, args.loraplus_lr_ratio)
     scheduler = training.lr_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps, "cosine")
 
     log_path, checkpoint_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "checkpoint.pt")
@@ -486,7 +488,8 @@ def finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skip
     if is_master:
         training.check_finite_parameters(adapter_model, os.path.join(args.out, "adapter"))
         adapters.save_adapter(adapter_model, os.path.join(args.out, "adapter"))
-        adapters.export_peft(adapter_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
+        if balora.lora_layers(adapter_model):  # peft holds LoRA-shaped adapters only
+            adapters.export_peft(adapter_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
         reporter.close()
         plot.plot_run(args.out)
         print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')}); "

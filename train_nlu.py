@@ -220,6 +220,7 @@ def parse_args(argv=None):
     flag("--rank", type=int, help="LoRA rank r")
     flag("--alpha", type=float, help="LoRA alpha (scale alpha / r)")
     flag("--dropout", default=0.0, type=float, help="LoRA dropout")
+    flag("--loraplus-lr-ratio", default=16.0, type=float, help="LoRA+ (--method loraplus): lora_B's lr over lora_A's")
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
     flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
@@ -317,7 +318,7 @@ def main(argv=None):
     tokenizer = glue.TOKENIZERS[model.config.model_type](args.model)
     training.adapt(model, args.quantize, args.teacher, target_modules=args.targets.split(","), r=args.rank,
                    alpha=args.alpha, init=method.init, dropout=args.dropout, trainable=("classifier", "pooler"),
-                   dora=method.dora)
+                   dora=method.dora, kind=method.kind)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -334,7 +335,7 @@ def main(argv=None):
     primary_split, primary_metric = task.validation_splits[0], task.metrics[0]
     baseline = glue.majority_baseline(task, train_labels, validation[primary_split][1])
 
-    optimizer = training.build_optimizer(raw_model, args.lr, weight_decay=0.0)
+    optimizer = training.build_optimizer(raw_model, args.lr, 0.0, method, args.loraplus_lr_ratio)
     scheduler = training.lr_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps, "linear")
     step, best, reporter = 0, {"value": -math.inf, "metrics": None}, None
     checkpoint_path, best_path, log_path = (os.path.join(args.out, f) for f in ("checkpoint.pt", "best.pt", "log.jsonl"))
@@ -456,7 +457,8 @@ def finish_run(args, model, best, best_path, baseline, task, steps, seconds, rep
         for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
             model.get_parameter(name).copy_(value)
     adapters.save_adapter(model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
-    export_peft_adapter(model, os.path.join(args.out, "peft_adapter"), args.model)
+    if balora.lora_layers(model):  # peft holds LoRA-shaped adapters only
+        export_peft_adapter(model, os.path.join(args.out, "peft_adapter"), args.model)
     reporter.close()
     plot.plot_run(args.out)
     print(f"trained {steps} steps in {seconds:.1f}s; adapter in {os.path.join(args.out, 'adapter')}, "

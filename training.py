@@ -15,12 +15,14 @@ import random
 import sys
 import tempfile
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import balora
+import baselines
 import nf4
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +37,8 @@ class Method:
     init: str  # the adapter's start: "lora" (B = 0) or a balora.INITS name ("pissa")
     regularized: bool  # BA-LoRA's regularizers on (Eq. 8 / 13)
     dora: bool = False  # balora.DoRALinear layers (a trainable magnitude)
+    optimizer: str = "adamw"  # "adamw", or baselines.py's "loraplus" (B's lr x ratio) / "lorafa" (A frozen, B projected)
+    kind: str = "lora"  # what trains: LoRA layers (balora.add_lora), or a baselines.KINDS name (full, bitfit, adapters)
 
 
 METHODS = {
@@ -45,7 +49,21 @@ METHODS = {
     "dora": Method("lora", False, dora=True),
     "dora+reg": Method("lora", True, dora=True),
 }
-METHOD_HELP = "lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10)"
+BASELINES = {  # Tables 1 and 2's baselines (baselines.py), each also with BA-LoRA's regularizers: <name>+reg
+    "loraplus": Method("lora", False, optimizer="loraplus"),
+    "lorafa": Method("lora", False, optimizer="lorafa"),
+    "milora": Method("milora", False),
+    "full": Method("lora", False, kind="full"),
+    "bitfit": Method("lora", False, kind="bitfit"),
+    "hadapter": Method("lora", False, kind="hadapter"),
+    "padapter": Method("lora", False, kind="padapter"),
+}
+for _name, _method in BASELINES.items():
+    METHODS[_name], METHODS[_name + "+reg"] = _method, dataclasses.replace(_method, regularized=True)
+METHOD_HELP = ("lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10); the baselines "
+               "of Tables 1-2 (docs/baselines.md), each also as <name>+reg: loraplus (LoRA+, --loraplus-lr-ratio) | "
+               "lorafa (LoRA-FA) | milora (MiLoRA) | full (Full FT) | bitfit (BitFit, NLU) | hadapter (Houlsby "
+               "adapters) | padapter (Pfeiffer adapters)")
 QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
                  "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
@@ -55,12 +73,17 @@ TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, 
                 "the 4-bit model itself, at no extra memory (ours)")
 
 
-def adapt(model, quantize, teacher, **lora):
+def adapt(model, quantize, teacher, kind="lora", **lora):
     """
     balora.add_lora(model, **lora), then the base in --quantize (nf4.quantize_base: after PiSSA's SVD,
     so that QPiSSA quantizes W_res). With --teacher full on a 4-bit base the pretrained weights are
-    copied first, for the teacher. Returns add_lora's summary.
+    copied first, for the teacher. Returns add_lora's summary. A baselines.KINDS method (Method.kind)
+    is applied by baselines.adapt instead, on a full-precision model.
     """
+    if kind != "lora":
+        if quantize != "none":
+            raise ValueError(f"--quantize {quantize} quantizes the frozen base of LoRA-family methods, not --method {kind}")
+        return baselines.adapt(model, kind, lora.get("trainable", ()))
     teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
     adapter = balora.add_lora(model, **lora)
     nf4.quantize_base(model, quantize, teacher_weights)
@@ -76,8 +99,16 @@ def parameter_groups(model, weight_decay):
     return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
-def build_optimizer(model, lr, weight_decay):
-    """AdamW over parameter_groups(model), the optimizer of every method (B.4)."""
+def build_optimizer(model, lr, weight_decay, method=None, loraplus_lr_ratio=16.0):
+    """
+    AdamW over parameter_groups(model), the optimizer of every method (B.4), but for Method.optimizer
+    "loraplus" (AdamW, lora_B's group at lr x loraplus_lr_ratio) and "lorafa" (baselines.LoRAFAOptimizer).
+    """
+    kind = method.optimizer if method is not None else "adamw"
+    if kind == "loraplus":
+        return torch.optim.AdamW(baselines.loraplus_parameter_groups(model, lr, loraplus_lr_ratio, weight_decay), lr=lr)
+    if kind == "lorafa":
+        return baselines.LoRAFAOptimizer(model, lr, weight_decay)
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr)
 
 
@@ -411,11 +442,11 @@ def teacher_head(model, device, dtype):
     """
     The teacher's LM head for chunked.nlg_objective_in_chunks, which runs it on chunks of the teacher's
     final hidden states: under the teacher forward's autocast, so that each chunk of logits is the one
-    that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
-    current head is the pretrained one.
+    that forward would have returned (bf16 for bf16 runs), in pretrained mode: lm_head is never a LoRA
+    target, but Full FT trains it (its pretrained copy is swapped in there).
     """
     def head(hidden):
-        with autocast_context(device, dtype):
+        with autocast_context(device, dtype), balora.pretrained_mode(model):
             return model.lm_head(hidden)
     return head
 
