@@ -145,23 +145,25 @@ balora.INITS["milora"] = milora_factors  # LoRALinear(init="milora"): the teache
 
 class PretrainedCopy(nn.Module):
     """
-    A frozen copy of some parameters of `model` (their values now, as buffers), swapped in while
+    A frozen copy of some parameters of `model` (their values now), swapped in while
     balora.pretrained_mode is on: `pretrained = True` puts each copy in its owners' place (every module
     holding the Parameter, tied weights too), `False` puts the Parameters back. The swap replaces the
     module attribute, not the Parameter's storage, so an autograd graph built on the trained values
-    stays intact. Registered in the model as `pretrained_copy`; its buffers are not in state_dict.
+    stays intact. Registered in the model as `pretrained_copy`. The copies are plain tensors, not
+    buffers: out of state_dict, and not broadcast by DDP at every forward; they stay on the device the
+    model had when they were made (adapt the model where it trains).
     """
 
     def __init__(self, model, names):
         super().__init__()
         parameters = dict(model.named_parameters())
-        self.owners = []  # [(module, attribute, buffer name)] for every holder of a copied Parameter
+        self.copies = [parameters[name].detach().clone() for name in names]
+        self.owners = []  # [(module, attribute, index into copies)] for every holder of a copied Parameter
         for index, name in enumerate(names):
-            self.register_buffer(f"p{index}", parameters[name].detach().clone(), persistent=False)
             for full_name, p in model.named_parameters(remove_duplicate=False):
                 if p is parameters[name]:
                     owner, _, attribute = full_name.rpartition(".")
-                    self.owners.append((model.get_submodule(owner), attribute, f"p{index}"))
+                    self.owners.append((model.get_submodule(owner), attribute, index))
         self.saved, self._pretrained = {}, False
 
     @property
@@ -172,17 +174,17 @@ class PretrainedCopy(nn.Module):
     def pretrained(self, on):
         if on == self._pretrained:
             return
-        for module, attribute, buffer in self.owners:
+        for module, attribute, index in self.owners:
             if on:
                 self.saved[(module, attribute)] = module._parameters[attribute]
-                module._parameters[attribute] = getattr(self, buffer)
+                module._parameters[attribute] = self.copies[index]
             else:
                 module._parameters[attribute] = self.saved.pop((module, attribute))
         self._pretrained = on
 
     def nbytes(self):
         """Bytes the copy holds (Full FT: one more copy of the model's weights)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.copies)
 
 
 def _unfreeze(model, names, trainable):

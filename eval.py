@@ -828,6 +828,8 @@ def apply_adapter(model, adapter, quantize=None):
     if adapter is not None:
         adapters.load_adapter(model, adapter)
         if not balora.lora_layers(model):  # a baselines.py method (Full FT, adapters): nothing to merge
+            if quantize is not None:
+                raise ValueError(f"--quantize {quantize}: the adapter {adapter} is not LoRA-shaped; evaluate it without --quantize")
             return model.eval()
         trained = balora.lora_layers(model)[0][1].quantize
         if quantize is not None and quantize != trained:

@@ -130,6 +130,21 @@ def test_lorafa_freezes_A_and_three_steps_match_peft(monkeypatch):
     assert all(not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B)) for _, layer in balora.lora_layers(ours))
 
 
+def test_lorafa_optimizer_state_resumes_exactly():
+    """A checkpoint's optimizer state (state_dict, as training.save_checkpoint writes it) continues the same run."""
+    model = tiny_llama()
+    balora.add_lora(model, TARGETS, r=4, alpha=8, init="lora")
+    optimizer = training.build_optimizer(model, 1e-2, 0.01, training.METHODS["lorafa"])
+    train(model, optimizer, steps=2)
+    resumed_model = copy.deepcopy(model)
+    resumed = training.build_optimizer(resumed_model, 1e-2, 0.01, training.METHODS["lorafa"])
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    train(model, optimizer, steps=1)
+    train(resumed_model, resumed, steps=1)
+    for (name, p), q in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_lorafa_projection_is_the_least_squares_update():
     """g_B~ = (1/s^2) g_B (A A^T)^-1 minimizes ||s g_B~ A - g_W||_F with g_W = s g_B... A's row space: a float64 check."""
     torch.manual_seed(0)
