@@ -448,3 +448,15 @@ def test_train_nlu_runs_a_baseline(method, nlu_tiny, tmp_path):
     assert result["steps"] == 2
     config = json.loads((tmp_path / "adapter" / adapters.CONFIG_NAME).read_text())
     assert config.get("method", "lora") == {"bitfit+reg": "bitfit", "hadapter": "hadapter", "lorafa": "lora"}[method]
+
+
+def test_on_a_llama_adapters_sit_after_o_proj_and_down_proj_and_bitfit_is_refused():
+    original = tiny_llama()
+    for kind, suffixes in (("hadapter", ("o_proj", "down_proj")), ("padapter", ("down_proj",))):
+        model = copy.deepcopy(original)
+        baselines.adapt(model, kind)
+        wrapped = [name.rpartition(".")[2] for name, _ in baselines.adapter_layers(model)]
+        assert sorted(wrapped) == sorted(suffixes * 2)  # 2 layers
+        assert torch.equal(logits_of(model, input_ids()), logits_of(original, input_ids()))
+    with pytest.raises(ValueError, match="BitFit: the model has no bias parameters"):
+        baselines.adapt(copy.deepcopy(original), "bitfit")
