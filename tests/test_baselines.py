@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import adapters
 import balora
 import baselines
+import eval as evaluation
 import model as model_module
 import train_nlg
 import train_nlu
@@ -436,9 +437,13 @@ def test_train_nlg_runs_a_baseline(method, nlg_tiny, tmp_path):
                                             "--no-progress"))
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(log) == 2 and "consistency" in log[-1]
-    reloaded = adapters.load_adapter(model_module.Llama.from_pretrained(nlg_tiny["model"]), tmp_path / "adapter")
-    assert os.path.isdir(tmp_path / "peft_adapter") == (method == "loraplus+reg")
-    assert reloaded is not None
+    reloaded = adapters.load_adapter(model_module.Llama.from_pretrained(nlg_tiny["model"]), tmp_path / "adapter").eval()
+    assert os.path.isdir(tmp_path / "peft_adapter") == (method == "loraplus+reg")  # peft holds LoRA shapes only
+    evaluated = evaluation.apply_adapter(model_module.Llama.from_pretrained(nlg_tiny["model"]), str(tmp_path / "adapter"))
+    ids = torch.randint(100, (1, 8))
+    with torch.no_grad():
+        assert rel_err(evaluated(ids), reloaded(ids)) <= TOL  # eval.py's model (LoRA merged) is the trained one
+        assert not torch.equal(evaluated(ids), model_module.Llama.from_pretrained(nlg_tiny["model"])(ids))
 
 
 @pytest.mark.parametrize("method", ["bitfit+reg", "hadapter", "lorafa"])
