@@ -9,7 +9,9 @@ Adapters as files: merge into the base, save / load balora's own format, export 
 balora_config.json records what rebuilds the layers: r, alpha, init, dropout, targets, the trainable
 modules, dora and the 4-bit storage (quantize). The initial factors A0, B0 are saved beside A, B
 whenever the init has them (PiSSA), so the residual W_res = W - s B0 A0 is rebuilt from the original
-weights even when a randomized SVD made them.
+weights even when a randomized SVD made them. A baselines.py method without LoRA layers (Full FT,
+BitFit, bottleneck adapters) is saved as its name, its head modules and its trainable tensors
+(save_baseline / load_baseline).
 """
 
 import json
