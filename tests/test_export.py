@@ -181,3 +181,161 @@ def test_merged_deberta_loads_as_a_transformers_sequence_classifier(tmp_path):
     with torch.no_grad():
         assert max_relative_error(ours(input_ids, attention_mask),
                                   theirs(input_ids=input_ids, attention_mask=attention_mask).logits) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# GGUF
+
+export_gguf = load_tool("export_gguf")
+import_gguf = export_gguf.import_gguf
+
+
+def merged_tiny_llama(tmp_path, dtype):
+    trained_adapter(Llama.from_pretrained(TINY_LLAMA), "pissa", str(tmp_path / "adapter"))
+    return merge_adapter.merge(TINY_LLAMA, str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype=dtype)
+
+
+def transformers_logits(directory, gguf_file=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    input_ids, attention_mask = prompts(model.config.vocab_size)
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def import_gguf_weights(path):
+    """{Hugging Face key: float32 tensor} as tools/import_gguf.py reads the file (its dequantize + q/k un-permute)."""
+    gguf_file = import_gguf.GGUFFile(path)
+    return import_gguf.convert_tensors(gguf_file, import_gguf.build_config(gguf_file), progress=False)
+
+
+@pytest.mark.parametrize("dtype, kind", [("float16", "f16"), ("bfloat16", "bf16")])
+def test_gguf_of_a_16_bit_merged_checkpoint_is_lossless(dtype, kind, tmp_path):
+    """Stored in its own 16-bit type, every weight comes back bit for bit: both readers give the merged model exactly."""
+    from safetensors.torch import load_file
+
+    merged = merged_tiny_llama(tmp_path, dtype)
+    path = export_gguf.export(merged, str(tmp_path / "model.gguf"), kind)
+    expected = load_file(os.path.join(merged, "model.safetensors"))
+    weights = import_gguf_weights(path)
+    assert sorted(weights) == sorted(expected)
+    assert all(torch.equal(weights[key], expected[key].float()) for key in expected)
+    assert torch.equal(transformers_logits(str(tmp_path), gguf_file="model.gguf"), transformers_logits(merged))
+
+
+def test_gguf_q8_0_weights_are_within_the_block_rounding_bound(tmp_path):
+    """
+    Q8_0 stores each block of 32 weights x as d16 * q: d = absmax / 127, q = round(x / d) in [-127, 127],
+    d16 = float16(d). So |x - d16 q| <= |x - d q| + |q| |d - d16| <= d / 2 + 127 |d - d16|, the bound
+    checked for every weight (a float32 slack of 1e-6 relative). Both readers see the same dequantized weights.
+    """
+    from safetensors.torch import load_file
+
+    merged = merged_tiny_llama(tmp_path, "float32")
+    path = export_gguf.export(merged, str(tmp_path / "model.gguf"), "q8_0")
+    expected = load_file(os.path.join(merged, "model.safetensors"))
+    weights = import_gguf_weights(path)
+    for key, weight in expected.items():
+        if weight.dim() == 1:  # norms stay float32
+            assert torch.equal(weights[key], weight)
+            continue
+        blocks = weight.reshape(-1, 32) if "q_proj" not in key and "k_proj" not in key else None
+        if blocks is None:  # q/k were quantized in llama.cpp's permuted row order: compare there
+            heads = 4 if "q_proj" in key else 2
+            blocks, got = (torch.from_numpy(import_gguf.permute_qk(t.numpy(), heads)).reshape(-1, 32)
+                           for t in (weight, weights[key]))
+        else:
+            got = weights[key].reshape(-1, 32)
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        bound = d / 2 + 127 * (d - d.half().float()).abs()
+        assert ((got - blocks).abs() <= bound * (1 + 1e-6)).all(), key
+        assert not torch.equal(got, blocks)  # it was quantized
+    ours, theirs = transformers_logits(merged), transformers_logits(str(tmp_path), gguf_file="model.gguf")
+    assert 0 < (ours - theirs).abs().max() < 0.05 * ours.abs().max()
+
+
+def test_gguf_sentencepiece_tokenizer_reads_back_as_the_original(tmp_path):
+    from transformers import AutoTokenizer
+
+    from data import Tokenizer
+
+    path = export_gguf.export(TINY_LLAMA, str(tmp_path / "tiny.gguf"), "f16")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    ours = Tokenizer(TINY_LLAMA)
+    # (text that starts with spaces is left out: transformers' GGUF reader drops one of sentencepiece's
+    # leading "▁" pieces, whatever the file says)
+    texts = ["Hello world", "The answer is 42.", "two  spaces\nand a newline", "naïve café", "x  y"]
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours.encode(text)  # BOS first, as both add it
+    assert os.path.getsize(path) > 0
+
+
+def bpe_model_dir(directory, model_type):
+    """A tiny random transformers decoder of `model_type` (float16) with a byte-level BPE tokenizer trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog 0123456789"] * 20, trainer)
+    config = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  # transformers' GGUF reader ignores qwen3.attention.key_length and takes Qwen3's 128
+                                  head_dim=128 if model_type == "qwen3" else 16,
+                                  max_position_embeddings=128, tie_word_embeddings=model_type == "qwen2",
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    if model_type == "qwen2":  # its q/k/v biases start at zero: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, f)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_gguf_of_other_families_reads_back_in_transformers_exactly(model_type, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    # a neutral directory name: it becomes general.name, and transformers' GGUF reader takes any name
+    # containing "mistral" for an architecture gguf-py 0.19 does not know
+    directory = bpe_model_dir(str(tmp_path / "hf"), model_type)
+    path = export_gguf.export(directory, str(tmp_path / "model.gguf"), "f16")
+    assert torch.equal(transformers_logits(str(tmp_path), gguf_file="model.gguf"), transformers_logits(directory))
+    fields = GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == ("llama" if model_type == "mistral" else model_type)
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.chat_template"].contents() == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    theirs, original = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf"), AutoTokenizer.from_pretrained(directory)
+    for text in ["the lazy dog", "fox 2024 jumps!", "  brown\nquick"]:
+        assert theirs(text)["input_ids"] == original(text)["input_ids"]
+
+
+def test_gguf_export_refuses_bad_input_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    assert export_gguf.main(["--model", TINY_DEBERTA, "--out", str(tmp_path / "x.gguf")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "model_type='deberta-v2'" in error[0]
+    calls = []
+
+    def failing(array, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return original(array, qtype)
+
+    original = export_gguf.encoded
+    monkeypatch.setattr(export_gguf, "encoded", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf.export(TINY_LLAMA, str(tmp_path / "tiny.gguf"), "f16")
+    assert os.listdir(tmp_path) == []

@@ -38,6 +38,12 @@ GGUF_TO_HF = {
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+    # Qwen2's attention biases and Qwen3's per-head q/k norms (tools/export_gguf.py writes them)
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
 }
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -141,6 +147,14 @@ def unpermute_qk(weight, heads):
     """
     rows = weight.shape[0]
     return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def permute_qk(weight, heads):
+    """convert_hf_to_gguf.py's permute, which unpermute_qk undoes: each head's rows [first half | second half] interleaved."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
             .swapaxes(1, 2)
             .reshape(weight.shape))
 
