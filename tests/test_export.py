@@ -35,17 +35,17 @@ merge_adapter = load_tool("merge_adapter")
 
 # (init, dora, quantize) of each adapter kind the merge must reproduce.
 KINDS = {"lora": ("lora", False, "none"), "pissa": ("pissa", False, "none"),
-         "dora": ("pissa", True, "none"), "nf4": ("pissa", False, "nf4")}
+         "dora": ("pissa", True, "none"), "nf4": ("pissa", False, "nf4"), "dora-nf4": ("pissa", True, "nf4")}
 
 
 def max_relative_error(ours, theirs):
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
-def trained_adapter(model, kind, directory, seed=0):
+def trained_adapter(model, kind, directory, seed=0, targets=TARGETS):
     """Adapt `model` as `kind`, move every adapter tensor off its start (as training would), save it."""
     init, dora, quantize = KINDS[kind]
-    add_lora(model, TARGETS, r=4, alpha=8, init=init, pissa_niter=2, dora=dora)
+    add_lora(model, targets, r=4, alpha=8, init=init, pissa_niter=2, dora=dora)
     nf4.quantize_base(model, quantize)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -69,7 +69,9 @@ def prompts(vocab_size):
 def test_merged_tiny_llama_loads_in_transformers_with_our_adapted_logits(kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    trained_adapter(Llama.from_pretrained(TINY_LLAMA), kind, str(tmp_path / "adapter"))
+    # some linear layers left unadapted: on a 4-bit base they are quantized too
+    targets = TARGETS if "nf4" not in kind else ["q_proj", "v_proj", "down_proj"]
+    trained_adapter(Llama.from_pretrained(TINY_LLAMA), kind, str(tmp_path / "adapter"), targets=targets)
     out = merge_adapter.merge(TINY_LLAMA, str(tmp_path / "adapter"), str(tmp_path / "merged"))
     ours = adapters.load_adapter(Llama.from_pretrained(TINY_LLAMA), str(tmp_path / "adapter")).eval()
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -339,3 +341,89 @@ def test_gguf_export_refuses_bad_input_and_leaves_no_partial_file(tmp_path, monk
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf.export(TINY_LLAMA, str(tmp_path / "tiny.gguf"), "f16")
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct (the `smollm2_dir` fixture)
+
+CHAT_QUESTIONS = ["What is 12 times 7?", "Name a prime number larger than 10.", "Write a haiku about rain."]
+TEXTS = ["Hello, world! The answer is: 42.", "naïve café, Straße, 日本語のテキスト", "emoji 🤖🎉 and  runs of   spaces",
+         "new\nlines\n\n\nand\r\nwindows", "<|im_start|>user\nHi<|im_end|>", "code: def f(x):\n    return x ** 2"]
+
+
+def chat_batch(directory):
+    from data import Tokenizer, prompt_ids
+
+    tokenizer = Tokenizer(directory)
+    return tokenizer.pad_batch([prompt_ids(tokenizer, q, "chat") for q in CHAT_QUESTIONS], padding_side="right")
+
+
+# The script's peak resident memory: VmHWM belongs to the process's own address space, made new by exec
+# (getrusage's ru_maxrss would carry over the forking pytest process's peak).
+MEASURE_RSS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("peak_rss_kib", next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.slow
+def test_merged_smollm2_dora_4bit_pissa_matches_our_model_and_peaks_below_one_and_a_half_checkpoints(smollm2_dir, tmp_path):
+    """One PiSSA-initialized DoRA adapter on a 4-bit base: every path of the merge on real weights, in a
+    subprocess whose peak resident memory (the interpreter and torch included) is compared with the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    trained_adapter(Llama.from_pretrained(smollm2_dir), "dora-nf4", str(tmp_path / "adapter"),
+                    targets=["q_proj", "v_proj", "down_proj"])  # fewer SVDs: every kind of layer shape still
+    out = tmp_path / "merged"
+    result = subprocess.run([sys.executable, "-c", MEASURE_RSS, os.path.join(REPO, "tools", "merge_adapter.py"),
+                             "--model", smollm2_dir, "--adapter", str(tmp_path / "adapter"), "--out", str(out)],
+                            capture_output=True, text=True, check=True)
+    peak = int(result.stdout.split("peak_rss_kib")[-1]) * 1024
+    checkpoint = os.path.getsize(out / "model.safetensors")
+    assert checkpoint > 500e6 and peak < 1.5 * checkpoint, (peak, checkpoint)
+
+    input_ids, attention_mask = chat_batch(smollm2_dir)
+    ours = adapters.load_adapter(Llama.from_pretrained(smollm2_dir), str(tmp_path / "adapter")).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        our_logits = ours(input_ids, attention_mask)
+        their_logits = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    assert max_relative_error(our_logits[valid], their_logits[valid]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_gguf_of_merged_smollm2_reads_back_exactly_with_its_tokenizer(smollm2_dir, tmp_path):
+    """bf16 merge, bf16 GGUF: transformers' GGUF loader gives the merged model's logits exactly, import_gguf its
+    weights bit for bit; both readers' tokenizers encode as the original."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained_adapter(Llama.from_pretrained(smollm2_dir), "lora", str(tmp_path / "adapter"))
+    merged = merge_adapter.merge(smollm2_dir, str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype="bfloat16")
+    path = export_gguf.export(merged, str(tmp_path / "gguf" / "smollm2.gguf"), "bf16")
+
+    input_ids, attention_mask = chat_batch(smollm2_dir)
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    expected = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="smollm2.gguf",
+                                                                   dtype=torch.float32)), expected)
+    weights, merged_weights = import_gguf_weights(path), load_file(os.path.join(merged, "model.safetensors"))
+    assert sorted(weights) == sorted(merged_weights)
+    assert all(torch.equal(weights[key], merged_weights[key].float()) for key in merged_weights)
+
+    original = AutoTokenizer.from_pretrained(smollm2_dir)
+    read_back = AutoTokenizer.from_pretrained(str(tmp_path / "gguf"), gguf_file="smollm2.gguf")
+    imported, _, chat_template = import_gguf.build_tokenizer(import_gguf.GGUFFile(path))
+    for text in TEXTS:
+        assert read_back(text)["input_ids"] == original(text)["input_ids"] == imported.encode(text).ids
+    assert chat_template == open(os.path.join(smollm2_dir, "chat_template.jinja")).read()

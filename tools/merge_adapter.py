@@ -4,7 +4,8 @@ transformers, vLLM, TGI (and tools/export_gguf.py, for llama.cpp) load with no b
 
     python tools/merge_adapter.py --model BASE_DIR --adapter out/nlg/adapter --out out/nlg/merged
 
-Every adapted layer holds W_res + s B A (DoRA: m V / ||V||_c), a 4-bit base's W_res dequantized first,
+Every adapted layer holds W_res + s B A (DoRA: m V / ||V||_c), a 4-bit base's W_res dequantized first
+(and on a 4-bit base every other linear layer its dequantized NF4 codes, as the adapted model computes),
 in --dtype: exactly the weight adapters.merge_lora gives the adapted model, because each layer is
 rebuilt by adapters.apply_adapter (as load_adapter rebuilds it) and merged by adapters.merge_lora.
 
@@ -33,7 +34,9 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import adapters  # noqa: E402
+import balora  # noqa: E402
 import model as models  # noqa: E402
+import nf4  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The safetensors format's names of the dtypes a checkpoint holds.
@@ -124,6 +127,24 @@ def merged_weight(name, weight, adapter_config, adapter_tensors):
         adapters.apply_adapter(holder, layer_config, layer_tensors, where=f"the adapter's {name}")
     adapters.merge_lora(holder)
     return holder.get_submodule(name).weight.detach()
+
+
+def quantized_weight(name, weight, quantize):
+    """
+    A frozen linear layer the adapter left alone, on a 4-bit base: nf4.quantize_base stores every such
+    layer in NF4 too (as QLoRA does), so the adapted model computes with its dequantized codes.
+    """
+    holder = holder_of(name, weight)
+    with contextlib.redirect_stdout(io.StringIO()):
+        nf4.quantize_base(holder, quantize)
+    return holder.get_submodule(name).dequantize()
+
+
+def is_quantized_with_the_base(our_model, name):
+    """Whether nf4.quantize_base stores parameter `name` in NF4: the weight of a linear layer other than an output layer."""
+    module_name, _, leaf = name.rpartition(".")
+    module = dict(our_model.named_modules()).get(module_name)
+    return leaf == "weight" and isinstance(module, nn.Linear) and module_name.rpartition(".")[2] not in balora.NEVER_ADAPTED
 
 
 # -----------------------------------------------------------------------------
@@ -288,6 +309,7 @@ def merge(model_dir, adapter_dir, out_dir, dtype="float32", max_shard_size=MAX_S
     entries = checkpoint_entries(model_dir)
     ours, hf = key_names(config, [key for key, _, _ in entries])
     targets = {name + ".weight" for name in adapter_config["targets"]}
+    quantize = adapter_config.get("quantize", "none")
     # The trainable modules' tensors (a classifier head) replace the checkpoint's or are added after them.
     trained = {key: tensor for key, tensor in adapter_tensors.items()
                if any(key.startswith(module + ".") for module in adapter_config["trainable"])}
@@ -319,6 +341,8 @@ def merge(model_dir, adapter_dir, out_dir, dtype="float32", max_shard_size=MAX_S
             tensor = tensor.to(output_dtype(tensor.dtype))
             if name in targets:
                 tensor = merged_weight(name[: -len(".weight")], tensor, adapter_config, adapter_tensors)
+            elif quantize != "none" and is_quantized_with_the_base(our_model, name):
+                tensor = quantized_weight(name[: -len(".weight")], tensor, quantize)
             writer.write(hf(name), tensor)
             del tensor
         for name, tensor in trained.items():
