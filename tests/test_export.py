@@ -427,3 +427,33 @@ def test_gguf_of_merged_smollm2_reads_back_exactly_with_its_tokenizer(smollm2_di
     for text in TEXTS:
         assert read_back(text)["input_ids"] == original(text)["input_ids"] == imported.encode(text).ids
     assert chat_template == open(os.path.join(smollm2_dir, "chat_template.jinja")).read()
+
+
+# -----------------------------------------------------------------------------
+# --merge at the end of a training run
+
+
+def test_train_nlg_and_train_nlu_merge_flags_write_what_transformers_loads(tmp_path):
+    import train_nlg
+    import train_nlu
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    nlg = tmp_path / "nlg"
+    train_nlg.main(["--max-steps", "2", "--max-samples", "8", "--batch-size", "4", "--micro-batch-size", "2",
+                    "--save-every", "0", "--merge", "--out", str(nlg), "--no-progress"])
+    input_ids, attention_mask = prompts(1024)
+    ours = adapters.load_adapter(Llama.from_pretrained(TINY_LLAMA), str(nlg / "adapter")).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(nlg / "merged"), dtype=torch.float32).eval()
+    valid = attention_mask.bool()  # padded positions compute nothing anyone reads
+    with torch.no_grad():
+        assert max_relative_error(ours(input_ids, attention_mask)[valid],
+                                  theirs(input_ids=input_ids, attention_mask=attention_mask).logits[valid]) <= 1e-5
+
+    nlu = tmp_path / "nlu"
+    train_nlu.main(["--max-steps", "2", "--merge", "--out", str(nlu), "--no-progress"])
+    ours = adapters.load_adapter(DebertaClassifier.from_pretrained(TINY_DEBERTA, num_labels=3), str(nlu / "adapter")).eval()
+    theirs = AutoModelForSequenceClassification.from_pretrained(str(nlu / "merged"), dtype=torch.float32).eval()
+    input_ids, attention_mask = prompts(1000)
+    with torch.no_grad():
+        assert max_relative_error(ours(input_ids, attention_mask),
+                                  theirs(input_ids=input_ids, attention_mask=attention_mask).logits) <= 1e-5
