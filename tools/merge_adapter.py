@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -37,6 +36,7 @@ import adapters  # noqa: E402
 import balora  # noqa: E402
 import model as models  # noqa: E402
 import nf4  # noqa: E402
+import training  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The safetensors format's names of the dtypes a checkpoint holds.
@@ -243,32 +243,6 @@ def checkpoint_entries(path):
 # The merged directory
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir, overwrite):
-    """Yield a temporary directory beside out_dir; on success it replaces out_dir, on any failure it is removed."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a model directory is not
-    try:
-        yield tmp_dir
-        if os.path.exists(out_dir):  # --overwrite: move the old one aside, then swap
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "dir"))
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
 def merged_config(config, dtype_name, our_model):
     """The base's config.json with the output dtype; an encoder given a trained head becomes a classifier."""
     config = dict(config, torch_dtype=dtype_name)
@@ -332,7 +306,7 @@ def merge(model_dir, adapter_dir, out_dir, dtype="float32", max_shard_size=MAX_S
         raise ValueError(f"{model_dir}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          "and the adapter does not hold them")
 
-    with atomic_directory(out_dir, overwrite) as tmp_dir:
+    with training.atomic_directory(out_dir, overwrite) as tmp_dir:
         writer = ShardWriter(tmp_dir, shard_plan(plan, max_shard_size))
         for key, tensor in models.iter_checkpoint_tensors(model_dir):
             name = ours(key)
