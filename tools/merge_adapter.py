@@ -11,8 +11,8 @@ rebuilt by adapters.apply_adapter (as load_adapter rebuilds it) and merged by ad
 
 One tensor at a time: the base checkpoint is streamed (model.iter_checkpoint_tensors), each adapted
 weight is merged alone, and each tensor is written straight into its place in the safetensors shard,
-whose header is laid out first from the shapes. So peak memory is about one copy of the checkpoint,
-not two. The output is config.json (the base's, dtype updated), model-0000i-of-0000n.safetensors +
+whose header is laid out first from the shapes. So memory holds a tensor or two at a time beyond the
+interpreter, never a copy of the model (SmolLM2's merge: docs/export.md). The output is config.json (the base's, dtype updated), model-0000i-of-0000n.safetensors +
 model.safetensors.index.json in the base checkpoint's key names, the tokenizer files, the chat
 template and generation_config.json, built in a temporary directory beside --out and renamed into
 place: a failed merge leaves no half checkpoint.
