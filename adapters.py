@@ -145,10 +145,14 @@ def adapter_problems(model, config, tensors):
 
 def load_adapter(model, directory):
     """
-    Apply a save_adapter() directory to a model holding the ORIGINAL base weights: check that it fits
-    (adapter_problems: one ValueError listing everything wrong, before the model is changed), wrap the
-    saved targets, rebuild PiSSA residuals from the saved A0, B0, then load every saved tensor.
+    Apply a save_adapter() directory to a model holding the ORIGINAL base weights (read_adapter, then
+    apply_adapter).
     """
+    return apply_adapter(model, *read_adapter(directory), where=directory)
+
+
+def read_adapter(directory):
+    """(balora_config.json as a dict, {name: tensor}) of a save_adapter() directory; a missing file or key is named."""
     from safetensors.torch import load_file
 
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
@@ -162,10 +166,18 @@ def load_adapter(model, directory):
     missing_keys = [key for key in _ADAPTER_CONFIG_KEYS if key not in config]
     if missing_keys:
         raise ValueError(f"load_adapter: {config_path} lacks the keys {missing_keys}")
-    tensors = load_file(weights_path)
+    return config, load_file(weights_path)
+
+
+def apply_adapter(model, config, tensors, where="the adapter"):
+    """
+    Check that an adapter fits `model` (adapter_problems: one ValueError listing everything wrong,
+    before the model is changed), wrap its targets, rebuild PiSSA residuals from the saved A0, B0,
+    re-quantize a 4-bit base, then load every saved tensor.
+    """
     problems = adapter_problems(model, config, tensors)
     if problems:
-        raise ValueError(f"load_adapter: {directory} does not fit the model: " + "; ".join(problems))
+        raise ValueError(f"load_adapter: {where} does not fit the model: " + "; ".join(problems))
     # init="lora" wraps the layers without an SVD; an init with initial factors then starts from the saved ones
     add_lora(model, config["targets"], config["r"], config["alpha"], init="lora",
              dropout=config["dropout"], trainable=config["trainable"], dora=config.get("dora", False))

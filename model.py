@@ -80,8 +80,13 @@ def iter_checkpoint_tensors(path):
             except Exception as error:  # SafetensorError: a truncated or corrupt file
                 raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
             with handle as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:
+                # A fresh handle per tensor: closing it unmaps the file, so the pages read so far leave
+                # the resident set; one mapping held over the whole file would keep them all until the end.
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    tensor = f.get_tensor(key)
+                yield key, tensor
         else:
             # mmap keeps the .bin on disk; weights_only refuses pickled code.
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -129,6 +129,8 @@ def parse_args(argv=None):
     flag("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
+    flag("--merge", action="store_true", help="also write <out>/merged: base + adapter as one standalone Hugging Face "
+                                               "checkpoint, in --dtype (tools/merge_adapter.py)")
     flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
     args, defaults = training.resolve_settings(parser, argv, choose_preset)
     training.check_report_to(args.report_to)
@@ -490,6 +492,12 @@ def finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skip
         adapters.save_adapter(adapter_model, os.path.join(args.out, "adapter"))
         if balora.lora_layers(adapter_model):  # peft holds LoRA-shaped adapters only
             adapters.export_peft(adapter_model, os.path.join(args.out, "peft_adapter"), args.model, task_type="CAUSAL_LM")
+        if args.merge:
+            from tools import merge_adapter
+
+            merged = merge_adapter.merge(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
+                                         dtype={"bf16": "bfloat16", "fp32": "float32"}[args.dtype], overwrite=True)
+            print(f"merged checkpoint: {merged}")
         reporter.close()
         plot.plot_run(args.out)
         print(f"adapter saved to {os.path.join(args.out, 'adapter')} (peft format: {os.path.join(args.out, 'peft_adapter')}); "

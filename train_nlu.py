@@ -252,6 +252,8 @@ def parse_args(argv=None):
     flag("--no-progress", action="store_true", help="no tqdm bar")
     flag("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
+    flag("--merge", action="store_true", help="also write <out>/merged: base + best adapter + head as one standalone "
+                                               "Hugging Face sequence classifier, float32 (tools/merge_adapter.py)")
     flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
     args, defaults = training.resolve_settings(parser, argv, choose_preset)
     task = glue.TASKS[args.task]
@@ -459,6 +461,12 @@ def finish_run(args, model, best, best_path, baseline, task, steps, seconds, rep
     adapters.save_adapter(model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
     if balora.lora_layers(model):  # peft holds LoRA-shaped adapters only
         export_peft_adapter(model, os.path.join(args.out, "peft_adapter"), args.model)
+    if args.merge:  # the base stays float32 in training (--dtype bf16 is autocast only)
+        from tools import merge_adapter
+
+        merged = merge_adapter.merge(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
+                                     overwrite=True)
+        print(f"merged checkpoint: {merged}")
     reporter.close()
     plot.plot_run(args.out)
     print(f"trained {steps} steps in {seconds:.1f}s; adapter in {os.path.join(args.out, 'adapter')}, "

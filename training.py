@@ -14,7 +14,7 @@ import pickle
 import random
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import dataclass
 
@@ -183,6 +183,37 @@ def atomic_torch_save(obj, path):
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        raise
+
+
+@contextmanager
+def atomic_directory(out_dir, overwrite=False):
+    """
+    Yield a temporary directory beside out_dir to fill; on success it is renamed to out_dir (an existing
+    one, with overwrite, moved aside first and removed), on any failure removed: out_dir is never half written.
+    """
+    import shutil
+
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a model directory is not
+    try:
+        yield tmp_dir
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "dir"))
+            os.rename(tmp_dir, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
 

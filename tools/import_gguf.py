@@ -16,13 +16,15 @@ computed in float32); bfloat16 would round them a second time, and at 135M param
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import training  # noqa: E402  (atomic_directory)
 
 # GGUF tensor name -> Hugging Face LlamaForCausalLM key, {} the layer index (torchtune's convert_weights style).
 GGUF_TO_HF = {
@@ -38,6 +40,12 @@ GGUF_TO_HF = {
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+    # Qwen2's attention biases and Qwen3's per-head q/k norms (tools/export_gguf.py writes them)
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
 }
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -141,6 +149,14 @@ def unpermute_qk(weight, heads):
     """
     rows = weight.shape[0]
     return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def permute_qk(weight, heads):
+    """convert_hf_to_gguf.py's permute, which unpermute_qk undoes: each head's rows [first half | second half] interleaved."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
             .swapaxes(1, 2)
             .reshape(weight.shape))
 
@@ -382,13 +398,7 @@ def convert(src, out_dir, progress=True, overwrite=False):
                          f"the model's vocab_size is {config['vocab_size']}")
     state_dict = convert_tensors(gguf_file, config, progress)
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a model directory is not
-    try:
+    with training.atomic_directory(out_dir, overwrite) as tmp_dir:
         def write_json(name, obj):
             with open(os.path.join(tmp_dir, name), "w") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -405,16 +415,6 @@ def convert(src, out_dir, progress=True, overwrite=False):
         # Provenance: which file and which converter made this directory (a cache can tell it is stale).
         write_json("import_gguf.json", {"source": os.path.basename(src), "source_sha256": sha256(src),
                                         "converter_sha256": sha256(os.path.abspath(__file__))})
-        if os.path.exists(out_dir):  # --overwrite: move the old one aside, then swap
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "dir"))
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
