@@ -56,7 +56,7 @@ import sandbox
 from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config, resolve_model_path
-from training import run_cli, shown
+from training import run_cli, set_threads, shown
 from glue import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -844,6 +844,7 @@ def load_llama(args):
         args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
         print(f"prompt format: {args.prompt_format}")
     model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    set_threads(model, args.device)
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), tokenizer
 
 
@@ -852,6 +853,7 @@ def load_classifier(args, task):
     head, and the encoder's tokenizer."""
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
                                               dtype=DTYPES[args.dtype], device=args.device)
+    set_threads(model, args.device)
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), TOKENIZERS[model.config.model_type](args.model)
 
 
