@@ -839,6 +839,7 @@ def apply_adapter(model, adapter, quantize=None):
 
 def load_llama(args):
     """The model (+ merged adapter) and its tokenizer; resolves --prompt-format against the checkpoint."""
+    args.model, args.revision = resolve_model_path(args.model, args.revision), None  # a hub id: its cached snapshot
     tokenizer = Tokenizer(args.model)
     if hasattr(args, "prompt_format"):  # generation commands (ppl scores raw text)
         args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
@@ -851,6 +852,7 @@ def load_llama(args):
 def load_classifier(args, task):
     """DebertaClassifier (DeBERTa-v3 or RoBERTa) with the adapter's LoRA factors, pooler and classification
     head, and the encoder's tokenizer."""
+    args.model, args.revision = resolve_model_path(args.model, args.revision), None
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
                                               dtype=DTYPES[args.dtype], device=args.device)
     set_threads(model, args.device)
@@ -1183,9 +1185,9 @@ def eval_ppl(args):
     else:
         records = read_records(args)
         text = "\n\n".join(str(field(record, ("text",))) for record in records)
+    model, tokenizer = load_llama(args)
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
     stride = args.stride or max(1, min(PPL_STRIDE, max_length // 2))  # a short window still overlaps by half
-    model, tokenizer = load_llama(args)
     token_ids = tokenizer.encode(text)  # the checkpoint's BOS rule, as tokenizer(text) in HF's perplexity recipe
     metrics = perplexity(model, token_ids, max_length, stride)
     metrics.update(max_length=max_length, stride=stride)
@@ -1451,8 +1453,6 @@ def main(argv=None):
     args.out = result_path(args)  # named after the model and adapter as given, before a hub id is resolved
     if getattr(args, "plot", "") is None:
         args.plot = args.out.removesuffix(".json") + ".png"
-    if not getattr(args, "completions", None):
-        args.model = resolve_model_path(args.model, args.revision)
     metrics, samples = COMMANDS[args.command](args)
     if hasattr(args, "protocol"):
         metrics["protocol"] = args.protocol

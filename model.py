@@ -64,7 +64,7 @@ def resolve_model_path(name_or_path, revision=None):
             raise ValueError(f"--revision {revision!r} selects a hub snapshot; --model {name_or_path!r} is a local directory")
         return name_or_path
     if not HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "~")):
-        raise FileNotFoundError(f"--model {name_or_path!r} is neither a directory nor a hub id (org/name)")
+        raise FileNotFoundError(f"--model {name_or_path!r} does not exist: it is neither a directory nor a hub id (org/name)")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)

@@ -96,11 +96,17 @@ def presets(task_name, family="deberta-v2"):
     return {"toy": dict(paper, **TOY_VALUES), "paper": paper}
 
 
-def encoder_family(model_dir):
+def encoder_family(model_dir, revision=None):
     """
     The model_type of --model's config.json ("roberta": Table 9's recipe), or "deberta-v2" without
-    one (no --model: the toy encoder; a directory without config.json is named when it loads).
+    one (no --model: the toy encoder; a directory without config.json, or a hub id that cannot be
+    resolved, is named when it loads).
     """
+    if model_dir is not None and not os.path.isdir(model_dir):
+        try:
+            model_dir = resolve_model_path(model_dir, revision)
+        except (FileNotFoundError, ConnectionError, PermissionError):
+            return "deberta-v2"
     if model_dir is None or not os.path.isfile(os.path.join(model_dir, "config.json")):
         return "deberta-v2"
     return read_config(model_dir).get("model_type")
@@ -196,8 +202,7 @@ def choose_preset(args):
     """The preset in force (--model given: paper, else toy) for --task (paper: mnli, toy: nli) and the encoder family."""
     name = "paper" if args.model is not None else "toy"
     task = args.task or ("mnli" if name == "paper" else "nli")
-    model_dir = None if args.model is None or os.path.isdir(args.model) else resolve_model_path(args.model, args.revision)
-    return name, presets(task, encoder_family(model_dir or args.model))[name]
+    return name, presets(task, encoder_family(args.model, args.revision))[name]
 
 
 def parse_args(argv=None):

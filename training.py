@@ -623,15 +623,22 @@ class Interrupt:
     Ctrl-C during training: the first SIGINT is remembered and the step in flight finishes, so the loop can
     save a checkpoint (atomically) and stop with exit status 130; a second one stops at once, saving
     nothing. Under DDP the ranks agree (requested()) so that they all save the same step together.
+    Made by the training loop's function; once that has returned or raised, a SIGINT is a plain
+    KeyboardInterrupt again (main() called in-process, as the tests and tools do, leaves no trace).
     """
 
     def __init__(self):
         import signal
 
-        self.flag = False
+        self.flag, self.loop = False, sys._getframe(1).f_code  # the code object only: no frame kept alive
         self.previous = signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
+        while frame is not None and frame.f_code is not self.loop:
+            frame = frame.f_back
+        if frame is None:  # the loop ended with an exception before close()
+            self.close()
+            raise KeyboardInterrupt
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True

@@ -104,7 +104,7 @@ def test_errors_of_ours_are_one_line_and_fast(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=re.escape("--format metamath needs the fields ['query', 'response']; record 0 "
                                                    "has ['answer', 'question']: pass --format gsm8k")):
         train_nlg.main(["--data", str(gsm8k_like), "--out", str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="is neither a directory nor a hub id"):
+    with pytest.raises(FileNotFoundError, match="does not exist: it is neither a directory nor a hub id"):
         train_nlg.main(["--model", "/no/such/model", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1
