@@ -83,8 +83,10 @@ def test_a_directory_is_itself_and_a_hub_id_is_its_cached_snapshot(offline_cache
 
 
 def test_what_cannot_be_resolved_is_one_line_naming_it(offline_cache):
+    start = time.time()
     with pytest.raises(FileNotFoundError, match="not in the hub cache .* HF_HUB_OFFLINE is set: download it once online"):
         model.resolve_model_path("HuggingFaceTB/SmolLM2-360M-Instruct")
+    assert time.time() - start < 5  # no request, no retries
     with pytest.raises(FileNotFoundError, match="at revision 'v2'"):
         model.resolve_model_path(HUB_ID, revision="v2")
     with pytest.raises(FileNotFoundError, match="neither a directory nor a hub id"):
@@ -105,10 +107,9 @@ def test_train_nlg_trains_two_steps_from_a_hub_id_offline_and_says_when_it_is_mi
     assert config["settings"]["model"].endswith(os.path.join("snapshots", MAIN))
     assert (out / "adapter").is_dir()
 
-    start = time.time()
     result = run_script(["train_nlg.py", "--model", "HuggingFaceTB/SmolLM2-360M-Instruct", *flags[:-1],
                          str(tmp_path / "other")], offline_cache)
-    assert result.returncode == 2 and time.time() - start < 30
+    assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "'HuggingFaceTB/SmolLM2-360M-Instruct' is not in the hub cache" in result.stderr
     assert not (tmp_path / "other").exists()
