@@ -63,7 +63,7 @@ TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
            rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
 # --loss-normalization: how the task cross-entropy of a global batch is averaged (task_loss_scale)
 LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
-NONE_MEANS = {"model": "your checkpoint", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
+NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
               "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
 
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     flag = training.preset_flag(parser, TOY, PAPER, NONE_MEANS)
     flag("--model", help="Hugging Face-format Llama directory or hub id (org/name, model.resolve_model_path); giving "
                          "one selects the paper preset")
-    flag("--revision", help="with a hub id: the branch, tag or commit to read (none: main)")
+    flag("--revision", help="with a hub id: the branch, tag or commit to read")
     flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory")
     flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
          help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "

@@ -168,7 +168,7 @@ ROBERTA_NOTE = (
     + "\n  per task, --batch-size --epochs --lr: "
     + ", ".join(f"{name} {bs} {ep} {lr:g}" for name, (bs, ep, lr) in ROBERTA_TABLE9.items() if name != "nli"))
 
-NONE_MEANS = {"model": "your checkpoint", "data": "the task's train split from the hub (nyu-mll/glue)",
+NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data": "the task's train split from the hub (nyu-mll/glue)",
               "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
               "imbalance": "balanced", "device": "cuda when available"}
 
@@ -214,7 +214,7 @@ def parse_args(argv=None):
     flag("--model", help="DeBERTa-v3 (config.json, weights, spm.model) or RoBERTa (config.json, weights, tokenizer.json "
                          "or vocab.json + merges.txt) model directory, or a hub id (org/name, model.resolve_model_path); "
                          "giving one selects the paper preset")
-    flag("--revision", help="with a hub id: the branch, tag or commit to read (none: main)")
+    flag("--revision", help="with a hub id: the branch, tag or commit to read")
     flag("--task", choices=sorted(glue.TASKS), help="GLUE task, or nli: the bundled toy 3-class NLI task (local files only)")
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
     flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
