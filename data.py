@@ -423,13 +423,25 @@ def truncate_longest_first(a, b, budget):
 # wizardlm may instead hold a `conversations` list [{"from": "human", ...}, {"from": "gpt", ...}].
 # pissa: fxmeng/pissa-dataset, whose fields the official script names (scripts/ba-lora.sh's
 # --dataset_field instruction output, llm172/BA-LoRA at 2829797): nothing else is read.
+# gsm8k: GSM8K's own records (openai/gsm8k, assets/data/gsm8k), the answer rewritten in MetaMath's
+# format (metamath_response), the one the metamath data and eval.py's answer reading use.
 FORMATS = {
     "metamath": ("query", "response"),
     "pissa": ("instruction", "output"),
     "codefeedback": ("query", "answer"),
     "wizardlm": ("instruction", "output"),
     "alpaca": ("instruction", "output"),
+    "gsm8k": ("question", "answer"),
 }
+
+
+def metamath_response(answer):
+    """
+    A GSM8K solution in MetaMath's format, the one eval.py's gsm8k extraction reads (paper protocol):
+    the calculator annotations <<48/2=24>> removed and the final "#### 72" written "The answer is: 72".
+    """
+    steps, _, final = re.sub(r"<<[^>]*>>", "", answer).rpartition("####")
+    return f"{steps.strip()}\nThe answer is: {final.strip()}"
 
 
 def query_and_response(record, data_format, index=0):
@@ -444,15 +456,21 @@ def query_and_response(record, data_format, index=0):
     missing = [field for field in (query_field, response_field) if field not in record]
     if missing:
         alternative = " (or `conversations`)" if data_format == "wizardlm" else ""
+        fits = [name for name, fields in FORMATS.items() if all(field in record for field in fields)]
+        hint = f": pass --format {' or '.join(fits)}" if fits else ""
         raise ValueError(f"--format {data_format} needs the fields {missing}{alternative}; "
-                         f"record {index} has {sorted(record)}")
+                         f"record {index} has {sorted(record)}{hint}")
     for field in (query_field, response_field):
         if not isinstance(record[field], str):
             raise ValueError(f"record {index}: field {field!r} is {record[field]!r}, expected a string")
-    query = record[query_field]
+    query, response = record[query_field], record[response_field]
     if data_format == "alpaca" and record.get("input"):
         query = f"{query}\n{record['input']}"
-    return query, record[response_field]
+    if data_format == "gsm8k":
+        if "####" not in response:
+            raise ValueError(f"record {index}: --format gsm8k needs an answer ending in '#### <number>', got {response[-60:]!r}")
+        response = metamath_response(response)
+    return query, response
 
 
 def load_records(data, limit=None, split="train", config=None, data_dir=None):
@@ -463,7 +481,7 @@ def load_records(data, limit=None, split="train", config=None, data_dir=None):
     "train[:100000]"). eval.py reads its benchmarks through this too.
     """
     if not os.path.isfile(data):
-        if data.endswith((".jsonl", ".json", ".parquet", ".txt")):
+        if data.endswith((".jsonl", ".json", ".parquet", ".txt", ".csv", ".tsv")) and not os.path.isdir(data):
             raise FileNotFoundError(f"--data {data!r} does not exist")
         split = split if limit is None else f"{split}[:{limit}]"
         return load_hub_dataset(data, config, split, data_dir=data_dir).to_list()
@@ -480,8 +498,13 @@ def load_records(data, limit=None, split="train", config=None, data_dir=None):
         import pyarrow.parquet
 
         records = pyarrow.parquet.read_table(data).to_pylist()
+    elif extension == ".csv":  # a header row names the fields
+        import csv
+
+        with open(data, newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
     else:
-        raise ValueError(f"--data {data!r}: expected a .jsonl, .json or .parquet file, or a datasets hub name")
+        raise ValueError(f"--data {data!r}: expected a .jsonl, .json, .parquet or .csv file, or a datasets hub name")
     return records if limit is None else records[:limit]
 
 
@@ -492,11 +515,28 @@ def load_hub_dataset(name, config, split, local_flag="--data FILE", data_dir=Non
     import datasets
 
     try:
+        if not os.path.isdir(name) and not hub_reachable():  # datasets alone retries for ~30 s before it says so
+            datasets.config.HF_HUB_OFFLINE = True  # then only its cache is read, at once
         return datasets.load_dataset(name, config, data_dir=data_dir, split=split)
     except ConnectionError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"{name!r} is not a local file and the hub cannot be reached ({reason}); "
                               f"offline, pass {local_flag}, a local file") from None
+
+
+def hub_reachable():
+    """Whether the hub answers (any HTTP answer counts), asked once with a short timeout; False offline
+    (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set) without asking."""
+    import datasets
+    import huggingface_hub
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
+    except Exception:  # the connection failed: no network, no DNS, a proxy refusing
+        return False
+    return True
 
 
 def read_jsonl(path):

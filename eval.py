@@ -55,8 +55,8 @@ import protocols
 import sandbox
 from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
-from model import DebertaClassifier, Llama, read_config
-from training import shown
+from model import DebertaClassifier, Llama, read_config, resolve_model_path
+from training import run_cli, set_threads, shown
 from glue import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -843,19 +843,23 @@ def apply_adapter(model, adapter, quantize=None):
 
 def load_llama(args):
     """The model (+ merged adapter) and its tokenizer; resolves --prompt-format against the checkpoint."""
+    args.model, args.revision = resolve_model_path(args.model, args.revision), None  # a hub id: its cached snapshot
     tokenizer = Tokenizer(args.model)
     if hasattr(args, "prompt_format"):  # generation commands (ppl scores raw text)
         args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
         print(f"prompt format: {args.prompt_format}")
     model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    set_threads(model, args.device)
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), tokenizer
 
 
 def load_classifier(args, task):
     """DebertaClassifier (DeBERTa-v3 or RoBERTa) with the adapter's LoRA factors, pooler and classification
     head, and the encoder's tokenizer."""
+    args.model, args.revision = resolve_model_path(args.model, args.revision), None
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
                                               dtype=DTYPES[args.dtype], device=args.device)
+    set_threads(model, args.device)
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), TOKENIZERS[model.config.model_type](args.model)
 
 
@@ -1185,9 +1189,9 @@ def eval_ppl(args):
     else:
         records = read_records(args)
         text = "\n\n".join(str(field(record, ("text",))) for record in records)
+    model, tokenizer = load_llama(args)
     max_length = args.max_length or read_config(args.model)["max_position_embeddings"]
     stride = args.stride or max(1, min(PPL_STRIDE, max_length // 2))  # a short window still overlaps by half
-    model, tokenizer = load_llama(args)
     token_ids = tokenizer.encode(text)  # the checkpoint's BOS rule, as tokenizer(text) in HF's perplexity recipe
     metrics = perplexity(model, token_ids, max_length, stride)
     metrics.update(max_length=max_length, stride=stride)
@@ -1278,13 +1282,14 @@ def parse_args(argv=None):
     def command(name, help, model, data, split="test", adapter_help="balora adapter directory (save_adapter)",
                 data_help=".json/.jsonl/.parquet file or datasets hub name"):
         sub = commands.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
-        sub.add_argument("--model", default=model, help="Hugging Face-format model directory")
+        sub.add_argument("--model", default=model, help="Hugging Face-format model directory or hub id (org/name)")
+        sub.add_argument("--revision", default=None, help="with a hub id: the branch, tag or commit (default: main)")
         sub.add_argument("--adapter", default=None, help=adapter_help + "; merged into the weights before evaluating")
         sub.add_argument("--data", default=data, help=data_help)
         sub.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. main, wikitext-2-raw-v1)")
         sub.add_argument("--split", default=split, help="hub dataset split")
         sub.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-        sub.add_argument("--out", default=os.path.join("out", "eval", f"{name}.json"), help="results JSON")
+        sub.add_argument("--out", default=os.path.join("out", "eval"), help=OUT_HELP)
         sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype the model weights are loaded and run in")
         quantize_flag(sub)
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -1379,17 +1384,17 @@ def parse_args(argv=None):
                               "else 128)")
         if name == "cluster":
             sub.add_argument("--minority-label", type=int, default=None, help="default: the rarest label in --data")
-            sub.add_argument("--plot", default=os.path.join("out", "eval", "cluster.png"), help="2-D projection PNG")
+            sub.add_argument("--plot", default=None, help="2-D projection PNG (default: the results file's name, .png)")
             sub.add_argument("--projection", default="tsne", choices=["tsne", "pca"], help="tsne needs scikit-learn (else pca)")
     sub = commands.add_parser("mtbench", help="MT-Bench score: answers rated by an LLM judge (FastChat's single grading)")
-    sub.add_argument("--model", default=llama, help="Hugging Face-format model directory (default: assets/tiny-llama)")
+    sub.add_argument("--model", default=llama, help="Hugging Face-format model directory or hub id (default: assets/tiny-llama)")
+    sub.add_argument("--revision", default=None, help="with a hub id: the branch, tag or commit (default: main)")
     sub.add_argument("--adapter", default=None, help="balora adapter directory (save_adapter), merged into the "
                                                      "weights before generating (default: none)")
     sub.add_argument("--data", default=MT_BENCH, help="directory in FastChat's layout: question.jsonl, "
                      "judge_prompts.jsonl, reference_answer/gpt-4.jsonl (default: the bundled copy, assets/mt_bench)")
     sub.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only (default: all 80)")
-    sub.add_argument("--out", default=os.path.join("out", "eval", "mtbench.json"),
-                     help="results JSON (default out/eval/mtbench.json)")
+    sub.add_argument("--out", default=os.path.join("out", "eval"), help=OUT_HELP + " (default: out/eval)")
     sub.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
     quantize_flag(sub)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -1423,8 +1428,35 @@ COMMANDS = {"gsm8k": eval_gsm8k, "math": eval_math, "humaneval": eval_code, "mbp
             "glue": eval_glue, "cluster": eval_cluster, "ppl": eval_ppl, "mtbench": eval_mtbench}
 
 
+OUT_HELP = ("results folder: <out>/<command>_<model>[_<adapter's run>].json, so that runs with and without an adapter "
+            "keep their own file; a path ending in .json is the results file itself")
+
+
+def run_label(path):
+    """A model or adapter in a results file's name: a hub id's org--name, a directory's name, and for a
+    trainer's <out>/adapter the run's folder (out/nlg/adapter: nlg)."""
+    path = os.path.normpath(path)
+    if not os.path.exists(path) and "/" in path and not os.path.isabs(path):
+        return path.replace("/", "--")
+    name = os.path.basename(path)
+    if name in ("adapter", "peft_adapter"):
+        return os.path.basename(os.path.dirname(path)) or name
+    return name
+
+
+def result_path(args):
+    """Where main writes the results (OUT_HELP); humaneval / mbpp keep their progress file beside it."""
+    if args.out.endswith(".json"):
+        return args.out
+    scored = [args.completions] if getattr(args, "completions", None) else [args.model, args.adapter]
+    return os.path.join(args.out, "_".join([args.command, *(run_label(path) for path in scored if path)]) + ".json")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.out = result_path(args)  # named after the model and adapter as given, before a hub id is resolved
+    if getattr(args, "plot", "") is None:
+        args.plot = args.out.removesuffix(".json") + ".png"
     metrics, samples = COMMANDS[args.command](args)
     if hasattr(args, "protocol"):
         metrics["protocol"] = args.protocol
@@ -1440,4 +1472,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

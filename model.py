@@ -15,6 +15,7 @@ are the ones users know from peft; RoBERTa's keys, named otherwise, go through o
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,55 @@ def read_config(path):
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+# What loading a model reads from a hub repository, and nothing else: config, weights (safetensors shards
+# and their index; "model*" leaves out the duplicate consolidated.safetensors some repos ship), the
+# tokenizer in any of the three forms data.py reads, the chat template and the generation config.
+HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer.model", "spm.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json"]
+HUB_BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # only for a repo without safetensors
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name", as the hub spells repository ids
+
+
+def resolve_model_path(name_or_path, revision=None):
+    """
+    The local directory of --model: a directory as it is; otherwise a hub id ("org/name") whose files
+    loading needs (HUB_FILES, or the .bin weights of a repo without safetensors) huggingface_hub's
+    snapshot_download puts in its cache ($HF_HOME/hub), at --revision (a branch, tag or commit; default
+    main), with $HF_TOKEN for gated repos. Offline ($HF_HUB_OFFLINE=1, or the hub unreachable) the cached
+    snapshot is used without a request; a model that is not there is one line saying what to do.
+    """
+    if os.path.isdir(name_or_path):
+        if revision is not None:
+            raise ValueError(f"--revision {revision!r} selects a hub snapshot; --model {name_or_path!r} is a local directory")
+        return name_or_path
+    if not HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "~")):
+        raise FileNotFoundError(f"--model {name_or_path!r} does not exist: it is neither a directory nor a hub id (org/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        path = snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES)
+        if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+            path = snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES + HUB_BIN_FILES)
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable, and no snapshot in the cache
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise FileNotFoundError(f"--model {name_or_path!r}{at} is not in the hub cache ({constants.HF_HUB_CACHE}) and {why}: "
+                                "download it once online, or pass a local directory") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"--model {name_or_path!r}: the hub has no revision {revision!r}") from None
+    except GatedRepoError:
+        raise PermissionError(f"--model {name_or_path!r} is gated: accept its terms on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"--model {name_or_path!r}: no such hub repository, or it is private "
+                                "(set HF_TOKEN to a token that may read it)") from None
+    except HfHubHTTPError as error:  # the hub down, a bad token, ...
+        raise ConnectionError(f"--model {name_or_path!r}{at}: the hub answered {str(error).splitlines()[0]}") from None
+    return path
 
 
 def config_from(config_class, path):

@@ -41,7 +41,7 @@ import fsdp
 import plot
 import training
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
-from model import Llama
+from model import Llama, resolve_model_path
 
 # -----------------------------------------------------------------------------
 # Flags: the two presets set only what differs between them; every other flag has its own default
@@ -63,7 +63,7 @@ TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
            rank=8, alpha=16, lr=5e-4, batch_size=16, micro_batch_size=8, dtype="fp32", save_every=8)
 # --loss-normalization: how the task cross-entropy of a global batch is averaged (task_loss_scale)
 LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
-NONE_MEANS = {"model": "your checkpoint", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
+NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
               "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
 
 
@@ -71,7 +71,9 @@ def parse_args(argv=None):
     """The run's settings (args) and every setting's default in force ({setting: value})."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = training.preset_flag(parser, TOY, PAPER, NONE_MEANS)
-    flag("--model", help="Hugging Face-format Llama directory; giving one selects the paper preset")
+    flag("--model", help="Hugging Face-format Llama directory or hub id (org/name, model.resolve_model_path); giving "
+                         "one selects the paper preset")
+    flag("--revision", help="with a hub id: the branch, tag or commit to read")
     flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory")
     flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
          help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "
@@ -126,6 +128,7 @@ def parse_args(argv=None):
     flag("--seed", default=42, type=int, help="adapter init, data order, dropout")
     flag("--save-every", type=int, help="write <out>/checkpoint.pt (--fsdp: <out>/checkpoint/) every N steps (0: never)")
     flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt (--fsdp: <out>/checkpoint/)")
+    flag("--overwrite", action="store_true", help="replace the previous run in --out (without it, or --resume, it is refused)")
     flag("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
          help="also send log.jsonl's numbers to TensorBoard (<out>/tensorboard) or W&B (WANDB_MODE=offline works)")
     flag("--no-progress", action="store_true", help="no tqdm bar")
@@ -153,7 +156,7 @@ def data_note(args):
         note = (f"data: {args.data} ({args.data_dir}, {args.max_samples:,}): the first {args.max_samples:,} records of "
                 f"its {args.data_dir} train split, in the {args.format} format")
     else:
-        note = f"data: {training.shown(args.data)}, its first {args.max_samples:,} records in the {args.format} format"
+        note = f"data: {training.shown(args.data)}, up to its first {args.max_samples:,} records in the {args.format} format"
     if (args.data, args.data_dir, args.format) == (PAPER["data"], PAPER["data_dir"], PAPER["format"]):
         note += (" (the official script's data: llm172/BA-LoRA scripts/ba-lora.sh at 2829797, "
                  "MetaMathQA as fxmeng/pissa-dataset holds it; read through `datasets`: pass --data FILE for another)")
@@ -287,6 +290,8 @@ def main(argv=None):
     args, defaults = parse_args(argv)
     if args.dry_run:
         return training.dry_run(args, defaults, NONE_MEANS, [data_note(args)])
+    training.check_out(args.out, args.resume, args.overwrite)
+    args.model = resolve_model_path(args.model, args.revision)
     rank, local_rank, world_size, device, is_master = training.start_processes(args, defaults, NONE_MEANS, [data_note(args)])
     check_parallelism(args, world_size)
     ddp = world_size > 1 and not args.fsdp
@@ -316,6 +321,7 @@ def main(argv=None):
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         adapter = training.adapt(model, args.quantize, args.teacher, kind=method.kind, **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
+    training.set_threads(model, device)
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
     if ddp:  # (fully_shard changes the module in place: under --fsdp, model is raw_model)
@@ -337,6 +343,7 @@ def main(argv=None):
                              grad_accum, method, adapter)
 
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_master or args.no_progress, dynamic_ncols=True)
+    interrupt = training.Interrupt()  # the first Ctrl-C saves after the step in flight
     for step in range(start_step, total_steps):
         t0 = time.time()
         micro_batches = step_micro_batches(args, examples, tokenizer, prompt_format, step, rank, world_size)
@@ -392,8 +399,13 @@ def main(argv=None):
             training.append_jsonl(log_path, record)
             reporter.log(record)
             show_progress(progress, record)
-        if args.save_every and (step + 1) % args.save_every == 0:
+        interrupted = step + 1 < total_steps and interrupt.requested()
+        if interrupted or (args.save_every and (step + 1) % args.save_every == 0):
             save(args, checkpoint_path, raw_model, optimizer, scheduler, step + 1, skipped_batches)
+        if interrupted:
+            progress.close()
+            interrupt.stop(step + 1, checkpoint_path, argv, is_master)
+    interrupt.close()
     progress.close()
     finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skipped_batches - skipped_at_start,
                skipped_batches, is_master, reporter)
@@ -419,6 +431,8 @@ def resume(args, checkpoint_path, raw_model, optimizer, scheduler):
 def start_run(args, defaults, start_step, log_path, prompt_format, examples, total_steps, world_size, grad_accum,
               method, adapter):
     """Rank 0, before the first step: the log rewound to the checkpoint, config.json, the reporter, a summary."""
+    if args.overwrite and not args.resume:
+        training.clear_out(args.out)
     os.makedirs(args.out, exist_ok=True)
     kept = training.rewind_log(log_path, start_step) if args.resume else []  # drop steps logged after the checkpoint
     training.remove_stale_temp_files(args.out)
@@ -506,6 +520,6 @@ def finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skip
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)
     if "RANK" in os.environ:  # launched by torchrun
         training.exit_torchrun_worker()

@@ -33,7 +33,7 @@ import balora
 import glue
 import plot
 import training
-from model import DebertaClassifier, read_config, roberta_hf_key
+from model import DebertaClassifier, read_config, resolve_model_path, roberta_hf_key
 
 # -----------------------------------------------------------------------------
 # Recipes: Table 8 (DeBERTa-v3-base; each task's row is in glue.TASKS) and Table 9 (RoBERTa-base)
@@ -96,11 +96,17 @@ def presets(task_name, family="deberta-v2"):
     return {"toy": dict(paper, **TOY_VALUES), "paper": paper}
 
 
-def encoder_family(model_dir):
+def encoder_family(model_dir, revision=None):
     """
     The model_type of --model's config.json ("roberta": Table 9's recipe), or "deberta-v2" without
-    one (no --model: the toy encoder; a directory without config.json is named when it loads).
+    one (no --model: the toy encoder; a directory without config.json, or a hub id that cannot be
+    resolved, is named when it loads).
     """
+    if model_dir is not None and not os.path.isdir(model_dir):
+        try:
+            model_dir = resolve_model_path(model_dir, revision)
+        except (FileNotFoundError, ConnectionError, PermissionError):
+            return "deberta-v2"
     if model_dir is None or not os.path.isfile(os.path.join(model_dir, "config.json")):
         return "deberta-v2"
     return read_config(model_dir).get("model_type")
@@ -162,7 +168,7 @@ ROBERTA_NOTE = (
     + "\n  per task, --batch-size --epochs --lr: "
     + ", ".join(f"{name} {bs} {ep} {lr:g}" for name, (bs, ep, lr) in ROBERTA_TABLE9.items() if name != "nli"))
 
-NONE_MEANS = {"model": "your checkpoint", "data": "the task's train split from the hub (nyu-mll/glue)",
+NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data": "the task's train split from the hub (nyu-mll/glue)",
               "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
               "imbalance": "balanced", "device": "cuda when available"}
 
@@ -196,7 +202,7 @@ def choose_preset(args):
     """The preset in force (--model given: paper, else toy) for --task (paper: mnli, toy: nli) and the encoder family."""
     name = "paper" if args.model is not None else "toy"
     task = args.task or ("mnli" if name == "paper" else "nli")
-    return name, presets(task, encoder_family(args.model))[name]
+    return name, presets(task, encoder_family(args.model, args.revision))[name]
 
 
 def parse_args(argv=None):
@@ -206,7 +212,9 @@ def parse_args(argv=None):
         epilog=REGRESSION_NOTE + "\n" + ROBERTA_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = training.preset_flag(parser, presets("nli")["toy"], paper_preset_as_help(), NONE_MEANS)
     flag("--model", help="DeBERTa-v3 (config.json, weights, spm.model) or RoBERTa (config.json, weights, tokenizer.json "
-                         "or vocab.json + merges.txt) model directory; giving one selects the paper preset")
+                         "or vocab.json + merges.txt) model directory, or a hub id (org/name, model.resolve_model_path); "
+                         "giving one selects the paper preset")
+    flag("--revision", help="with a hub id: the branch, tag or commit to read")
     flag("--task", choices=sorted(glue.TASKS), help="GLUE task, or nli: the bundled toy 3-class NLI task (local files only)")
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
     flag("--validation-file", nargs="+", help="one file per validation split of the task (MNLI: matched, then mismatched)")
@@ -247,6 +255,7 @@ def parse_args(argv=None):
     flag("--save-every", default=0, type=int, help="write checkpoint.pt every N steps (0: every epoch)")
     flag("--max-steps", default=0, type=int, help="stop after N optimizer steps (0: all epochs)")
     flag("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    flag("--overwrite", action="store_true", help="replace the previous run in --out (without it, or --resume, it is refused)")
     flag("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for the forward passes")
     flag("--device", help="cpu or cuda")
     flag("--no-progress", action="store_true", help="no tqdm bar")
@@ -301,6 +310,7 @@ def main(argv=None):
     args, defaults = parse_args(argv)
     if args.dry_run:
         return training.dry_run(args, defaults, NONE_MEANS, [data_note(args)])
+    training.check_out(args.out, args.resume, args.overwrite)
     rank, local_rank, world_size, device, is_master = training.start_processes(args, defaults, NONE_MEANS, [data_note(args)])
     task, method = glue.TASKS[args.task], training.METHODS[args.method]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -313,11 +323,13 @@ def main(argv=None):
 
     # model: pretrained encoder + fresh pooler/classifier (the same seed on every rank), then the adapters
     torch.manual_seed(args.seed)
-    if not os.path.isdir(args.model):
-        hint = " (the toy preset's bundled encoder: build it with tools/make_assets.py)" if args.preset == "toy" else ""
-        raise FileNotFoundError(f"--model {args.model!r} is not a model directory{hint}")
+    if args.preset == "toy" and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r} is not a model directory (the toy preset's bundled encoder: "
+                                "build it with tools/make_assets.py)")
+    args.model = resolve_model_path(args.model, args.revision)
     model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
     tokenizer = glue.TOKENIZERS[model.config.model_type](args.model)
+    training.set_threads(model, device)
     training.adapt(model, args.quantize, args.teacher, target_modules=args.targets.split(","), r=args.rank,
                    alpha=args.alpha, init=method.init, dropout=args.dropout, trainable=("classifier", "pooler"),
                    dora=method.dora, kind=method.kind)
@@ -368,18 +380,21 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=step, disable=not is_master or args.no_progress, dynamic_ncols=True)
     model.train()
     start_time, order, order_epoch = time.time(), None, None
+    interrupt = training.Interrupt()  # the first Ctrl-C saves after the step in flight
     while step < total_steps:
+        step_start = time.time()
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # a fresh shuffle per epoch, from the seed alone: the same on every rank and on resume
             order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
             order_epoch = epoch
         step_lambdas = balora.scheduled_lambdas(step, total_steps, lambdas, args.lambda1_schedule, args.focus_schedule)
-        totals = {}
+        totals, tokens = {}, 0
         for micro_step in range(accumulation_steps):
             indices = glue.micro_batch_indices(order, step_in_epoch, micro_step, args.batch_size, micro_batch_size, rank,
                                                world_size)
             input_ids, attention_mask, labels = (t.to(device) for t in glue.collate(train_ids, train_labels, indices,
                                                                                     tokenizer.pad_id))
+            tokens += int(attention_mask.sum())
             if world_size > 1:  # all-reduce the gradients only on the last micro-batch
                 model.require_backward_grad_sync = micro_step == accumulation_steps - 1
             with training.autocast_context(device, dtype):
@@ -392,10 +407,12 @@ def main(argv=None):
             for name, value in {"total": loss.detach(), **components}.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accumulation_steps
         totals = mean_over_ranks(totals, world_size, device)  # the terms averaged over the global batch's micro-batches
+        tokens = int(mean_over_ranks({"tokens": tokens}, world_size, device)["tokens"] * world_size)  # the global batch's
         training.check_finite(totals["total"], step + 1, "loss", checkpoint_path)
-        if args.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
-            training.check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)
+        # --grad-clip 0: no clipping, the norm still measured (a max of inf scales every gradient by exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
+                                                   args.grad_clip if args.grad_clip > 0 else math.inf)
+        training.check_finite(grad_norm, step + 1, "gradient norm", checkpoint_path)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -404,15 +421,21 @@ def main(argv=None):
         progress.update(1)
         progress.set_postfix({name: f"{v:.4f}" for name, v in totals.items()})
         if is_master:
-            record = {"step": step, "lr": lr, **{f"lambda{i}": w for i, w in enumerate(step_lambdas, 1)}, **totals}
+            record = {"step": step, "lr": lr, **{f"lambda{i}": w for i, w in enumerate(step_lambdas, 1)}, **totals,
+                      "tokens": tokens, "grad_norm": float(grad_norm), "time": time.time() - step_start}
             training.append_jsonl(log_path, record)
             reporter.log(record)
         end_of_epoch, last = step % steps_per_epoch == 0, step == total_steps
         if last or (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
             run_evaluation(step)
-        if last or (args.save_every and step % args.save_every == 0) or (not args.save_every and end_of_epoch):
+        interrupted = not last and interrupt.requested()
+        if last or interrupted or (args.save_every and step % args.save_every == 0) or (not args.save_every and end_of_epoch):
             training.save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step, data_state={"best": best},
                                      config=training.run_config(args))
+        if interrupted:
+            progress.close()
+            interrupt.stop(step, checkpoint_path, argv, is_master)
+    interrupt.close()
     progress.close()
 
     results = None
@@ -434,6 +457,8 @@ def mean_over_ranks(totals, world_size, device):
 def start_run(args, defaults, step, log_path, task, train_ids, train_labels, validation, total_steps, world_size,
               micro_batch_size, accumulation_steps, lambdas):
     """Rank 0, before the first step: the log rewound to the checkpoint, config.json, the reporter, a summary."""
+    if args.overwrite and not args.resume:
+        training.clear_out(args.out)
     os.makedirs(args.out, exist_ok=True)
     kept = training.rewind_log(log_path, step) if args.resume else []  # drop what was logged after the checkpoint
     training.remove_stale_temp_files(args.out)
@@ -479,6 +504,6 @@ def finish_run(args, model, best, best_path, baseline, task, steps, seconds, rep
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)
     if "RANK" in os.environ:  # launched by torchrun
         training.exit_torchrun_worker()

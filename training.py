@@ -487,7 +487,8 @@ def teacher_head(model, device, dtype):
 
 # Settings that may change between a run and its --resume without changing the result (both
 # trainers); every other one must match the checkpoint. --out is where the run lives, so it may move.
-RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run")
+RESUME_MAY_CHANGE = ("resume", "save_every", "device", "grad_checkpointing", "no_progress", "out", "report_to", "dry_run",
+                     "overwrite")
 
 
 def normalized(value):
@@ -571,8 +572,8 @@ def settings_block(args, defaults, none_means, notes=()):
     if not changed:
         lines.append("  no value differs from the defaults")
     lines += [f"  {note}" for note in notes]
-    lines.append("  every value: below (a dry run writes nothing)" if args.dry_run else
-                 f"  every value: {os.path.join(args.out, 'config.json')}")
+    if args.dry_run:  # a run says where every value is once it has written config.json (write_config)
+        lines.append("  every value: below (a dry run writes nothing)")
     return "\n".join(lines)
 
 
@@ -619,8 +620,124 @@ def write_config(args, defaults, derived):
     record = {"preset": args.preset, "changed": changed, "settings": settings_record(args), "derived": derived}
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(record, f, indent=1)
+    print(f"every value: {os.path.join(args.out, 'config.json')}")
 
 
 def lambdas_of(args, method):
     """(--lambda1, --lambda2, ...): one weight per balora.REGULARIZERS term; all 0 for a method without them."""
     return tuple(getattr(args, f"lambda{i}") if method.regularized else 0.0 for i in range(1, len(balora.REGULARIZERS) + 1))
+
+
+# -----------------------------------------------------------------------------
+# The command line around a run: --out, threads, Ctrl-C, one-line errors
+
+# What a run writes into its --out: a directory holding any of them holds a previous run
+RUN_FILES = ("log.jsonl", "config.json", "checkpoint.pt", "checkpoint", "best.pt", "adapter", "peft_adapter", "curves.png")
+TINY_MODEL = 20_000_000  # parameters: below this a CPU step is per-op overhead, which more threads only add to
+
+
+def check_out(out, resume, overwrite):
+    """
+    Refuse, before anything is read or written, a --out that holds a previous run's files unless --resume
+    continues it or --overwrite replaces it: a second run must not silently replace the adapter (and
+    checkpoint) of the first.
+    """
+    previous = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if previous and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} holds a previous run ({', '.join(previous)}): pass --resume to continue it, "
+                              "--overwrite to replace it, or another --out")
+
+
+def clear_out(out):
+    """--overwrite: remove the previous run's files (RUN_FILES) so that none of them is mistaken for this run's."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def set_threads(model, device):
+    """
+    One CPU thread for a tiny model unless OMP_NUM_THREADS says otherwise: its ops are too small to
+    split, and on a busy 2-core CPU two threads mostly wait on each other (the toy NLG run: 79 s with
+    two threads at load 5, 13 s with one). Larger models keep torch's default.
+    """
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if sum(p.numel() for p in model.parameters()) < TINY_MODEL:
+            torch.set_num_threads(1)
+
+
+def resume_command(argv):
+    """The command that continues this run: the one typed, with --resume (torchrun users add their launcher)."""
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = os.path.relpath(os.path.abspath(sys.argv[0])) if sys.argv[0].endswith(".py") else "train_*.py"
+    return "python " + shlex.join([script, *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+class Interrupt:
+    """
+    Ctrl-C during training: the first SIGINT is remembered and the step in flight finishes, so the loop can
+    save a checkpoint (atomically) and stop with exit status 130; a second one stops at once, saving
+    nothing. Under DDP the ranks agree (requested()) so that they all save the same step together.
+    Made by the training loop's function; once that has returned or raised, a SIGINT is a plain
+    KeyboardInterrupt again (main() called in-process, as the tests and tools do, leaves no trace).
+    """
+
+    def __init__(self):
+        import signal
+
+        self.flag, self.loop = False, sys._getframe(1).f_code  # the code object only: no frame kept alive
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        while frame is not None and frame.f_code is not self.loop:
+            frame = frame.f_back
+        if frame is None:  # the loop ended with an exception before close()
+            self.close()
+            raise KeyboardInterrupt
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to stop without saving)",
+              file=sys.stderr, flush=True)
+
+    def requested(self):
+        return min_over_ranks(0.0 if self.flag else 1.0) == 0.0
+
+    def stop(self, step, checkpoint_path, argv, is_master):
+        """After the checkpoint of `step` is written: say how to continue, restore Ctrl-C, exit 130."""
+        self.close()
+        if is_master:
+            print(f"interrupted: checkpoint of step {step} in {checkpoint_path}; continue with:\n  {resume_command(argv)}",
+                  flush=True)
+        cleanup_distributed()
+        raise SystemExit(130)
+
+    def close(self):
+        import signal
+
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run_cli(main):
+    """
+    A script's entry point: a bad flag, file or setting (the errors balora raises with a message naming
+    it) is one line on stderr and exit status 2, not a traceback; Ctrl-C before the training loop
+    (which saves, Interrupt) is one line and 130.
+    """
+    script = os.path.basename(sys.argv[0])
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError, ModuleNotFoundError,
+            FloatingPointError) as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted before training started; nothing saved", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -128,7 +128,7 @@ def test_bad_nlg_input_is_named_and_changes_nothing(case, good_nlg_run, tmp_path
     out, before = good_nlg_run
     model, data, extra, message = nlg_case(case, tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
-        train_nlg.main(nlg_flags(out, model, data, *extra))
+        train_nlg.main(nlg_flags(out, model, data, *extra, "--overwrite"))  # even --overwrite keeps the run on bad input
     assert "\n" not in str(error.value)  # one line
     assert snapshot(out) == before
 
@@ -158,7 +158,7 @@ def test_bad_nlu_input_is_named_and_changes_nothing(case, good_nlu_run, tmp_path
     labels, message = NLU_CASES[case]
     train = write_lines(tmp_path, "nli_bad.jsonl", nli_rows(labels))
     with pytest.raises(ValueError, match=message):
-        train_nlu.main(nlu_flags(out, train))
+        train_nlu.main(nlu_flags(out, train) + ["--overwrite"])  # even --overwrite keeps the run on bad input
     assert snapshot(out) == before
 
 

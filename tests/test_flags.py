@@ -163,7 +163,7 @@ def test_model_without_data_trains_on_the_paper_data_set(tmp_path, capsys):
     # MetaMathQA itself: another --data takes the metamath format, without a sub-directory
     settings = train_nlg.main(["--model", str(model), "--data", "meta-math/MetaMathQA", "--dry-run"])
     assert (settings["data_dir"], settings["format"]) == (None, "metamath")
-    assert "data: meta-math/MetaMathQA, its first 100,000 records in the metamath format" in capsys.readouterr().out
+    assert "data: meta-math/MetaMathQA, up to its first 100,000 records in the metamath format" in capsys.readouterr().out
     # the toy preset: its own data, said as well
     settings = train_nlg.main(["--dry-run"])
     assert settings["data"] == os.path.join(ASSETS, "data", "metamath_train.jsonl") and settings["max_samples"] == 384

@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import eval as evaluate  # noqa: E402  (eval.py; renamed so the builtin stays visible)
 import train_nlg  # noqa: E402
-from data import Tokenizer, collate, load_records, resolve_prompt_format  # noqa: E402
+from data import Tokenizer, collate, load_records, metamath_response, resolve_prompt_format  # noqa: E402
 from model import Llama, read_config  # noqa: E402
 
 ASSETS = os.path.join(REPO, "assets")
@@ -112,15 +112,6 @@ def gsm8k_problems(path, limit=None):
         if not isinstance(record.get("question"), str) or "####" not in str(record.get("answer")):
             raise ValueError(f"{path}: record {i + 1} is not a GSM8K problem (needs question and an answer with ####)")
     return records
-
-
-def metamath_response(answer):
-    """
-    A GSM8K solution in MetaMath's format, the one eval.py's gsm8k extraction reads (paper protocol):
-    the calculator annotations <<48/2=24>> removed and the final "#### 72" written "The answer is: 72".
-    """
-    steps, _, final = re.sub(r"<<[^>]*>>", "", answer).rpartition("####")
-    return f"{steps.strip()}\nThe answer is: {final.strip()}"
 
 
 def write_training_data(path, problems):
@@ -293,7 +284,7 @@ def run_once(args, budget, reference, variant, seed, data_path):
         return saved
     start = time.time()
     if saved is None:
-        train_nlg.main(argv)
+        train_nlg.main(argv + ["--overwrite"])  # a run whose settings changed is trained again in its folder
         with open(os.path.join(run_dir, "log.jsonl")) as f:
             log = [json.loads(line) for line in f]
         result = {"variant": variant, "seed": seed, "steps": len(log), "tokens": sum(r["tokens"] for r in log),
@@ -424,11 +415,26 @@ def update_docs(out_dir, docs_dir, readme_path):
 # -----------------------------------------------------------------------------
 
 
+def variant_names(value):
+    """The variants one --variants argument names: a name as VARIANTS spells it (some hold commas, the
+    lambda1 sweep's), or a comma-separated list of such names; one line listing them if neither."""
+    if value.strip() in VARIANTS:
+        return [value.strip()]
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {value!r}; choose from {'; '.join(VARIANTS)} (one quoted name per argument)")
+    return names
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="cpu: <= 60 min on 2 cores; full: the GPU recipe; smoke: tests (default: cpu)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="SmolLM2-135M-Instruct directory (default: tools/get_smollm2.sh's %(default)s)")
-    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--variants", nargs="+", action="extend", default=None, metavar="NAME",
+                        help="the variants to run, each one argument (quoted: --variants LoRA \"BA-LoRA, lambda1 = 1\"; "
+                             "the flag may repeat; a comma-separated list of names without commas works too): "
+                             + "; ".join(VARIANTS) + " (default: all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds for every variant (default: the budget's: main rows "
                         "42,1024 on cpu, the paper's 42,1024,2024 on full; other rows 42 on cpu)")
     parser.add_argument("--prompt-format", default=None, choices=["alpaca", "chat"], help="default: chat when the model has a template")
@@ -442,10 +448,7 @@ def parse_args(argv=None):
     if args.seeds is not None:
         args.seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.variants is not None:
-        args.variants = [v.strip() for v in args.variants.split(",")]
-        unknown = [v for v in args.variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        args.variants = [name for value in args.variants for name in variant_names(value)]
     return args
 
 

@@ -102,7 +102,7 @@ def nlg_scores(adapter, out, gsm8k_limit):
 
 
 def run_nlg(flags, seed, out, args):
-    train_flags = ["--out", out, "--seed", str(seed), *flags]
+    train_flags = ["--out", out, "--seed", str(seed), "--overwrite", *flags]  # a rerun replaces the row's run
     if args.nlg_steps:
         train_flags += ["--max-steps", str(args.nlg_steps)]
     train_nlg.main(train_flags)
@@ -110,7 +110,8 @@ def run_nlg(flags, seed, out, args):
 
 
 def run_nlu(flags, seed, out, args, imbalance=None):
-    train_flags = ["--out", out, "--seed", str(seed), "--max-steps", str(args.nlu_steps), "--no-progress", *flags]
+    train_flags = ["--out", out, "--seed", str(seed), "--max-steps", str(args.nlu_steps), "--no-progress", "--overwrite",
+                   *flags]
     if imbalance:
         train_flags += ["--imbalance", imbalance]
     train_nlu.main(train_flags)
