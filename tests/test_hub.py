@@ -122,6 +122,24 @@ def test_eval_reads_a_hub_id_and_names_its_results_after_it(offline_cache, tmp_p
     assert saved["args"]["model"].endswith(os.path.join("snapshots", MAIN)) and saved["metrics"]["perplexity"] > 1
 
 
+def test_merge_adapter_takes_a_hub_id_as_its_base(offline_cache, tmp_path):
+    """tools/merge_adapter.py --model org/name: the cached snapshot is the base, as with a directory."""
+    import adapters
+    import balora
+    from tools import merge_adapter
+
+    adapted = model.Llama.from_pretrained(TINY_LLAMA)
+    balora.add_lora(adapted, ["q_proj", "v_proj"], r=2, alpha=4, init="pissa", pissa_niter=2)
+    adapters.save_adapter(adapted, str(tmp_path / "adapter"))
+    by_id, by_dir = tmp_path / "by_id", tmp_path / "by_dir"
+    assert merge_adapter.main(["--model", HUB_ID, "--adapter", str(tmp_path / "adapter"), "--out", str(by_id)]) == 0
+    assert merge_adapter.main(["--model", TINY_LLAMA, "--adapter", str(tmp_path / "adapter"), "--out", str(by_dir)]) == 0
+    assert (by_id / "model.safetensors").read_bytes() == (by_dir / "model.safetensors").read_bytes()
+    missing = merge_adapter.main(["--model", "HuggingFaceTB/SmolLM2-360M-Instruct", "--adapter",
+                                  str(tmp_path / "adapter"), "--out", str(tmp_path / "none")])
+    assert missing == 1 and not (tmp_path / "none").exists()
+
+
 @pytest.mark.slow
 def test_real_smollm2_laid_out_as_its_hub_id_trains_two_steps_offline(smollm2_dir, tmp_path):
     home = tmp_path / "hf_home"

@@ -353,7 +353,9 @@ def size_in_bytes(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Merge a balora adapter into its base: a standalone Hugging Face checkpoint.")
-    parser.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
+    parser.add_argument("--model", required=True,
+                        help="the base model the adapter was trained on: a directory or a hub id (model.resolve_model_path)")
+    parser.add_argument("--revision", default=None, help="with a hub id --model: a branch, tag or commit (default main)")
     parser.add_argument("--adapter", required=True, help="a saved adapter directory (balora_config.json + balora_adapter.safetensors)")
     parser.add_argument("--out", required=True, help="the directory to write (must not exist unless --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the merged weights' dtype (default float32)")
@@ -363,8 +365,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        out_dir = merge(args.model, args.adapter, args.out, args.dtype, args.max_shard_size, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        out_dir = merge(models.resolve_model_path(args.model, args.revision), args.adapter, args.out, args.dtype, args.max_shard_size, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as error:
         print(f"merge_adapter: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {out_dir} in {time.time() - start:.1f}s")
