@@ -149,6 +149,8 @@ def calibrate(model, init, losses):
     say which start it took.
     """
     layers = [layer for _, layer in balora.lora_layers(model)]
+    if any(layer.quantize != "none" for layer in layers):
+        raise ValueError(f"calibrate: {init} needs the full-precision weights W; quantize the base after it")
     if any(layer.lora_A0 is not None for layer in layers):
         raise ValueError(f"calibrate: the adapters already have a start ({layers[0].init}); add them with init='lora'")
     losses = list(losses)
@@ -200,9 +202,9 @@ class AdaLoRALinear(balora.LoRALinear):
         return self.scaling * (self.lora_B @ (self.lora_A * self.lora_E))
 
     def forward(self, x):
+        if self.pretrained:  # Lambda starts at 0: the pretrained layer, as LoRALinear's with B0 = 0
+            return super().forward(x)
         result = self.base(x)
-        if self.pretrained:  # Lambda starts at 0: the pretrained layer is base
-            return result
         x = self.dropout(x.to(self.lora_A.dtype))
         return result + (self.scaling * F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B)).to(result.dtype)
 
@@ -210,8 +212,10 @@ class AdaLoRALinear(balora.LoRALinear):
         return f"r={self.r}, alpha={self.alpha}, adalora"
 
 
-def add_adalora(model, target_modules, r, alpha, dropout=0.0, trainable=()):
+def add_adalora(model, target_modules, r, alpha, dropout=0.0, trainable=(), init="lora", pissa_niter=None, dora=False):
     """balora.add_lora's layers, as AdaLoRALinear (rank r = AdaLoRA's init_r). Returns add_lora's summary."""
+    if init != "lora" or dora:
+        raise ValueError(f"add_adalora: AdaLoRA starts at Lambda = 0 on plain layers, not init={init!r}, dora={dora}")
     summary = balora.add_lora(model, target_modules, r, alpha, init="lora", dropout=dropout, trainable=trainable)
     for name, layer in balora.lora_layers(model):
         balora.set_submodule(model, name, AdaLoRALinear(layer.base, r, alpha, dropout))
@@ -326,6 +330,22 @@ class RankAllocator:
     def ranks(self):
         """{layer name: kept ranks} after the last allocation (None before the first)."""
         return None if self.masks is None else {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+
+# The recipe's AdaLoRA settings: the budget falls from init_r = --rank to 2/3 of it (peft's defaults
+# 12 -> 8; AdaLoRA's experiments start at 1.5 x the final budget), warm up for the first 10% of the
+# steps, hold the final allocation for the last 20%, reallocate every 1% of the run, orthogonality
+# weight 0.1 (AdaLoRA's gamma; peft's default is 0.5).
+ADALORA_TARGET_FRACTION, ADALORA_TINIT, ADALORA_TFINAL, ADALORA_DELTA_T = 2 / 3, 0.1, 0.2, 0.01
+ORTH_REG_WEIGHT = 0.1
+
+
+def adalora_allocator(model, total_steps):
+    """A RankAllocator for a run of total_steps steps with the recipe's settings above."""
+    r = adalora_layers(model)[0][1].r
+    return RankAllocator(model, target_r=max(1, round(ADALORA_TARGET_FRACTION * r)), total_step=total_steps,
+                         tinit=int(ADALORA_TINIT * total_steps), tfinal=int(ADALORA_TFINAL * total_steps),
+                         deltaT=max(1, int(ADALORA_DELTA_T * total_steps)))
 
 
 def adalora_to_lora(model):

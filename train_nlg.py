@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import adapters
 import balora
+import baselines
 import chunked
 import fsdp
 import plot
@@ -159,7 +160,8 @@ def data_note(args):
 
 def check_parallelism(args, world_size):
     """The flags that decide how the model is spread over the processes fit together; one line naming them if not."""
-    if args.fsdp and (training.METHODS[args.method].dora or args.quantize != "none"):
+    method = training.METHODS[args.method]
+    if args.fsdp and (method.dora or method.calibration or method.adalora or args.quantize != "none"):
         # fsdp.gathered_adapter rebuilds plain LoRA layers, and NF4 codes are buffers FSDP does not shard
         raise ValueError(f"--fsdp shards LoRA/PiSSA adapters on a full-precision base: --method {args.method} "
                          f"--quantize {args.quantize} is not supported with it (drop --fsdp, or use another --method "
@@ -310,9 +312,16 @@ def main(argv=None):
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        adapter = training.adapt(model, args.quantize, args.teacher, **lora)  # PiSSA's SVD, then the 4-bit base
+        adapter = training.adapt(model, args.quantize, args.teacher, adalora=method.adalora, **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
+    # LoRA-GA / CorDA start from the model on the first global batch (the same on every rank): its mean task CE
+    training.calibrate(model, method, [
+        lambda micro_batch=micro_batch: micro_batch_objective(
+            args, model, model, micro_batch, (0.0,) * len(lambdas), 0.0, 1 / max(1, response_tokens(micro_batch)),
+            None, device, dtype)[0]
+        for micro_batch in step_micro_batches(args, examples, tokenizer, prompt_format, 0, 0, 1)])
+    allocator = training.rank_allocator(model, method, total_steps, args.resume)  # AdaLoRA's rank budget, else None
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
     if ddp:  # (fully_shard changes the module in place: under --fsdp, model is raw_model)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -365,6 +374,8 @@ def main(argv=None):
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
             # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
             # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
+            if allocator:  # AdaLoRA's orthogonality regularizer on P and Q, with every forward
+                total = total + baselines.ORTH_REG_WEIGHT * baselines.orthogonality_regularizer(raw_model)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
             sums["tokens"] += micro_batch[1].sum()
@@ -381,6 +392,8 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        if allocator:  # AdaLoRA: importance from these gradients, then the step's rank budget
+            allocator.update_and_allocate(raw_model, step)
         optimizer.zero_grad(set_to_none=True)
         skipped_batches += int(sums["skipped"])
         record = step_record(step, lr, step_lambdas, sums, task_tokens.item(), skipped_batches, grad_norm, time.time() - t0)
@@ -391,6 +404,8 @@ def main(argv=None):
         if args.save_every and (step + 1) % args.save_every == 0:
             save(args, checkpoint_path, raw_model, optimizer, scheduler, step + 1, skipped_batches)
     progress.close()
+    if allocator:  # saved and exported as the LoRA adapter it computes
+        baselines.adalora_to_lora(raw_model)
     finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skipped_batches - skipped_at_start,
                skipped_batches, is_master, reporter)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import balora
+import baselines
 import nf4
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +36,8 @@ class Method:
     init: str  # the adapter's start: "lora" (B = 0) or a balora.INITS name ("pissa")
     regularized: bool  # BA-LoRA's regularizers on (Eq. 8 / 13)
     dora: bool = False  # balora.DoRALinear layers (a trainable magnitude)
+    calibration: str = None  # a baselines.CALIBRATED_INITS start from a few batches (LoRA-GA, CorDA): calibrate()
+    adalora: bool = False  # baselines.AdaLoRALinear layers and their rank budget: rank_allocator()
 
 
 METHODS = {
@@ -44,8 +47,17 @@ METHODS = {
     "lora+reg": Method("lora", True),
     "dora": Method("lora", False, dora=True),
     "dora+reg": Method("lora", True, dora=True),
+    "loraga": Method("lora", False, calibration="loraga"),
+    "loraga+reg": Method("lora", True, calibration="loraga"),
+    "corda": Method("lora", False, calibration="corda-ipm"),
+    "corda+reg": Method("lora", True, calibration="corda-ipm"),
+    "corda-kpm": Method("lora", False, calibration="corda-kpm"),
+    "corda-kpm+reg": Method("lora", True, calibration="corda-kpm"),
+    "adalora": Method("lora", False, adalora=True),
+    "adalora+reg": Method("lora", True, adalora=True),
 }
-METHOD_HELP = "lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10)"
+METHOD_HELP = ("lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10) | loraga | "
+               "corda (IPM) | corda-kpm | adalora, each also as <method>+reg (baselines.py)")
 QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
                  "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
@@ -55,16 +67,39 @@ TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, 
                 "the 4-bit model itself, at no extra memory (ours)")
 
 
-def adapt(model, quantize, teacher, **lora):
+def adapt(model, quantize, teacher, adalora=False, **lora):
     """
-    balora.add_lora(model, **lora), then the base in --quantize (nf4.quantize_base: after PiSSA's SVD,
-    so that QPiSSA quantizes W_res). With --teacher full on a 4-bit base the pretrained weights are
-    copied first, for the teacher. Returns add_lora's summary.
+    balora.add_lora(model, **lora) (with adalora: as baselines.AdaLoRALinear layers), then the base in
+    --quantize (nf4.quantize_base: after PiSSA's SVD, so that QPiSSA quantizes W_res). With --teacher
+    full on a 4-bit base the pretrained weights are copied first, for the teacher. Returns add_lora's summary.
     """
     teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
-    adapter = balora.add_lora(model, **lora)
+    adapter = baselines.add_adalora(model, **lora) if adalora else balora.add_lora(model, **lora)
     nf4.quantize_base(model, quantize, teacher_weights)
     return adapter
+
+
+def calibrate(model, method, losses):
+    """
+    LoRA-GA / CorDA: start the adapters (added with init="lora") from the model on calibration batches,
+    baselines.calibrate; `losses` are zero-argument functions, each one batch's task loss. Other methods: nothing.
+    """
+    if method.calibration:
+        baselines.calibrate(model, method.calibration, losses)
+
+
+def rank_allocator(model, method, total_steps, resume):
+    """
+    AdaLoRA: its rank budget over the run (baselines.adalora_allocator), whose update_and_allocate(model,
+    step) the trainer calls after optimizer.step() and before zero_grad(). Other methods: None. Its
+    importance averages are not in the checkpoints, so an AdaLoRA run cannot resume exactly: refused.
+    """
+    if not method.adalora:
+        return None
+    if resume:
+        raise ValueError("--resume: an AdaLoRA run keeps its rank allocator's importance averages outside the "
+                         "checkpoint and cannot continue exactly; start it again")
+    return baselines.adalora_allocator(model, total_steps)
 
 
 def parameter_groups(model, weight_decay):
