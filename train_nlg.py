@@ -437,7 +437,8 @@ def start_run(args, defaults, start_step, log_path, prompt_format, examples, tot
         f.writelines(kept)
     training.write_config(args, defaults, derived=dict(prompt_format=prompt_format, examples=len(examples),
                                                        total_steps=total_steps, world_size=world_size,
-                                                       gradient_accumulation=grad_accum))
+                                                       gradient_accumulation=grad_accum,
+                                                       trainable_parameters=adapter["trainable"]))
     print(f"{args.method}: init={method.init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
           f"{len(examples)} examples in the {prompt_format} prompt format, {total_steps} steps of {args.batch_size} "
           f"({world_size} x {grad_accum} x {args.micro_batch_size}), start at step {start_step}")

@@ -7,6 +7,7 @@ whose logits are ours.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -238,3 +239,26 @@ def test_adalora_exports_as_lora_and_round_trips(tmp_path):
     export_peft(ours, tmp_path / "peft", "tiny-llama")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft").eval()
     assert rel_err(logits_of(reloaded, ids), trained) <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# tools/baselines.py
+
+
+@pytest.mark.slow
+def test_baselines_tool_smoke_runs_every_kind_of_method_into_one_table(tmp_path):
+    import tools.baselines as tool
+
+    methods = ["loraga+reg", "corda-kpm", "adalora"]  # a calibrated init with the regularizers, CorDA, AdaLoRA
+    results = tool.main(["--budget", "smoke", "--methods", ",".join(methods), "--threads", "1",
+                         "--out", str(tmp_path / "runs"), "--table-dir", str(tmp_path / "table")])
+    rows = {row["method"]: row for row in results["summary"]}
+    assert list(rows) == ["lora", *methods]  # LoRA, the reference of the relative columns, always runs
+    assert rows["lora"]["step_seconds"]["mean"] == 1.0
+    assert rows["adalora"]["trainable_parameters"]["mean"] > rows["lora"]["trainable_parameters"]["mean"]  # + Lambda
+    assert rows["loraga+reg"]["trainable_parameters"]["mean"] == rows["lora"]["trainable_parameters"]["mean"]
+    for row in rows.values():
+        assert 0 <= row["nli_accuracy"]["mean"] <= 1 and row["gsm8k_ce"]["mean"] > 0
+    table = (tmp_path / "table" / "table.md").read_text()
+    assert all(f"| {method} |" in table for method in rows)
+    assert json.loads((tmp_path / "table" / "results.json").read_text())["budget"] == "smoke"
