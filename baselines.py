@@ -7,7 +7,6 @@ regularizers (balora.pretrained_mode), the adapter files and the peft export car
 
 # --- i31a's sections above ---
 
-import math
 
 import torch
 import torch.nn as nn

@@ -39,7 +39,6 @@ import real_experiment  # noqa: E402  (tools/real_experiment.py: the NLG data, b
 import train_nlg  # noqa: E402
 import train_nlu  # noqa: E402
 import training  # noqa: E402
-from data import Tokenizer, resolve_prompt_format  # noqa: E402
 
 TINY_LLAMA = os.path.join(REPO, "assets", "tiny-llama")
 MAIN = ("lora", "pissa", "balora")  # the rows that get every seed of the budget and GSM8K accuracy
@@ -225,9 +224,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
-    torch.set_num_threads(args.threads)
-    args.prompt_format = resolve_prompt_format(args.prompt_format, Tokenizer(args.model))
-    os.makedirs(args.out, exist_ok=True)
     started = time.time()
     data_path, reference, _ = real_experiment.prepare_data(args, budget["nlg"])
     runs = []

@@ -426,11 +426,15 @@ def update_docs(out_dir, docs_dir, readme_path):
 
 def prepare_data(args, budget):
     """
+    The run's setup (--threads, the prompt format into args.prompt_format, --out made), then
     (data_path, reference, base): the training subset as a file for train_nlg.py; the held-out test
     solutions and Wikitext-2 tokens with the pretrained model's distributions on them (every KL's
     reference, in `reference`); and that pretrained model.
     """
+    torch.set_num_threads(args.threads)
     tokenizer = Tokenizer(args.model)
+    args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
+    os.makedirs(args.out, exist_ok=True)
     data_path = os.path.join(args.out, "gsm8k_train.jsonl")
     write_training_data(data_path, gsm8k_problems(GSM8K_TRAIN, budget["train_problems"]))
     heldout = gsm8k_problems(GSM8K_TEST, budget["heldout_problems"])
@@ -471,11 +475,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
-    torch.set_num_threads(args.threads)
-    args.prompt_format = resolve_prompt_format(args.prompt_format, Tokenizer(args.model))
-    os.makedirs(args.out, exist_ok=True)
     started = time.time()
-
     data_path, reference, base = prepare_data(args, budget)
     pretrained = {"variant": "pretrained", "seed": 0, "steps": 0, "tokens": 0, "train_seconds": 0.0}
     pretrained.update(measure(base, reference, budget))
