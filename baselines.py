@@ -23,7 +23,7 @@ import balora
 CALIBRATED_INITS = ("loraga", "corda-ipm", "corda-kpm")
 
 
-def loraga_factors(gradient, r, scaling, stable_gamma=16):
+def loraga_factors(gradient, r, stable_gamma=16):
     """
     LoRA-GA's start (Wang et al. 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation"),
     as peft 0.21.2's `lora_ga_init` computes it with its defaults (direction "ArB2r", scale "stable").
@@ -32,11 +32,10 @@ def loraga_factors(gradient, r, scaling, stable_gamma=16):
     G ~= U S V^T (torch.svd_lowrank, q = min(4r, min(out, in)), niter = 4) truncated to 2r components:
         lora_A = V[:, :r]^T                                   (r x in)
         lora_B = U[:, r:2r] diag(S[r:2r]) * out^(1/4) / sqrt(gamma)   (out x r)
-    so that one step of plain gradient descent on A and B starts along the best rank-2r approximation
-    of the full fine-tuning gradient. `scaling` (alpha / r) does not enter the "stable" scale; it is
-    the caller's s in W_res = W - s B0 A0. Returns (lora_A, lora_B) in float32.
+    chosen (the paper's Sec. 3) so that the first update of the product B A follows the leading
+    singular directions of the full fine-tuning gradient. B carries the singular values S[r:2r], as
+    peft's does; the "stable" scale out^(1/4) / sqrt(gamma) does not depend on alpha / r. The caller moves s B0 A0 out of W. Returns (lora_A, lora_B) in float32.
     """
-    del scaling  # the "stable" scale does not use it (peft's "gd_scale" would divide both by it)
     gradient = gradient.detach().float()
     U, S, V = torch.svd_lowrank(gradient, q=min(4 * r, min(gradient.shape)), niter=4)
     lora_A = V[:, :r].T
@@ -111,8 +110,8 @@ def gradient_estimate(model, losses):
 def input_covariances(model, run):
     """
     C = mean over calibration calls of X^T X / max(X)^2 (in x in) for every LoRALinear, X the (tokens x
-    in) input of the layer in one call, scaled by its largest entry as peft's CorDA does (so that long
-    inputs cannot overflow). `run` runs the model on the calibration data (in eval mode); a call with a
+    in) input of the layer in one call and max(X) its largest (signed) entry, the scale peft's CorDA
+    divides by (so that long inputs cannot overflow). `run` runs the model on the calibration data (in eval mode); a call with a
     batch of one sequence is one sample, as in peft.
     """
     layers = [layer for _, layer in balora.lora_layers(model)]
@@ -154,7 +153,7 @@ def calibrate(model, init, losses):
         raise ValueError(f"calibrate: the adapters already have a start ({layers[0].init}); add them with init='lora'")
     losses = list(losses)
     if init == "loraga":
-        factors = [loraga_factors(g, layer.r, layer.scaling) for g, layer in zip(gradient_estimate(model, losses), layers)]
+        factors = [loraga_factors(g, layer.r) for g, layer in zip(gradient_estimate(model, losses), layers)]
     elif init in ("corda-ipm", "corda-kpm"):
         def run():
             for loss in losses:
