@@ -223,6 +223,18 @@ def test_orthogonality_regularizer_is_the_mean_frobenius_distance():
     assert rel_err(baselines.orthogonality_regularizer(ours), torch.stack(naive).mean()) <= 1e-6
 
 
+def test_adalora_runs_refuse_to_resume_and_get_the_recipes_allocator():
+    import training
+
+    model = tiny_llama()
+    baselines.add_adalora(model, TARGETS, r=INIT_R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="--resume"):
+        training.rank_allocator(model, training.METHODS["adalora+reg"], 100, resume=True)
+    allocator = training.rank_allocator(model, training.METHODS["adalora"], 100, resume=False)
+    assert (allocator.target_r, allocator.tinit, allocator.tfinal, allocator.deltaT) == (4, 10, 20, 1)
+    assert training.rank_allocator(model, training.METHODS["lora"], 100, resume=True) is None
+
+
 def test_adalora_exports_as_lora_and_round_trips(tmp_path):
     original, ours, _ = adalora_pair()
     allocator = baselines.RankAllocator(ours, TARGET_R, TOTAL_STEP, tinit=TINIT, tfinal=TFINAL)
