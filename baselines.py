@@ -148,7 +148,8 @@ def calibrate(model, init, losses):
     """
     layers = [layer for _, layer in balora.lora_layers(model)]
     if any(layer.quantize != "none" for layer in layers):
-        raise ValueError(f"calibrate: {init} needs the full-precision weights W; quantize the base after it")
+        raise ValueError(f"calibrate: {init} takes the gradient / SVD of the full-precision W, not of a 4-bit base: "
+                         "use --quantize none")
     if any(layer.lora_A0 is not None for layer in layers):
         raise ValueError(f"calibrate: the adapters already have a start ({layers[0].init}); add them with init='lora'")
     losses = list(losses)
