@@ -73,6 +73,8 @@ def adapt(model, quantize, teacher, adalora=False, **lora):
     --quantize (nf4.quantize_base: after PiSSA's SVD, so that QPiSSA quantizes W_res). With --teacher
     full on a 4-bit base the pretrained weights are copied first, for the teacher. Returns add_lora's summary.
     """
+    if adalora and quantize != "none":  # its layers end as plain LoRA ones (baselines.adalora_to_lora), on nn.Linear
+        raise ValueError(f"--quantize {quantize}: AdaLoRA runs on a full-precision base only (use --quantize none)")
     teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
     adapter = baselines.add_adalora(model, **lora) if adalora else balora.add_lora(model, **lora)
     nf4.quantize_base(model, quantize, teacher_weights)
