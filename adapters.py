@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import baselines  # noqa: F401  (registers MiLoRA's init in INITS, rebuilds the baselines' structures)
 import nf4
+from baselines import CALIBRATED_INITS
 from balora import INITS, add_lora, all_finite, lora_layers, set_submodule
 
 def _require_lora(model, caller):
@@ -111,8 +112,9 @@ def adapter_problems(model, config, tensors):
     tensors holding NaN or inf. Checked before the model is touched.
     """
     problems, expected = [], {}
-    if config["init"] != "lora" and config["init"] not in INITS:
-        problems.append(f"init {config['init']!r} is not one of {['lora', *INITS]}")
+    # a calibrated init (LoRA-GA, CorDA) is rebuilt like PiSSA: from the saved A0, B0
+    if config["init"] != "lora" and config["init"] not in (*INITS, *CALIBRATED_INITS):
+        problems.append(f"init {config['init']!r} is not one of {['lora', *INITS, *CALIBRATED_INITS]}")
     modules = dict(model.named_modules())
     for name in config["targets"]:
         layer = modules.get(name)

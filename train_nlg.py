@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import adapters
 import balora
+import baselines
 import chunked
 import fsdp
 import plot
@@ -166,7 +167,8 @@ def data_note(args):
 def check_parallelism(args, world_size):
     """The flags that decide how the model is spread over the processes fit together; one line naming them if not."""
     method = training.METHODS[args.method]
-    if args.fsdp and (method.dora or method.kind != "lora" or method.optimizer == "lorafa" or args.quantize != "none"):
+    if args.fsdp and (method.dora or method.kind != "lora" or method.optimizer == "lorafa" or method.calibration
+                      or method.adalora or args.quantize != "none"):
         # fsdp.gathered_adapter rebuilds plain LoRA layers, and NF4 codes are buffers FSDP does not shard
         raise ValueError(f"--fsdp shards LoRA/PiSSA adapters on a full-precision base: --method {args.method} "
                          f"--quantize {args.quantize} is not supported with it (drop --fsdp, or use another --method "
@@ -319,10 +321,18 @@ def main(argv=None):
         model, adapter = fsdp.load_sharded_llama(args.model, dtype, device, lora, cpu_offload=args.fsdp_cpu_offload)
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        adapter = training.adapt(model, args.quantize, args.teacher, kind=method.kind, **lora)  # PiSSA's SVD, then the 4-bit base
+        adapter = training.adapt(model, args.quantize, args.teacher, kind=method.kind, adalora=method.adalora,
+                                 **lora)  # PiSSA's SVD, then the 4-bit base
     model.gradient_checkpointing = args.grad_checkpointing
     training.set_threads(model, device)
     model.train()
+    # LoRA-GA / CorDA start from the model on the first global batch (the same on every rank): its mean task CE
+    training.calibrate(model, method, [
+        lambda micro_batch=micro_batch: micro_batch_objective(
+            args, model, model, micro_batch, (0.0,) * len(lambdas), 0.0, 1 / max(1, response_tokens(micro_batch)),
+            None, device, dtype)[0]
+        for micro_batch in step_micro_batches(args, examples, tokenizer, prompt_format, 0, 0, 1)])
+    allocator = training.rank_allocator(model, method, total_steps, args.resume)  # AdaLoRA's rank budget, else None
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
     if ddp:  # (fully_shard changes the module in place: under --fsdp, model is raw_model)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -376,6 +386,8 @@ def main(argv=None):
             # DDP averages gradients over ranks, so / grad_accum here makes it / num_micro_batches overall.
             # FSDP reduce-scatters (averages) them after every backward: each rank then accumulates its
             # shard only, never a whole gradient (6.6 GB in float32 for a 70B adapter at r = 128)
+            if allocator:  # AdaLoRA's orthogonality regularizer on P and Q, with every forward
+                total = total + baselines.ORTH_REG_WEIGHT * baselines.orthogonality_regularizer(raw_model)
             (total / grad_accum).backward()
             sums["total"] += total.detach() / num_micro_batches
             sums["tokens"] += micro_batch[1].sum()
@@ -392,6 +404,8 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        if allocator:  # AdaLoRA: importance from these gradients, then the step's rank budget
+            allocator.update_and_allocate(raw_model, step)
         optimizer.zero_grad(set_to_none=True)
         skipped_batches += int(sums["skipped"])
         record = step_record(step, lr, step_lambdas, sums, task_tokens.item(), skipped_batches, grad_norm, time.time() - t0)
@@ -407,6 +421,8 @@ def main(argv=None):
             interrupt.stop(step + 1, checkpoint_path, argv, is_master)
     interrupt.close()
     progress.close()
+    if allocator:  # saved and exported as the LoRA adapter it computes
+        baselines.adalora_to_lora(raw_model)
     finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skipped_batches - skipped_at_start,
                skipped_batches, is_master, reporter)
 
@@ -440,7 +456,8 @@ def start_run(args, defaults, start_step, log_path, prompt_format, examples, tot
         f.writelines(kept)
     training.write_config(args, defaults, derived=dict(prompt_format=prompt_format, examples=len(examples),
                                                        total_steps=total_steps, world_size=world_size,
-                                                       gradient_accumulation=grad_accum))
+                                                       gradient_accumulation=grad_accum,
+                                                       trainable_parameters=adapter["trainable"]))
     print(f"{args.method}: init={method.init}, {adapter['trainable']:,} trainable of {adapter['total']:,} parameters, "
           f"{len(examples)} examples in the {prompt_format} prompt format, {total_steps} steps of {args.batch_size} "
           f"({world_size} x {grad_accum} x {args.micro_batch_size}), start at step {start_step}")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import adapters
 import balora
+import baselines
 import glue
 import plot
 import training
@@ -332,7 +333,7 @@ def main(argv=None):
     training.set_threads(model, device)
     training.adapt(model, args.quantize, args.teacher, target_modules=args.targets.split(","), r=args.rank,
                    alpha=args.alpha, init=method.init, dropout=args.dropout, trainable=("classifier", "pooler"),
-                   dora=method.dora, kind=method.kind)
+                   dora=method.dora, kind=method.kind, adalora=method.adalora)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -346,6 +347,15 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    # LoRA-GA / CorDA start from the model on the first --batch-size training examples (the same on every rank)
+    calibration = [glue.collate(train_ids, train_labels, list(range(j, min(j + micro_batch_size, args.batch_size))),
+                                tokenizer.pad_id) for j in range(0, args.batch_size, micro_batch_size)]
+    training.calibrate(raw_model, method, [
+        lambda ids=ids, mask=mask, labels=labels: objective(
+            task, raw_model(ids.to(device), attention_mask=mask.to(device)), None, labels.to(device),
+            (0.0,) * len(lambdas), args.temperature, args.svd_k)[0]
+        for ids, mask, labels in calibration])
+    allocator = training.rank_allocator(raw_model, method, total_steps, args.resume)  # AdaLoRA's rank budget, else None
     primary_split, primary_metric = task.validation_splits[0], task.metrics[0]
     baseline = glue.majority_baseline(task, train_labels, validation[primary_split][1])
 
@@ -403,6 +413,8 @@ def main(argv=None):
             # the SVD term cannot take a NaN/inf logit (linalg.svd fails): stop here, naming the step
             training.check_finite(student.detach(), step + 1, "student logits", checkpoint_path)
             loss, components = objective(task, student, teacher, labels, step_lambdas, args.temperature, args.svd_k)
+            if allocator:  # AdaLoRA's orthogonality regularizer on P and Q, with every forward
+                loss = loss + baselines.ORTH_REG_WEIGHT * baselines.orthogonality_regularizer(raw_model)
             (loss / accumulation_steps).backward()
             for name, value in {"total": loss.detach(), **components}.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accumulation_steps
@@ -416,6 +428,8 @@ def main(argv=None):
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
+        if allocator:  # AdaLoRA: importance from these gradients, then the step's rank budget
+            allocator.update_and_allocate(raw_model, step)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(1)
@@ -483,6 +497,7 @@ def finish_run(args, model, best, best_path, baseline, task, steps, seconds, rep
     with torch.no_grad():
         for name, value in torch.load(best_path, map_location="cpu", weights_only=True).items():
             model.get_parameter(name).copy_(value)
+    baselines.adalora_to_lora(model)  # AdaLoRA layers are saved and exported as the LoRA they compute (else nothing)
     adapters.save_adapter(model, os.path.join(args.out, "adapter"), training={"task": args.task, "max_length": args.max_length})
     if balora.lora_layers(model):  # peft holds LoRA-shaped adapters only
         export_peft_adapter(model, os.path.join(args.out, "peft_adapter"), args.model)

@@ -39,6 +39,8 @@ class Method:
     dora: bool = False  # balora.DoRALinear layers (a trainable magnitude)
     optimizer: str = "adamw"  # "adamw", or baselines.py's "loraplus" (B's lr x ratio) / "lorafa" (A frozen, B projected)
     kind: str = "lora"  # what trains: LoRA layers (balora.add_lora), or a baselines.KINDS name (full, bitfit, adapters)
+    calibration: str = None  # a baselines.CALIBRATED_INITS start from a few batches (LoRA-GA, CorDA): calibrate()
+    adalora: bool = False  # baselines.AdaLoRALinear layers and their rank budget: rank_allocator()
 
 
 METHODS = {
@@ -57,13 +59,18 @@ BASELINES = {  # Tables 1 and 2's baselines (baselines.py), each also with BA-Lo
     "bitfit": Method("lora", False, kind="bitfit"),
     "hadapter": Method("lora", False, kind="hadapter"),
     "padapter": Method("lora", False, kind="padapter"),
+    "loraga": Method("lora", False, calibration="loraga"),
+    "corda": Method("lora", False, calibration="corda-ipm"),
+    "corda-kpm": Method("lora", False, calibration="corda-kpm"),
+    "adalora": Method("lora", False, adalora=True),
 }
 for _name, _method in BASELINES.items():
     METHODS[_name], METHODS[_name + "+reg"] = _method, dataclasses.replace(_method, regularized=True)
 METHOD_HELP = ("lora | pissa | balora (PiSSA + the regularizers) | lora+reg | dora | dora+reg (Table 10); the baselines "
                "of Tables 1-2 (docs/baselines.md), each also as <name>+reg: loraplus (LoRA+, --loraplus-lr-ratio) | "
                "lorafa (LoRA-FA) | milora (MiLoRA) | full (Full FT) | bitfit (BitFit, NLU) | hadapter (Houlsby "
-               "adapters) | padapter (Pfeiffer adapters)")
+               "adapters) | padapter (Pfeiffer adapters) | loraga (LoRA-GA) | corda (CorDA, IPM) | corda-kpm (CorDA, KPM) | "
+               "adalora (AdaLoRA)")
 QUANTIZE_HELP = ("none | nf4: the frozen base in 4-bit NormalFloat, block size 64 (QLoRA; QPiSSA / QBA-LoRA with a "
                  "PiSSA init, Fig. 5; nf4.py) | nf4-dq: nf4 with double quantization of the block constants")
 QUANTIZE_CHOICES = list(nf4.QUANTIZE)
@@ -73,21 +80,47 @@ TEACHER_HELP = ("the consistency term's teacher on a 4-bit base (nf4.py): full, 
                 "the 4-bit model itself, at no extra memory (ours)")
 
 
-def adapt(model, quantize, teacher, kind="lora", **lora):
+def adapt(model, quantize, teacher, kind="lora", adalora=False, **lora):
     """
-    balora.add_lora(model, **lora), then the base in --quantize (nf4.quantize_base: after PiSSA's SVD,
-    so that QPiSSA quantizes W_res). With --teacher full on a 4-bit base the pretrained weights are
-    copied first, for the teacher. Returns add_lora's summary. A baselines.KINDS method (Method.kind)
-    is applied by baselines.adapt instead, on a full-precision model.
+    balora.add_lora(model, **lora) (with adalora: as baselines.AdaLoRALinear layers), then the base in
+    --quantize (nf4.quantize_base: after PiSSA's SVD, so that QPiSSA quantizes W_res). With --teacher
+    full on a 4-bit base the pretrained weights are copied first, for the teacher. Returns add_lora's
+    summary. A baselines.KINDS method (Method.kind) is applied by baselines.adapt instead, on a
+    full-precision model.
     """
     if kind != "lora":
         if quantize != "none":
             raise ValueError(f"--quantize {quantize} quantizes the frozen base of LoRA-family methods, not --method {kind}")
         return baselines.adapt(model, kind, lora.get("trainable", ()))
+    if adalora and quantize != "none":  # its layers end as plain LoRA ones (baselines.adalora_to_lora), on nn.Linear
+        raise ValueError(f"--quantize {quantize}: AdaLoRA runs on a full-precision base only (use --quantize none)")
     teacher_weights = nf4.pretrained_weights(model) if teacher == "full" and quantize != "none" else None
-    adapter = balora.add_lora(model, **lora)
+    adapter = baselines.add_adalora(model, **lora) if adalora else balora.add_lora(model, **lora)
     nf4.quantize_base(model, quantize, teacher_weights)
     return adapter
+
+
+def calibrate(model, method, losses):
+    """
+    LoRA-GA / CorDA: start the adapters (added with init="lora") from the model on calibration batches,
+    baselines.calibrate; `losses` are zero-argument functions, each one batch's task loss. Other methods: nothing.
+    """
+    if method.calibration:
+        baselines.calibrate(model, method.calibration, losses)
+
+
+def rank_allocator(model, method, total_steps, resume):
+    """
+    AdaLoRA: its rank budget over the run (baselines.adalora_allocator), whose update_and_allocate(model,
+    step) the trainer calls after optimizer.step() and before zero_grad(). Other methods: None. Its
+    importance averages are not in the checkpoints, so an AdaLoRA run cannot resume exactly: refused.
+    """
+    if not method.adalora:
+        return None
+    if resume:
+        raise ValueError("--resume: an AdaLoRA run keeps its rank allocator's importance averages outside the "
+                         "checkpoint and cannot continue exactly; start it again")
+    return baselines.adalora_allocator(model, total_steps)
 
 
 def parameter_groups(model, weight_decay):

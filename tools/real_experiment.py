@@ -427,6 +427,29 @@ def variant_names(value):
     return names
 
 
+def prepare_data(args, budget):
+    """
+    The run's setup (--threads, the prompt format into args.prompt_format, --out made), then
+    (data_path, reference, base): the training subset as a file for train_nlg.py; the held-out test
+    solutions and Wikitext-2 tokens with the pretrained model's distributions on them (every KL's
+    reference, in `reference`); and that pretrained model.
+    """
+    torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer(args.model)
+    args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
+    os.makedirs(args.out, exist_ok=True)
+    data_path = os.path.join(args.out, "gsm8k_train.jsonl")
+    write_training_data(data_path, gsm8k_problems(GSM8K_TRAIN, budget["train_problems"]))
+    heldout = gsm8k_problems(GSM8K_TEST, budget["heldout_problems"])
+    reference = {"heldout": heldout_batches(tokenizer, heldout, budget["micro_batch_size"], budget["max_length"], args.prompt_format),
+                 "wikitext_ids": wikitext_ids(tokenizer, WIKITEXT_TEST, budget["wikitext_tokens"])}
+    base = load_model(args.model, None, args.device)
+    reference["heldout_base"] = base_log_probs(response_logits(base, reference["heldout"]))
+    reference["ppl_window"] = budget["ppl_window"] or read_config(args.model)["max_position_embeddings"]
+    reference["wikitext_base"] = base_log_probs(wikitext_logits(base, reference["wikitext_ids"], reference["ppl_window"], budget["ppl_stride"]))
+    return data_path, reference, base
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="cpu: <= 60 min on 2 cores; full: the GPU recipe; smoke: tests (default: cpu)")
@@ -455,24 +478,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
-    torch.set_num_threads(args.threads)
-    tokenizer = Tokenizer(args.model)
-    args.prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
-    os.makedirs(args.out, exist_ok=True)
     started = time.time()
-
-    # data: the training subset as a file for train_nlg.py; held-out test solutions and Wikitext-2 tokens
-    data_path = os.path.join(args.out, "gsm8k_train.jsonl")
-    write_training_data(data_path, gsm8k_problems(GSM8K_TRAIN, budget["train_problems"]))
-    heldout = gsm8k_problems(GSM8K_TEST, budget["heldout_problems"])
-    reference = {"heldout": heldout_batches(tokenizer, heldout, budget["micro_batch_size"], budget["max_length"], args.prompt_format),
-                 "wikitext_ids": wikitext_ids(tokenizer, WIKITEXT_TEST, budget["wikitext_tokens"])}
-
-    # the pretrained model: its distributions are every KL's reference, and it is the table's first row
-    base = load_model(args.model, None, args.device)
-    reference["heldout_base"] = base_log_probs(response_logits(base, reference["heldout"]))
-    reference["ppl_window"] = budget["ppl_window"] or read_config(args.model)["max_position_embeddings"]
-    reference["wikitext_base"] = base_log_probs(wikitext_logits(base, reference["wikitext_ids"], reference["ppl_window"], budget["ppl_stride"]))
+    data_path, reference, base = prepare_data(args, budget)
     pretrained = {"variant": "pretrained", "seed": 0, "steps": 0, "tokens": 0, "train_seconds": 0.0}
     pretrained.update(measure(base, reference, budget))
     pretrained.update(gsm8k_accuracy(args, budget, None, os.path.join(args.out, "gsm8k_pretrained.json")))

@@ -1,0 +1,276 @@
+"""
+Tests of the SVD-family baselines of baselines.py against peft (a test-only oracle) on a tiny
+LlamaForCausalLM: LoRA-GA (preprocess_loraga), CorDA in both modes (preprocess_corda) and AdaLoRA
+(AdaLoraModel and its RankAllocator). Each: the same initial factors, the same parameters (and for
+AdaLoRA the same masks and budget) after training steps, a save -> load round trip, and a peft export
+whose logits are ours.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import baselines
+from adapters import export_peft, load_adapter, save_adapter
+from balora import add_lora, lora_layers, pretrained_mode
+from test_balora import TARGETS, input_ids, logits_of, rel_err, tiny_llama, train_a_few_steps
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora.config import CordaConfig  # noqa: E402
+from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
+
+R, ALPHA = 4, 8
+
+
+def causal_lm_loss(model, ids):
+    """Mean next-token cross-entropy, as transformers' loss with labels = ids."""
+    logits = model(ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def calibration_ids():
+    """Four calibration sequences, one per batch (peft's CorDA hook reads one sequence per call)."""
+    return [input_ids(seed=10 + i)[:1] for i in range(4)]
+
+
+def peft_layers(model):
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+@pytest.fixture
+def seeded_svd_lowrank(monkeypatch):
+    # svd_lowrank draws its sketch from the global RNG, which peft also uses to build its layers:
+    # reseed it on every call so both draw the same sketch for the same matrix
+    svd_lowrank = torch.svd_lowrank
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(7)
+        return svd_lowrank(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+
+
+def calibrated_pair(init):
+    """(original, ours, theirs): ours calibrated by baselines.calibrate, theirs by peft's preprocessing."""
+    original = tiny_llama()
+    ours, theirs = copy.deepcopy(original), copy.deepcopy(original)
+    batches = calibration_ids()
+    add_lora(ours, TARGETS, r=R, alpha=ALPHA, init="lora")
+    baselines.calibrate(ours, init, [lambda ids=ids: causal_lm_loss(ours, ids) for ids in batches])
+    if init == "loraga":
+        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights="lora_ga",
+                                 lora_ga_config=peft.LoraGAConfig())
+        peft.preprocess_loraga(theirs, config, lambda: [causal_lm_loss(theirs, ids).backward() for ids in batches])
+    else:
+        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights="corda",
+                                 corda_config=CordaConfig(corda_method=init.split("-")[1]))
+        preprocess_corda(theirs, config, run_model=lambda: [theirs(ids) for ids in batches])
+    return original, ours, peft.get_peft_model(theirs, config)
+
+
+CALIBRATED = ["loraga", "corda-ipm", "corda-kpm"]
+
+
+@pytest.mark.parametrize("init", CALIBRATED)
+def test_calibrated_init_matches_peft_at_start_and_after_three_steps(init, seeded_svd_lowrank):
+    original, ours, theirs = calibrated_pair(init)
+    reference = peft_layers(theirs)
+    ids = input_ids()
+    for stage in ("start", "after 3 steps"):
+        for name, layer in lora_layers(ours):
+            assert layer.init == init
+            assert rel_err(layer.lora_A, reference[name].lora_A["default"].weight) <= 1e-5, (stage, name)
+            assert rel_err(layer.lora_B, reference[name].lora_B["default"].weight) <= 1e-5, (stage, name)
+            assert rel_err(layer.base.weight, reference[name].get_base_layer().weight) <= 1e-5, (stage, name)
+        assert rel_err(logits_of(ours, ids), logits_of(theirs, ids)) <= 1e-5, stage
+        if stage == "start":  # the start is the pretrained function, and so is the teacher
+            assert rel_err(logits_of(ours, ids), logits_of(original, ids)) <= 1e-5
+            assert any(layer.lora_B.abs().max() > 0 for _, layer in lora_layers(ours))
+            train_a_few_steps(ours), train_a_few_steps(theirs)
+    with pretrained_mode(ours):
+        assert rel_err(logits_of(ours, ids), logits_of(original, ids)) <= 1e-5
+
+
+def naive_corda(weight, covariance, r, mode):
+    """CorDA's factors in float64 from the definition: W = U S (C'^-1 V)^T with a fixed damping."""
+    weight, covariance = weight.double(), covariance.double()
+    damped = covariance + torch.eye(len(covariance), dtype=torch.float64) * torch.diag(covariance).mean() * 0.01
+    U, S, Vh = torch.linalg.svd(weight @ damped, full_matrices=False)
+    V = torch.linalg.solve(damped, Vh.T)  # C'^-1 V (C' is symmetric)
+    keep = slice(None, r) if mode == "ipm" else slice(len(S) - r, len(S))
+    return (U[:, keep] * S[keep]) @ V[:, keep].T  # the product s B A, in float64
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_factors_reconstruct_the_context_oriented_svd(mode):
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(12, 10), torch.randn(50, 10) @ torch.randn(10, 10)
+    covariance = inputs.T @ inputs / 50
+    lora_A, lora_B = baselines.corda_factors(weight, covariance, r=3, scaling=2.0, mode=mode)
+    assert rel_err(2.0 * lora_B.double() @ lora_A.double(), naive_corda(weight, covariance, 3, mode)) <= 1e-4
+    # all directions together give back W exactly
+    lora_A, lora_B = baselines.corda_factors(weight, covariance, r=10, scaling=2.0, mode=mode)
+    assert rel_err(2.0 * lora_B @ lora_A, weight) <= 1e-4
+
+
+@pytest.mark.parametrize("init", CALIBRATED)
+def test_calibrated_adapter_round_trips_and_exports_to_peft(init, seeded_svd_lowrank, tmp_path):
+    original, ours, _ = calibrated_pair(init)
+    train_a_few_steps(ours)
+    ids = input_ids()
+    save_adapter(ours, tmp_path / "adapter")
+    loaded = load_adapter(copy.deepcopy(original), tmp_path / "adapter")
+    assert all(layer.init == init for _, layer in lora_layers(loaded))
+    assert rel_err(logits_of(loaded, ids), logits_of(ours, ids)) <= 1e-5
+    export_peft(ours, tmp_path / "peft", "tiny-llama")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft").eval()
+    assert rel_err(logits_of(reloaded, ids), logits_of(ours, ids)) <= 1e-4
+
+
+def test_calibrate_refuses_an_adapter_that_already_has_a_start():
+    model = tiny_llama()
+    add_lora(model, TARGETS, r=R, alpha=ALPHA, init="pissa")
+    with pytest.raises(ValueError, match="init='lora'"):
+        baselines.calibrate(model, "loraga", [])
+    with pytest.raises(ValueError, match="init must be one of"):
+        baselines.calibrate(tiny_llama_with_lora(), "corda", [])
+
+
+def tiny_llama_with_lora():
+    model = tiny_llama()
+    add_lora(model, TARGETS, r=R, alpha=ALPHA, init="lora")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# AdaLoRA
+
+INIT_R, TARGET_R, TOTAL_STEP, TINIT, TFINAL = 6, 3, 6, 1, 2  # steps 0-1 warm up, 2-3 cubic, 4 final, 5 fixed
+ORTH_REG_WEIGHT = 0.5
+
+
+def adalora_pair():
+    original = tiny_llama()
+    ours, theirs = copy.deepcopy(original), copy.deepcopy(original)
+    baselines.add_adalora(ours, TARGETS, r=INIT_R, alpha=ALPHA)
+    theirs = peft.get_peft_model(theirs, peft.AdaLoraConfig(
+        # CAUSAL_LM: its forward runs AdaLoraModel.forward, which adds the orthogonality regularizer to .loss
+        task_type="CAUSAL_LM", init_r=INIT_R, target_r=TARGET_R, lora_alpha=ALPHA, target_modules=TARGETS,
+        total_step=TOTAL_STEP, tinit=TINIT, tfinal=TFINAL, deltaT=1, orth_reg_weight=ORTH_REG_WEIGHT))
+    reference = peft_layers(theirs)
+    with torch.no_grad():  # the same random P, Q (peft draws them in another order from the RNG)
+        for name, layer in baselines.adalora_layers(ours):
+            for factor in ("lora_A", "lora_E", "lora_B"):
+                getattr(layer, factor).copy_(getattr(reference[name], factor)["default"])
+    return original, ours, theirs
+
+
+def train_adalora(model, step_hook, loss_of, steps=TOTAL_STEP):
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        loss_of(model, input_ids(seed=100 + step)).backward()
+        optimizer.step()
+        step_hook(step)  # after the step, before zero_grad: it reads the gradients
+        optimizer.zero_grad()
+    model.eval()
+
+
+def test_adalora_matches_peft_masks_budget_and_parameters():
+    original, ours, theirs = adalora_pair()
+    reference = peft_layers(theirs)
+    ids = input_ids()
+    assert rel_err(logits_of(ours, ids), logits_of(original, ids)) <= 1e-6  # Lambda = 0 at the start
+    allocator = baselines.RankAllocator(ours, TARGET_R, TOTAL_STEP, tinit=TINIT, tfinal=TFINAL)
+    assert (allocator.init_budget, allocator.target_budget) == (theirs.base_model.rankallocator.init_bgt,
+                                                                theirs.base_model.rankallocator.target_bgt)
+    budgets = [allocator.budget(step) for step in range(TOTAL_STEP)]
+    assert budgets == [theirs.base_model.rankallocator.budget_schedule(step) for step in range(TOTAL_STEP)]
+    masks = {}
+
+    def our_hook(step):
+        allocator.update_and_allocate(ours, step)
+        masks.setdefault("ours", []).append(allocator.ranks())
+
+    def their_hook(step):
+        theirs.base_model.update_and_allocate(step)
+        pattern = theirs.peft_config["default"].rank_pattern
+        masks.setdefault("theirs", []).append(None if pattern is None else {
+            name.removeprefix("base_model.model.").removesuffix(".lora_E.default"): sum(kept)
+            for name, kept in pattern.items()})
+
+    train_adalora(ours, our_hook, lambda model, ids: causal_lm_loss(model, ids)
+                  + ORTH_REG_WEIGHT * baselines.orthogonality_regularizer(model))
+    train_adalora(theirs, their_hook, lambda model, ids: model(input_ids=ids, labels=ids).loss)
+    assert masks["ours"] == masks["theirs"]
+    assert sum(masks["ours"][-1].values()) == TARGET_R * len(TARGETS) * 2  # the final budget, 2 layers
+    assert masks["ours"][2] != masks["ours"][-1]  # the budget fell in steps
+    for name, layer in baselines.adalora_layers(ours):
+        for factor in ("lora_A", "lora_E", "lora_B"):
+            assert rel_err(getattr(layer, factor), getattr(reference[name], factor)["default"]) <= 1e-5, (name, factor)
+    assert rel_err(logits_of(ours, ids), logits_of(theirs, ids)) <= 1e-5
+
+
+def test_orthogonality_regularizer_is_the_mean_frobenius_distance():
+    _, ours, _ = adalora_pair()
+    layers = [layer for _, layer in baselines.adalora_layers(ours)]
+    naive = [torch.linalg.norm(m.double() - torch.eye(INIT_R, dtype=torch.float64))
+             for layer in layers for m in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B)]
+    assert rel_err(baselines.orthogonality_regularizer(ours), torch.stack(naive).mean()) <= 1e-6
+
+
+def test_adalora_runs_refuse_to_resume_and_get_the_recipes_allocator():
+    import training
+
+    model = tiny_llama()
+    baselines.add_adalora(model, TARGETS, r=INIT_R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="--resume"):
+        training.rank_allocator(model, training.METHODS["adalora+reg"], 100, resume=True)
+    allocator = training.rank_allocator(model, training.METHODS["adalora"], 100, resume=False)
+    assert (allocator.target_r, allocator.tinit, allocator.tfinal, allocator.deltaT) == (4, 10, 20, 1)
+    assert training.rank_allocator(model, training.METHODS["lora"], 100, resume=True) is None
+
+
+def test_adalora_exports_as_lora_and_round_trips(tmp_path):
+    original, ours, _ = adalora_pair()
+    allocator = baselines.RankAllocator(ours, TARGET_R, TOTAL_STEP, tinit=TINIT, tfinal=TFINAL)
+    train_adalora(ours, lambda step: allocator.update_and_allocate(ours, step), causal_lm_loss)
+    ids = input_ids()
+    trained = logits_of(ours, ids)
+    with pretrained_mode(ours):
+        assert rel_err(logits_of(ours, ids), logits_of(original, ids)) <= 1e-6
+    baselines.adalora_to_lora(ours)
+    assert rel_err(logits_of(ours, ids), trained) <= 1e-5
+    save_adapter(ours, tmp_path / "adapter")
+    loaded = load_adapter(copy.deepcopy(original), tmp_path / "adapter")
+    assert rel_err(logits_of(loaded, ids), trained) <= 1e-5
+    export_peft(ours, tmp_path / "peft", "tiny-llama")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft").eval()
+    assert rel_err(logits_of(reloaded, ids), trained) <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# tools/baselines.py
+
+
+@pytest.mark.slow
+def test_baselines_tool_smoke_runs_every_kind_of_method_into_one_table(tmp_path):
+    import tools.baselines as tool
+
+    methods = ["loraga+reg", "adalora"]  # a calibrated init with the regularizers; AdaLoRA's layers and allocator
+    results = tool.main(["--budget", "smoke", "--methods", ",".join(methods), "--threads", "1",
+                         "--out", str(tmp_path / "runs"), "--table-dir", str(tmp_path / "table")])
+    rows = {row["method"]: row for row in results["summary"]}
+    assert list(rows) == ["lora", *methods]  # LoRA, the reference of the relative columns, always runs
+    assert rows["lora"]["step_seconds"]["mean"] == 1.0
+    assert rows["adalora"]["trainable_parameters"]["mean"] > rows["lora"]["trainable_parameters"]["mean"]  # + Lambda
+    assert rows["loraga+reg"]["trainable_parameters"]["mean"] == rows["lora"]["trainable_parameters"]["mean"]
+    for row in rows.values():
+        assert 0 <= row["nli_accuracy"]["mean"] <= 1 and row["gsm8k_ce"]["mean"] > 0
+    table = (tmp_path / "table" / "table.md").read_text()
+    assert all(f"| {method} |" in table for method in rows)
+    assert json.loads((tmp_path / "table" / "results.json").read_text())["budget"] == "smoke"

@@ -1,0 +1,259 @@
+"""
+Every method of training.METHODS under one recipe, side by side in one table (Tables 1 and 2 of the
+paper run here rather than quoted):
+
+  NLG  train_nlg.py on GSM8K in MetaMath's format, the setup of tools/real_experiment.py (its data,
+       its BUDGETS, its measurements): held-out GSM8K cross-entropy, GSM8K accuracy (main rows),
+       Wikitext-2 perplexity and KL(base || tuned) (drift)
+  NLU  train_nlu.py on the bundled toy NLI task: best validation accuracy
+
+Each row also has the trainable parameter count (Table 1/2's #Params), and the step time and peak
+memory relative to LoRA measured in the same run (peak memory: each run in its own process, its
+ru_maxrss on a CPU, torch.cuda.max_memory_allocated on a GPU; not measured by the in-process smoke
+budget). The methods are read from training.METHODS: a method added there is a row here. The
+"+reg" rows use the paper's lambdas (B.4), the others none; all share every other setting.
+
+    python tools/baselines.py --budget smoke                    # assets/tiny-llama, seconds: the CI check
+    bash tools/get_smollm2.sh && python tools/baselines.py --budget cpu   # SmolLM2-135M-Instruct, 2 cores
+    python tools/baselines.py --budget full --device cuda      # the paper's recipe (B.4) on a GPU
+
+Runs go to --out (default out/baselines/<budget>); results.json and table.md to --table-dir (default
+assets/baselines/<budget>/).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_experiment  # noqa: E402  (tools/real_experiment.py: the NLG data, budgets and measurements)
+import train_nlg  # noqa: E402
+import train_nlu  # noqa: E402
+import training  # noqa: E402
+
+TINY_LLAMA = os.path.join(REPO, "assets", "tiny-llama")
+MAIN = ("lora", "pissa", "balora")  # the rows that get every seed of the budget and GSM8K accuracy
+
+# One recipe per budget. nlg: tools/real_experiment.py's budget of the same name (smoke: assets/tiny-llama,
+# on half its training problems: 2 steps). nlu: train_nlu.py's toy preset, with these flags changed
+# (smoke: 2 steps of 16 and the first 64 validation examples; cpu: half its 92 steps, to fit the
+# budget's time), run with the first seed only. isolate: one process per run, so that its peak
+# memory is its own.
+BUDGETS = {
+    "smoke": dict(model=TINY_LLAMA, nlg=dict(real_experiment.BUDGETS["smoke"], train_problems=8),
+                  nlu=dict(max_steps=2, batch_size=16, validation_examples=64), main_seeds=[42], isolate=False),
+    "cpu": dict(model=real_experiment.DEFAULT_MODEL, nlg=real_experiment.BUDGETS["cpu"], nlu=dict(max_steps=46),
+                main_seeds=[42, 1024], isolate=True),
+    "full": dict(model=real_experiment.DEFAULT_MODEL, nlg=real_experiment.BUDGETS["full"], nlu={},
+                 main_seeds=[42, 1024, 2024], isolate=True),
+}
+NLI_VALIDATION = os.path.join(REPO, "assets", "data", "nli_validation.jsonl")
+FIRST_SEED = 42  # every method runs with it; LoRA's run with it is the reference of the relative columns
+
+
+# -----------------------------------------------------------------------------
+# One training run, in this process or in its own
+
+
+def peak_memory_bytes(device):
+    """This process's peak: CUDA memory allocated by torch on a GPU, the resident set (ru_maxrss, KiB on Linux) on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(trainer, argv, device, isolate):
+    """
+    Run train_nlg.py / train_nlu.py main(argv); returns (wall seconds, peak memory bytes or None).
+    isolate: in a fresh interpreter (this file with --child), whose peak memory is the run's alone.
+    """
+    start = time.time()
+    if not isolate:
+        {"nlg": train_nlg, "nlu": train_nlu}[trainer].main(argv)
+        return time.time() - start, None
+    out = argv[argv.index("--out") + 1]
+    os.makedirs(out, exist_ok=True)
+    peak_path = os.path.join(out, "peak_memory.json")
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", trainer, device, peak_path, json.dumps(argv)],
+                   check=True)
+    with open(peak_path) as f:
+        return time.time() - start, json.load(f)["peak_memory_bytes"]
+
+
+def child(trainer, device, peak_path, argv_json):
+    """The --child entry: one training run, then its peak memory written to peak_path."""
+    {"nlg": train_nlg, "nlu": train_nlu}[trainer].main(json.loads(argv_json))
+    with open(peak_path, "w") as f:
+        json.dump({"peak_memory_bytes": peak_memory_bytes(device)}, f)
+
+
+def nlg_run(args, budget, reference, method, seed, data_path):
+    """train_nlg.py with `method` under the recipe, then tools/real_experiment.py's measurements."""
+    run_dir = os.path.join(args.out, "nlg", method, f"seed{seed}")
+    # real_experiment's BA-LoRA argv carries the recipe and the paper's lambdas, which only a +reg
+    # method (training.lambdas_of) applies: swap in the method
+    argv = real_experiment.trainer_argv(args, budget, "BA-LoRA", seed, data_path, run_dir)
+    argv[argv.index("--method") + 1] = method
+    seconds, peak = train("nlg", argv, args.device, BUDGETS[args.budget]["isolate"])
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        step_times = [json.loads(line)["time"] for line in f]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        trainable = json.load(f)["derived"]["trainable_parameters"]
+    adapter_dir = os.path.join(run_dir, "adapter")
+    result = {"method": method, "seed": seed, "trainable_parameters": trainable, "train_seconds": seconds,
+              # the median step, without the first (warm-up: allocations, kernel choice)
+              "step_seconds": statistics.median(step_times[1:] or step_times), "peak_memory_bytes": peak}
+    result.update(real_experiment.measure(real_experiment.load_model(args.model, adapter_dir, args.device), reference, budget))
+    if method in MAIN:
+        result.update(real_experiment.gsm8k_accuracy(args, budget, adapter_dir, os.path.join(run_dir, "gsm8k.json")))
+    return result
+
+
+def nlu_run(args, method, seed):
+    """train_nlu.py's toy preset with `method`: best validation accuracy, trainable parameters, time per step."""
+    run_dir = os.path.join(args.out, "nlu", method, f"seed{seed}")
+    argv = ["--method", method, "--seed", str(seed), "--out", run_dir, "--no-progress", "--device", args.device]
+    for key, value in BUDGETS[args.budget]["nlu"].items():
+        if key == "validation_examples":  # the first ones, as a file of their own
+            path = os.path.join(args.out, f"nli_validation_{value}.jsonl")
+            with open(NLI_VALIDATION) as source, open(path, "w") as f:
+                f.writelines(source.readlines()[:value])
+            argv += ["--validation-file", path]
+        else:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    seconds, peak = train("nlu", argv, args.device, BUDGETS[args.budget]["isolate"])
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    accuracy = max(record["validation"]["validation"]["accuracy"] for record in log if "validation" in record)
+    best = torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu", weights_only=True)  # the trainable parameters
+    steps_run = max(record["step"] for record in log)
+    return {"method": method, "seed": seed, "nli_accuracy": accuracy, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
+            # the whole run (evaluation included) over its steps: train_nlu.py logs no per-step time
+            "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak}
+
+
+# -----------------------------------------------------------------------------
+# The table
+
+
+# (key, column title, digits, relative to LoRA)
+COLUMNS = [
+    ("trainable_parameters", "#Params (NLG)", 0, False),
+    ("step_seconds", "step time × LoRA", 2, True),
+    ("peak_memory_bytes", "peak memory × LoRA", 2, True),
+    ("gsm8k_accuracy", "GSM8K acc. %", 1, False),
+    ("gsm8k_ce", "held-out CE ↓", 4, False),
+    ("wikitext_ppl", "Wikitext-2 PPL ↓", 3, False),
+    ("wikitext_kl", "KL(base‖tuned) Wikitext ↓", 5, False),
+    ("nlu_trainable_parameters", "#Params (NLU)", 0, False),
+    ("nli_accuracy", "toy NLI acc. %", 1, False),
+]
+
+
+def summarize(runs):
+    """Per method: its seeds and, per column, the mean and sample std over seeds (relative columns: over LoRA's first seed)."""
+    lora = {key: value for run in runs if run["method"] == "lora" and run["seed"] == FIRST_SEED for key, value in run.items()}
+    rows = []
+    for method in dict.fromkeys(run["method"] for run in runs):
+        group = [run for run in runs if run["method"] == method]
+        row = {"method": method, "seeds": sorted({run["seed"] for run in group})}
+        for key, _, _, relative in COLUMNS:
+            values = [run[key] for run in group if run.get(key) is not None]
+            if relative:
+                values = [v / lora[key] for v in values] if lora.get(key) else []
+            if values:
+                row[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "n": len(values)}
+        rows.append(row)
+    return rows
+
+
+def render_table(summary):
+    def cell(stats, digits, key):
+        if stats is None:
+            return "–"
+        scale = 100 if key in ("gsm8k_accuracy", "nli_accuracy") else 1
+        text = f"{stats['mean'] * scale:,.{digits}f}"
+        return text + (f" ± {stats['std'] * scale:.{digits}f}" if stats["n"] > 1 else "")
+
+    lines = ["| method | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    for row in summary:
+        cells = [cell(row.get(key), digits, key) for key, _, digits, _ in COLUMNS]
+        lines.append(f"| {row['method']} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", default="smoke", choices=list(BUDGETS), help="smoke: seconds, CI; cpu: SmolLM2-135M "
+                        "on 2 cores; full: the GPU recipe (default: smoke)")
+    parser.add_argument("--model", default=None, help="the NLG model directory (default: the budget's)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of training.METHODS (default: all)")
+    parser.add_argument("--prompt-format", default=None, choices=["alpaca", "chat"], help="default: chat when the model has a template")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when available")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    parser.add_argument("--out", default=None, help="the runs (default: out/baselines/<budget>)")
+    parser.add_argument("--table-dir", default=None, help="results.json and table.md (default: assets/baselines/<budget>)")
+    args = parser.parse_args(argv)
+    args.model = args.model or BUDGETS[args.budget]["model"]
+    args.out = args.out or os.path.join("out", "baselines", args.budget)
+    args.table_dir = args.table_dir or os.path.join(REPO, "assets", "baselines", args.budget)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise FileNotFoundError(f"--model {args.model!r}: no config.json (for SmolLM2: bash tools/get_smollm2.sh)")
+    args.methods = list(training.METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in args.methods if m not in training.METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(training.METHODS)}")
+    if "lora" not in args.methods:
+        args.methods.insert(0, "lora")  # the reference of the relative columns
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = BUDGETS[args.budget]
+    started = time.time()
+    data_path, reference, _ = real_experiment.prepare_data(args, budget["nlg"])
+    runs = []
+    for method in args.methods:
+        for seed in budget["main_seeds"] if method in MAIN else [FIRST_SEED]:
+            run = nlg_run(args, budget["nlg"], reference, method, seed, data_path)
+            if seed == FIRST_SEED:
+                run.update(nlu_run(args, method, seed))
+            runs.append(run)
+            print(f"{method}, seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items() if isinstance(v, float)))
+    summary = summarize(runs)
+    results = {"budget": args.budget, "model": os.path.basename(os.path.normpath(args.model)), "device": args.device,
+               "threads": args.threads, "nlg_settings": budget["nlg"], "nlu_changes": budget["nlu"],
+               "methods": {m: vars(training.METHODS[m]) for m in args.methods}, "runs": runs, "summary": summary,
+               "wall_seconds": time.time() - started}
+    os.makedirs(args.table_dir, exist_ok=True)
+    with open(os.path.join(args.table_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = render_table(summary)
+    with open(os.path.join(args.table_dir, "table.md"), "w") as f:
+        f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs in "
+                f"{results['wall_seconds']:.0f} s on {args.device} ({args.threads} threads)\n\n" + table)
+    print(table)
+    print(f"{len(runs)} runs in {results['wall_seconds']:.0f} s; table in {args.table_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(*sys.argv[2:6])
+    else:
+        main()
