@@ -141,7 +141,8 @@ def test_stop_strings_stop_generation_at_the_token_that_completes_them(tiny):
     input_ids, attention_mask = left_padded(tokenizer, QUESTIONS[:1])
     full = model.generate(input_ids, attention_mask, max_new_tokens=30)[0, input_ids.shape[1]:].tolist()
     text = tokenizer.decode(full)
-    stop = text[len(tokenizer.decode(full[:12])) - 2:len(tokenizer.decode(full[:12]))]  # ends in token 12
+    # From the last character of token 11's text to the end of token 12's: it spans the two tokens.
+    stop = text[len(tokenizer.decode(full[:11])) - 1:len(tokenizer.decode(full[:12]))]
     first = next(n for n in range(1, 31) if stop in tokenizer.decode(full[:n]))
     check = evaluation.stop_strings_reached(tokenizer, (stop,), 1)
     out = model.generate(input_ids, attention_mask, max_new_tokens=30, stop=check)
