@@ -1263,7 +1263,9 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
                           stop_sequences=()):
             assert len(prompts) == 8 and temperature == 0.8 and top_p == 1.0 and max_new_tokens == 512
             assert prompts[0] == expected_prompts[prompt_format](tokenizer)
-            # a plain continuation runs on past the function, to the harness's stop sequences
+            # a plain continuation stops at the harness's stop sequences; an instruction's response does not
+            assert stop_sequences == (evaluation.STOP_SEQUENCES["humaneval"] if prompt_format == "plain" else ())
+            # (this fake runs on past them, as a completion cut only afterwards would)
             return [answer + "\n\nprint(double(2))\nassert False\n" for answer in answers] if prompt_format == "plain" else answers
 
         monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
