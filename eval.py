@@ -1103,7 +1103,7 @@ def eval_code(args):
         n = args.n_samples
         prompts = [code_prompt_ids(tokenizer, record, task, args.prompt_format) for record in records for _ in range(n)]
         # a plain continuation stops at the harness's stop sequences, which code_solution cuts at anyway
-        stops = STOP_SEQUENCES[task] if (args.prompt_format or "plain") == "plain" else ()
+        stops = STOP_SEQUENCES[task] if args.prompt_format == "plain" else ()
         generated = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                          temperature=args.temperature, seed=args.seed, top_p=args.top_p,
                                          stop_sequences=stops)
