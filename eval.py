@@ -925,7 +925,7 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
         for row, i in enumerate(batch):
             new_ids = output[row, input_ids.shape[1]:].tolist()
             end = next((n for n, token in enumerate(new_ids) if token in tokenizer.eos_ids), len(new_ids))
-            # generate fills stopped rows with an end id, or with id 0 after a stop string, which the cut drops
+            # generate fills a stopped row's later positions with an end id (id 0 if there is none: then the stop string's cut drops them)
             completions[i] = stop_at_stop_sequence(tokenizer.decode(new_ids[:end]), stop_sequences)
     return completions
 
