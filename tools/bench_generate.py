@@ -116,7 +116,9 @@ def markdown(report, command):
              f"longest first; greedy, max_new_tokens = {report['max_new_tokens']}, the end ids of "
              "generation_config.json",
              f"- each cell: the median of {report['repeats']} runs, the two generators alternating; tokens are "
-             "those generated before each row's first end id", "",
+             "those generated before each row's first end id",
+             f"- load average (1 min) at the start / end: {report['load_average'][0]:.1f} / {report['load_average'][1]:.1f}",
+             "",
              "| batch | prompt tokens | ours s | ours tokens | ours tokens/s | transformers s | transformers tokens "
              "| transformers tokens/s | ours / transformers | rows equal | positions equal |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -125,6 +127,9 @@ def markdown(report, command):
                      f"| {r['ours']['tokens']} | {r['ours']['tokens_per_s']:.1f} | {r['transformers']['seconds']:.2f} "
                      f"| {r['transformers']['tokens']} | {r['transformers']['tokens_per_s']:.1f} | {r['ratio']:.2f} "
                      f"| {r['same_rows']}/{r['batch_size']} | {100 * r['same_positions']:.1f}% |")
+    lines += ["", "Each run's seconds, ours / transformers:", ""]
+    lines += [f"- batch {r['batch_size']}: " + " ".join(f"{s:.1f}" for s in r["ours"]["all_seconds"]) + " / "
+              + " ".join(f"{s:.1f}" for s in r["transformers"]["all_seconds"]) for r in report["results"]]
     return "\n".join(lines) + "\n"
 
 
@@ -153,13 +158,15 @@ def main(argv=None):
     model = Llama.from_pretrained(args.model)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     report = {"machine": bench.machine_description(torch.device("cpu")), "transformers_version": transformers_version,
-              "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": []}
+              "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": [],
+              "load_average": [os.getloadavg()[0]]}  # the machine's other load: the ratio is side by side, the seconds are not
     for batch_size in batch_sizes:
         result = measure(model, reference, tokenizer, prompts, batch_size, args.max_new_tokens, args.repeats)
         report["results"].append(result)
         print(f"batch {batch_size}: ours {result['ours']['tokens_per_s']:.1f} tokens/s, transformers "
               f"{result['transformers']['tokens_per_s']:.1f} tokens/s, ratio {result['ratio']:.2f}, rows equal "
               f"{result['same_rows']}/{batch_size}, positions equal {100 * result['same_positions']:.1f}%", flush=True)
+    report["load_average"].append(os.getloadavg()[0])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
