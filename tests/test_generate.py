@@ -212,3 +212,21 @@ def test_greedy_equals_transformers_on_smollm2(smollm2_dir):
         expected = reference.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                       max_new_tokens=96, eos_token_id=tokenizer.eos_ids, pad_token_id=tokenizer.eos_ids[0])
     assert torch.equal(ours, expected)
+
+
+def test_bench_generate_runs_both_generators_side_by_side(tmp_path):
+    """tools/bench_generate.py on the tiny model: both generators' greedy tokens agree, the ratio is of their tokens/s."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(
+        os.path.dirname(ASSETS), "tools", "bench_generate.py"))
+    bench_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_generate)
+    bench_generate.main(["--model", TINY, "--batch-sizes", "1,3", "--max-new-tokens", "6", "--repeats", "2",
+                         "--json", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["prompt_format"] == "alpaca" and [r["batch_size"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert r["same_rows"] == r["batch_size"] and r["same_positions"] == 1.0
+        assert r["ours"]["tokens"] == r["transformers"]["tokens"] > 0 and len(r["ours"]["all_seconds"]) == 2
+        assert r["ratio"] == pytest.approx(r["ours"]["tokens_per_s"] / r["transformers"]["tokens_per_s"])

@@ -7,7 +7,7 @@ same prompts and the same greedy settings, side by side in one run.
     OMP_NUM_THREADS=1 python tools/bench_generate.py --update-docs   # the same, into BENCHMARKS.md's Generation section
 
 The prompts are the first questions of GSM8K's test split (assets/data/gsm8k/test.jsonl) in the
-model's chat template, as `eval.py gsm8k` builds them, sorted longest first (as generate_completions
+prompt `eval.py gsm8k` builds for the model (its chat template, else Alpaca's), sorted longest first (as generate_completions
 batches them). For each batch size both generators run on the same batch in turn, --repeats times
 (alternating, so a change of machine load hits both); the table gives the median seconds, the tokens
 each generated (up to, not including, the first end id) and the tokens/s, their ratio, and how far the
@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench  # noqa: E402
 import eval as evaluation  # noqa: E402
-from data import Tokenizer, prompt_ids  # noqa: E402
+from data import Tokenizer, prompt_ids, resolve_prompt_format  # noqa: E402
 from model import Llama  # noqa: E402
 
 SMOLLM2 = os.path.expanduser(os.environ.get("BALORA_SMOLLM2_DIR", "~/.cache/balora/smollm2-135m-instruct"))
@@ -110,9 +110,9 @@ def markdown(report, command):
              "`generate` on the same real model, prompts and greedy settings, in one run, by "
              "[`tools/bench_generate.py`](tools/bench_generate.py):", "",
              "```bash", command, "```", "",
-             f"- model: SmolLM2-135M-Instruct (fp32), transformers {report['transformers_version']}",
+             f"- model: {report['model']} (fp32), transformers {report['transformers_version']}",
              f"- machine: {report['machine']}",
-             f"- prompts: the first {max(report['batch_sizes'])} GSM8K test questions in the chat template, "
+             f"- prompts: the first {max(report['batch_sizes'])} GSM8K test questions, {report['prompt_format']} format, "
              f"longest first; greedy, max_new_tokens = {report['max_new_tokens']}, the end ids of "
              "generation_config.json",
              f"- each cell: the median of {report['repeats']} runs, the two generators alternating; tokens are "
@@ -154,10 +154,13 @@ def main(argv=None):
     tokenizer = Tokenizer(args.model)
     with open(GSM8K) as f:
         questions = [json.loads(line)["question"] for line in f][:max(batch_sizes)]
-    prompts = sorted((prompt_ids(tokenizer, question, "chat") for question in questions), key=lambda p: -len(p))
+    prompt_format = resolve_prompt_format(None, tokenizer)
+    prompts = sorted((prompt_ids(tokenizer, question, prompt_format) for question in questions), key=lambda p: -len(p))
     model = Llama.from_pretrained(args.model)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     report = {"machine": bench.machine_description(torch.device("cpu")), "transformers_version": transformers_version,
+              "prompt_format": prompt_format,
+              "model": os.path.basename(os.path.normpath(args.model)),
               "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": [],
               "load_average": [os.getloadavg()[0]]}  # the machine's other load: the ratio is side by side, the seconds are not
     for batch_size in batch_sizes:
