@@ -158,11 +158,11 @@ def main(argv=None):
     prompts = sorted((prompt_ids(tokenizer, question, prompt_format) for question in questions), key=lambda p: -len(p))
     model = Llama.from_pretrained(args.model)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    # load_average: the machine's other load, at start and end (the ratio is side by side, the seconds are not)
     report = {"machine": bench.machine_description(torch.device("cpu")), "transformers_version": transformers_version,
-              "prompt_format": prompt_format,
-              "model": os.path.basename(os.path.normpath(args.model)),
+              "model": os.path.basename(os.path.normpath(args.model)), "prompt_format": prompt_format,
               "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": [],
-              "load_average": [os.getloadavg()[0]]}  # the machine's other load: the ratio is side by side, the seconds are not
+              "load_average": [os.getloadavg()[0]]}
     for batch_size in batch_sizes:
         result = measure(model, reference, tokenizer, prompts, batch_size, args.max_new_tokens, args.repeats)
         report["results"].append(result)
