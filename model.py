@@ -412,6 +412,11 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def keep(self, rows):
+        """Keep only the batch rows `rows` (indices): rows that finished generating cost nothing further."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
 
 class Attention(nn.Module):
     def __init__(self, config, layer_index):
@@ -566,39 +571,56 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None,
-                 temperature=0.0, generator=None, top_p=1.0):
+                 temperature=0.0, generator=None, top_p=1.0, stop=None):
         """
         Continue each row of `input_ids` (B, T) (batches left padded) by up to `max_new_tokens` tokens:
         greedy when temperature == 0, else sampled from softmax(nucleus_filter(logits / temperature,
         top_p)) (temperature first, then top-p, as vLLM and transformers order them). A row stops at
-        its first EOS (an int or a list of ids) and is filled with eos afterwards; generation stops when
-        every row has stopped. Returns (B, T + generated) token ids.
+        its first EOS (an int or a list of ids), or when stop(row, token), called with the row's index
+        in input_ids and each token it generates, returns True. A stopped row leaves the batch and the
+        KV cache, so it costs no further compute; its later positions are filled with the first EOS
+        id (0 without one). Generation ends when every row has stopped. Returns (B, T + generated) ids.
         """
         B, T = input_ids.shape
+        device = input_ids.device
+        if max_new_tokens < 1:
+            return input_ids
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                               dtype=torch.long, device=input_ids.device)
+                               dtype=torch.long, device=device)
         param = next(self.parameters())
         cache = KVCache(self.config, B, T + max_new_tokens, param.dtype, param.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        tokens, step_input = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_input, attention_mask, cache)[:, -1].float()
+        tokens = torch.full((B, T + max_new_tokens), int(eos_ids[0]) if len(eos_ids) else 0, dtype=torch.long,
+                            device=device)
+        tokens[:, :T] = input_ids
+        rows = torch.arange(B, device=device)  # the rows still generating, as indices into input_ids
+        # Prefill: only the last position's logits are used (left padding puts every row's last token
+        # there), and the LM head over every prompt position would be the largest matmul of the step.
+        last = torch.zeros_like(input_ids, dtype=torch.bool)
+        last[:, -1] = True
+        logits = self(input_ids, attention_mask, cache, output_mask=last)  # (B, V)
+        for step in range(max_new_tokens):
+            logits = logits.float()
             if temperature > 0:
                 probs = F.softmax(nucleus_filter(logits / temperature, top_p), dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 next_token = logits.argmax(dim=-1)
-            if len(eos_ids):
-                next_token = torch.where(finished, eos_ids[0], next_token)
-                finished |= torch.isin(next_token, eos_ids)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token[:, None])], dim=1)
-            step_input = next_token[:, None]
-            if finished.all():
+            tokens[rows, T + step] = next_token
+            done = torch.isin(next_token, eos_ids)
+            if stop is not None:
+                done |= torch.tensor([stop(row, token) for row, token in zip(rows.tolist(), next_token.tolist())],
+                                     dtype=torch.bool, device=device)
+            if done.all() or step == max_new_tokens - 1:
                 break
-        return tokens
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                rows, next_token, attention_mask = rows[keep], next_token[keep], attention_mask[keep]
+                cache.keep(keep)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token[:, None])], dim=1)
+            logits = self(next_token[:, None], attention_mask, cache)[:, -1]
+        return tokens[:, :T + step + 1]
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):

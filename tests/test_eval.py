@@ -1259,10 +1259,13 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
     expected_prompts = {"alpaca": lambda tokenizer: data.prompt_ids(tokenizer, evaluation.instruction_query(PROBLEMS[0], "humaneval"), "alpaca"),
                         "plain": lambda tokenizer: tokenizer.encode(PROBLEMS[0]["prompt"].strip())}
     for prompt_format in ("alpaca", "plain"):  # the random model has no chat template: alpaca by default
-        def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+        def fake_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0,
+                          stop_sequences=()):
             assert len(prompts) == 8 and temperature == 0.8 and top_p == 1.0 and max_new_tokens == 512
             assert prompts[0] == expected_prompts[prompt_format](tokenizer)
-            # a plain continuation runs on past the function, to the harness's stop sequences
+            # a plain continuation stops at the harness's stop sequences; an instruction's response does not
+            assert stop_sequences == (evaluation.STOP_SEQUENCES["humaneval"] if prompt_format == "plain" else ())
+            # (this fake runs on past them, as a completion cut only afterwards would)
             return [answer + "\n\nprint(double(2))\nassert False\n" for answer in answers] if prompt_format == "plain" else answers
 
         monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
@@ -1277,7 +1280,8 @@ def test_code_end_to_end_pass_at_k(random_llama, tmp_path, monkeypatch):
 
     # --protocol official: 5 samples at temperature 0.8, top_p 0.95, 1024 tokens, in the official prompt;
     # the raw texts (whole functions, tab-indented, in the open ```python block) are post-processed.
-    def official_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0):
+    def official_generate(net, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0, top_p=1.0,
+                          stop_sequences=()):
         assert (len(prompts), max_new_tokens, temperature, top_p) == (10, 1024, 0.8, 0.95)
         assert prompts[0] == tokenizer.encode(protocols.official_code_prompt(PROBLEMS[0]["prompt"]))
         assert prompts[5] == tokenizer.encode(protocols.official_code_prompt(PROBLEMS[1]["prompt"]))
