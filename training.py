@@ -412,11 +412,11 @@ def teacher_head(model, device, dtype):
     The teacher's LM head for chunked.nlg_objective_in_chunks, which runs it on chunks of the teacher's
     final hidden states: under the teacher forward's autocast, so that each chunk of logits is the one
     that forward would have returned (bf16 for bf16 runs). lm_head is never a LoRA target, so the
-    current head is the pretrained one.
+    current head is the pretrained one; model.logits is it with Gemma-2's final soft-capping.
     """
     def head(hidden):
         with autocast_context(device, dtype):
-            return model.lm_head(hidden)
+            return model.logits(hidden)
     return head
 
 
