@@ -457,12 +457,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         # Recomputed from the config, never loaded: non-persistent, and float32 whatever the model dtype.
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        if config.rope_local_theta is not None:  # Gemma-3: the local layers' table
-            self.register_buffer("local_inv_freq", rope_inv_freq(local_rope(config)), persistent=False)
+        # Gemma-3's local layers turn with their own base: that table is made when used (head_dim / 2
+        # numbers), so no loader has a second buffer to rebuild
+        self.local_config = local_rope(config) if config.rope_local_theta is not None else None
 
     def forward(self, position_ids, dtype, local=False):
-        """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in float32."""
-        inv_freq = self.local_inv_freq if local else self.inv_freq
+        """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in float32.
+        local: with the local layers' table (Gemma-3)."""
+        inv_freq = rope_inv_freq(self.local_config, device=self.inv_freq.device) if local else self.inv_freq
         angles = position_ids[..., None].float() * inv_freq.float()  # (B, T, head_dim / 2)
         # HF layout: the two halves of a head share frequencies, i pairs with i + head_dim/2
         # (not the interleaved 2i, 2i+1 of the paper), so the table is repeated, not interleaved.
@@ -787,8 +789,6 @@ class Llama(nn.Module):
                              or rename(key) is None)
         model.tie_weights()
         model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)
-        if config.rope_local_theta is not None:
-            model.model.rotary_emb.local_inv_freq = rope_inv_freq(local_rope(config), device=device)
         return model.eval()
 
 
