@@ -204,13 +204,14 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" or "llama3"
+    rope_type: str = "default"  # "default", "llama3" or "linear"
     rope_llama3: dict = field(default_factory=dict)  # factor, low/high_freq_factor, original_max_position_embeddings
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
+    #                                    Gemma-2/3 (local_layers): the local layers' span, applied by their mask
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
     rope_linear_factor: float = 1.0  # rope_type "linear" (Gemma-3 4B+): positions divided by it
     # Gemma flags (gemma_config); their defaults are LLaMA's
@@ -226,7 +227,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3)."""
+        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3; Gemma's: gemma_config)."""
         model_type = config.get("model_type")
         if model_type in GEMMA_TYPES:
             return gemma_config(cls, config)
@@ -341,9 +342,9 @@ def gemma_config(cls, config):
     heads = config["num_attention_heads"]
     rope, local_theta = _gemma_rope(config)
     local_layers = _gemma_local_layers(config)
-    if any(local_layers) and not isinstance(config.get("sliding_window"), int):
-        raise ValueError(f"sliding_window={config.get('sliding_window')!r}: local (sliding_attention) layers need "
-                         "an integer window")
+    window = config.get("sliding_window")
+    if any(local_layers) and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"sliding_window={window!r}: local (sliding_attention) layers need a positive integer window")
     attention_bias = config.get("attention_bias", False)
     return cls(
         vocab_size=config["vocab_size"],

@@ -297,6 +297,7 @@ def gemma_dict(model_type="gemma2", **changes):
     (gemma_dict(layer_types=["sliding_attention"]), "expected num_hidden_layers=2 entries"),
     (gemma_dict(layer_types=["sliding_attention", "chunked_attention"]), "'full_attention'"),
     (gemma_dict(sliding_window=None), "sliding_window=None: local"),
+    (gemma_dict(sliding_window=0), "sliding_window=0: local"),
     (gemma_dict("gemma3_text", use_bidirectional_attention=True), "use_bidirectional_attention"),
     (gemma_dict("gemma3_text", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                 "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
