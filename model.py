@@ -237,20 +237,13 @@ class LlamaConfig:
         # transformers maps "swish" and "silu" to the same function.
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
-        heads = config["num_attention_heads"]
         rope = _rope_parameters(config)
         # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
         attention_bias = model_type in ("llama", "qwen3") and config.get("attention_bias", False)
         qkv_bias = model_type == "qwen2" or attention_bias
         o_bias = attention_bias
         return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            **decoder_sizes(config),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=rope["rope_theta"],
             rope_type=rope["rope_type"],
@@ -262,6 +255,16 @@ class LlamaConfig:
             sliding_window=_sliding_window(config),
             qk_norm=model_type == "qwen3",
         )
+
+
+def decoder_sizes(config):
+    """The sizes every decoder's config.json names alike; key/value heads default to the heads (MHA),
+    head_dim to hidden / heads."""
+    heads = config["num_attention_heads"]
+    return dict(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
+                head_dim=config.get("head_dim") or config["hidden_size"] // heads)
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -339,7 +342,6 @@ def gemma_config(cls, config):
     config = {**GEMMA_DEFAULTS[model_type], **config}
     if config.get("use_bidirectional_attention"):
         raise ValueError("use_bidirectional_attention=True is not supported: a causal decoder only")
-    heads = config["num_attention_heads"]
     rope, local_theta = _gemma_rope(config)
     local_layers = _gemma_local_layers(config)
     window = config.get("sliding_window")
@@ -347,13 +349,7 @@ def gemma_config(cls, config):
         raise ValueError(f"sliding_window={window!r}: local (sliding_attention) layers need a positive integer window")
     attention_bias = config.get("attention_bias", False)
     return cls(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        **decoder_sizes(config),
         rms_norm_eps=config["rms_norm_eps"],
         rope_theta=rope["rope_theta"],
         rope_type=rope["rope_type"],

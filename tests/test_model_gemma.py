@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import balora
 import model as M
+from test_model_llama import hf_logits, padded_batch  # vocab 128 as here
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,25 +85,6 @@ def checkpoints(tmp_path_factory):
         hf.save_pretrained(path)
         out[name] = (path, hf)
     return out
-
-
-def padded_batch(lengths, padding_side, T=20, seed=0):
-    """Random ids (B, T) with 0 at padding, and the 0/1 attention mask; one row unpadded."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    attention_mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        span = slice(T - n, T) if padding_side == "left" else slice(0, n)
-        input_ids[row, span] = torch.randint(3, SMALL["vocab_size"], (n,), generator=g)
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
-
-
-def hf_logits(hf, input_ids, attention_mask):
-    # Position ids as transformers' generate makes them (cumsum - 1): the positions a row has unpadded.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
 
 def assert_close_at_scale(logits, expected, where, what):
