@@ -1,7 +1,7 @@
 """
 The two base models BA-LoRA is evaluated on, written from scratch in plain PyTorch:
 
-  1. Llama: a LLaMA-style decoder (LLaMA-2/3, Mistral, Qwen2) for the NLG experiments.
+  1. Llama: a LLaMA-style decoder (LLaMA-2/3, Mistral, Qwen2; Gemma-1/2/3 as its flags) for the NLG experiments.
   2. Deberta: a DeBERTa-v3-style encoder with a classification head for the NLU (GLUE) experiments;
      with other config flags it is RoBERTa (absolute positions, plain attention, RoBERTa's head), the
      encoder of Table 3, Table 9, Fig. 3 and Table 12.
@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -259,38 +259,46 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" or "llama3"
+    rope_type: str = "default"  # "default", "llama3" or "linear"
     rope_llama3: dict = field(default_factory=dict)  # factor, low/high_freq_factor, original_max_position_embeddings
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
+    #                                    Gemma-2/3 (local_layers): the local layers' span, applied by their mask
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
+    rope_linear_factor: float = 1.0  # rope_type "linear" (Gemma-3 4B+): positions divided by it
+    # Gemma flags (gemma_config); their defaults are LLaMA's
+    hidden_act: str = "silu"  # "gelu_pytorch_tanh": GeGLU with the tanh-approximated GELU (Gemma)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    norm_unit_offset: bool = False  # Gemma: every RMSNorm scales by (1 + weight), in float32
+    sandwich_norm: bool = False  # Gemma-2/3: attention and MLP outputs normed too (post_*), the MLP input by its own norm
+    query_pre_attn_scalar: float | None = None  # Gemma-2/3: attention scale 1/sqrt(it), not 1/sqrt(head_dim)
+    attn_logit_softcapping: float | None = None  # Gemma-2: attention scores -> c tanh(scores / c)
+    final_logit_softcapping: float | None = None  # Gemma-2: logits -> c tanh(logits / c)
+    local_layers: tuple = ()  # Gemma-2/3: True where layer i attends only to its last sliding_window slots
+    rope_local_theta: float | None = None  # Gemma-3: the local layers' own RoPE base (plain RoPE)
 
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3)."""
+        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3; Gemma's: gemma_config)."""
         model_type = config.get("model_type")
+        if model_type in GEMMA_TYPES:
+            return gemma_config(cls, config)
         if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2 or qwen3")
+            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2, qwen3, "
+                             f"{', '.join(GEMMA_TYPES)}")
         # transformers maps "swish" and "silu" to the same function.
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
-        heads = config["num_attention_heads"]
         rope = _rope_parameters(config)
         # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
         attention_bias = model_type in ("llama", "qwen3") and config.get("attention_bias", False)
         qkv_bias = model_type == "qwen2" or attention_bias
         o_bias = attention_bias
         return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            **decoder_sizes(config),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=rope["rope_theta"],
             rope_type=rope["rope_type"],
@@ -304,22 +312,33 @@ class LlamaConfig:
         )
 
 
+def decoder_sizes(config):
+    """The sizes every decoder's config.json names alike; key/value heads default to the heads (MHA),
+    head_dim to hidden / heads."""
+    heads = config["num_attention_heads"]
+    return dict(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
+                head_dim=config.get("head_dim") or config["hidden_size"] // heads)
+
+
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _rope_parameters(config):
+def _rope_parameters(config, rope_types=("default", "llama3")):
     """
     One RoPE dict from either config dialect:
       classic (hub checkpoints, transformers < 5): top-level `rope_theta` and optional `rope_scaling`
         {"rope_type" or "type": ..., factor, ...};
       transformers 5: a `rope_parameters` block {"rope_type", "rope_theta", factor, ...}.
+    `rope_types`: the kinds the family supports ("linear": Gemma-3).
     """
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_type", rope.pop("type", "default"))
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    if rope["rope_type"] not in ("default", "llama3"):
+    if rope["rope_type"] not in rope_types:
         raise ValueError(f"rope_type={rope['rope_type']!r} (rope_parameters/rope_scaling) is not supported: "
-                         "expected default or llama3")
+                         f"expected {' or '.join(rope_types)}")
     if rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial_rotary_factor != 1.0 is not supported")
     if rope["rope_type"] == "llama3":
@@ -328,6 +347,8 @@ def _rope_parameters(config):
         for key in _LLAMA3_KEYS:
             if rope.get(key) is None:
                 raise ValueError(f"rope_type='llama3' needs {key!r} in rope_parameters/rope_scaling")
+    if rope["rope_type"] == "linear" and not isinstance(rope.get("factor"), (int, float)):
+        raise ValueError("rope_type='linear' needs a number 'factor' in rope_parameters/rope_scaling")
     return rope
 
 
@@ -340,6 +361,127 @@ def _sliding_window(config):
     return config.get("sliding_window") if uses_window else None
 
 
+# Gemma (Gemma-1 / Gemma-7B, Gemma-2, Gemma-3's text model) is this decoder under flags: GeGLU, embeddings
+# scaled by sqrt(hidden), RMSNorm by (1 + w), a tied head; Gemma-2/3 add norms after attention and MLP,
+# query_pre_attn_scalar, local (sliding-window) layers between global ones, and soft-capping (Gemma-2) or
+# qk-norm and a local RoPE base (Gemma-3). Keys are LLaMA's plus pre_feedforward_layernorm and
+# post_feedforward_layernorm per layer. Defaults for keys a config.json may leave out (Gemma-3's
+# text_config on the hub gives only a few): transformers' GemmaConfig, Gemma2Config and Gemma3TextConfig.
+GEMMA_DEFAULTS = {
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, tie_word_embeddings=True),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                   rope_theta=10000.0, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True,
+                        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                        final_logit_softcapping=None),
+}
+GEMMA_TYPES = (*GEMMA_DEFAULTS, "gemma3")  # gemma3: Gemma3ForConditionalGeneration, its text model's config nested
+
+
+def gemma_config(cls, config):
+    """LlamaConfig with Gemma's flags from a config.json dict of model_type gemma, gemma2, gemma3_text or gemma3."""
+    if config["model_type"] == "gemma3":
+        if not isinstance(config.get("text_config"), dict):
+            raise ValueError("model_type='gemma3' needs its language model's config as a 'text_config' object")
+        # the text model alone: its keys, and tied as the whole model is (transformers ties by the outer
+        # config's tie_word_embeddings, whatever text_config says)
+        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True),
+                  "model_type": "gemma3_text"}
+    model_type = config["model_type"]
+    config = {**GEMMA_DEFAULTS[model_type], **config}
+    if config.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True is not supported: a causal decoder only")
+    rope, local_theta = _gemma_rope(config)
+    local_layers = _gemma_local_layers(config)
+    window = config.get("sliding_window")
+    if any(local_layers) and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"sliding_window={window!r}: local (sliding_attention) layers need a positive integer window")
+    attention_bias = config.get("attention_bias", False)
+    return cls(
+        **decoder_sizes(config),
+        rms_norm_eps=config["rms_norm_eps"],
+        rope_theta=rope["rope_theta"],
+        rope_type=rope["rope_type"],
+        rope_linear_factor=rope["factor"] if rope["rope_type"] == "linear" else 1.0,
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
+        tie_word_embeddings=config["tie_word_embeddings"],
+        sliding_window=config["sliding_window"] if any(local_layers) else None,
+        qk_norm=model_type == "gemma3_text",
+        hidden_act=_gemma_activation(config),
+        scale_embeddings=True,
+        norm_unit_offset=True,
+        sandwich_norm=model_type != "gemma",
+        query_pre_attn_scalar=config.get("query_pre_attn_scalar") if model_type != "gemma" else None,
+        # transformers' Gemma3Attention never passes attn_logit_softcapping on (Gemma-3 has qk-norm instead)
+        attn_logit_softcapping=config.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+        final_logit_softcapping=config.get("final_logit_softcapping") if model_type != "gemma" else None,
+        local_layers=local_layers if any(local_layers) else (),
+        rope_local_theta=local_theta,
+    )
+
+
+def _gemma_activation(config):
+    """Gemma's GELU is the tanh approximation; Gemma-1's hub configs name it hidden_act "gelu", which
+    transformers reads as the tanh one (and 4.x's hidden_activation, when given, overrides hidden_act)."""
+    if config["model_type"] == "gemma":
+        name = config.get("hidden_activation") or config.get("hidden_act", "gelu_pytorch_tanh")
+        name = "gelu_pytorch_tanh" if name == "gelu" else name
+    else:
+        name = config.get("hidden_activation", "gelu_pytorch_tanh")
+    if name != "gelu_pytorch_tanh":
+        raise ValueError(f"hidden_activation={name!r} is not supported: Gemma's GeGLU uses gelu_pytorch_tanh")
+    return name
+
+
+def _gemma_rope(config):
+    """
+    (RoPE dict of the global layers, RoPE base of the local layers or None when they share it), from
+    either dialect. Gemma-1/2 have one RoPE. Gemma-3's local layers turn with their own plain RoPE:
+    transformers 5 writes one block per layer type (rope_parameters = {"full_attention": {...},
+    "sliding_attention": {...}}); 4.x writes rope_theta (+ rope_scaling) for the global layers and
+    rope_local_base_freq for the local ones.
+    """
+    rope_types = ("default", "linear")
+    if config["model_type"] != "gemma3_text":
+        return _rope_parameters(config, rope_types), None
+    blocks = config.get("rope_parameters") or {}
+    if "full_attention" not in blocks:
+        return _rope_parameters(config, rope_types), float(config["rope_local_base_freq"])
+    local = dict(blocks.get("sliding_attention") or {})
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r} is not supported: "
+                         "Gemma-3's local layers use default RoPE")
+    full = _rope_parameters({"rope_parameters": blocks["full_attention"], "rope_theta": config["rope_theta"]},
+                            rope_types)
+    return full, float(local.get("rope_theta", config["rope_local_base_freq"]))
+
+
+def _gemma_local_layers(config):
+    """
+    One bool per layer: True for a local (sliding_attention) layer. From layer_types, or as transformers
+    4.x laid them out: Gemma-2 alternates local and global from a local layer 0, Gemma-3 makes every
+    sliding_window_pattern-th layer global.
+    """
+    n = config["num_hidden_layers"]
+    if config["model_type"] == "gemma":
+        return (False,) * n
+    types = config.get("layer_types")
+    if types is None:
+        period = 2 if config["model_type"] == "gemma2" else config["sliding_window_pattern"]
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types={types!r}: expected num_hidden_layers={n} entries, each "
+                         "'sliding_attention' or 'full_attention'")
+    return tuple(kind == "sliding_attention" for kind in types)
+
+
 def rope_inv_freq(config, device=None):
     """
     RoPE inverse frequencies theta^(-2i/d), i < d/2 (RoFormer Eq. 15), float32.
@@ -350,6 +492,8 @@ def rope_inv_freq(config, device=None):
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
     if config.rope_type == "default":
         return inv_freq
+    if config.rope_type == "linear":  # position interpolation: position p turns as p / factor did
+        return inv_freq / config.rope_linear_factor
     p = config.rope_llama3
     context = p["original_max_position_embeddings"]
     wavelength = 2 * math.pi / inv_freq
@@ -365,14 +509,24 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         # Recomputed from the config, never loaded: non-persistent, and float32 whatever the model dtype.
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Gemma-3's local layers turn with their own base: that table is made when used (head_dim / 2
+        # numbers), so no loader has a second buffer to rebuild
+        self.local_config = local_rope(config) if config.rope_local_theta is not None else None
 
-    def forward(self, position_ids, dtype):
-        """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in float32."""
-        angles = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, head_dim / 2)
+    def forward(self, position_ids, dtype, local=False):
+        """cos, sin of shape (B, T, head_dim) for integer positions (B, T); angles in float32.
+        local: with the local layers' table (Gemma-3)."""
+        inv_freq = rope_inv_freq(self.local_config, device=self.inv_freq.device) if local else self.inv_freq
+        angles = position_ids[..., None].float() * inv_freq.float()  # (B, T, head_dim / 2)
         # HF layout: the two halves of a head share frequencies, i pairs with i + head_dim/2
         # (not the interleaved 2i, 2i+1 of the paper), so the table is repeated, not interleaved.
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def local_rope(config):
+    """The config of Gemma-3's local layers' RoPE: plain RoPE on their own base."""
+    return replace(config, rope_theta=config.rope_local_theta, rope_type="default")
 
 
 def apply_rope(x, cos, sin):
@@ -383,16 +537,20 @@ def apply_rope(x, cos, sin):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size, eps):
+    def __init__(self, size, eps, unit_offset=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        # unit_offset (Gemma): the stored weight w scales by (1 + w), so it starts at 0
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x):
         # The mean of squares in bf16 loses too much precision: normalize in float32, cast back, then
         # scale (in that order, as the reference implementation, so bf16 results agree bit for bit).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma scales in float32 too, and casts last (as transformers' GemmaRMSNorm)
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -428,9 +586,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all query (key) heads
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
         self.qk_norm = config.qk_norm
+        # Gemma-2/3 scale scores by query_pre_attn_scalar^-1/2 (None: SDPA's own head_dim^-1/2)
+        self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_logit_softcapping
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -445,9 +606,32 @@ class Attention(nn.Module):
         # GQA/MQA: query head h reads key/value head h // (H / H_kv); scale 1/sqrt(head_dim).
         # mask None: no padding and no cache, so SDPA's own causal mask (is_causal) is exact, and on a
         # GPU it may pick FlashAttention, which an explicit mask rules out.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if self.softcap is not None:  # Gemma-2: SDPA has no hook for a function of the scores
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def soft_cap(x, cap):
+    """Gemma-2's soft-capping: cap * tanh(x / cap), smooth, about x for |x| << cap, within (-cap, cap)."""
+    return cap * torch.tanh(x / cap)
+
+
+def softcapped_attention(q, k, v, mask, scale, cap):
+    """
+    Attention whose scores q k^T * scale are soft-capped before masking and the softmax (in float32),
+    written out as transformers' eager Gemma-2 attention computes it. q (B, H, T, d), k, v (B, H_kv, L, d);
+    mask (B, 1, T, L) bool or None for plain causal attention (T == L).
+    """
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # GQA
+    scores = soft_cap(q @ k.transpose(-2, -1) * scale, cap)
+    if mask is None:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -456,20 +640,31 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.hidden_act = config.hidden_act
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate = self.gate_proj(x)
+        # SwiGLU; Gemma: GeGLU with the tanh-approximated GELU
+        gate = F.silu(gate) if self.hidden_act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.mlp = MLP(config)
+        if config.sandwich_norm:  # Gemma-2/3; post_attention_layernorm then norms the attention output
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        self.sandwich_norm = config.sandwich_norm
 
     def forward(self, x, cos, sin, mask, cache=None):
+        if self.sandwich_norm:  # Gemma-2/3: each sublayer's output normed before it joins the residual stream
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -518,7 +713,7 @@ class Llama(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset),
             rotary_emb=RotaryEmbedding(config),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -545,7 +740,7 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         window = self.config.sliding_window
-        if window is not None and past + T > window:
+        if window is not None and not self.config.local_layers and past + T > window:
             raise ValueError(f"input of {past + T} tokens exceeds sliding_window={window}, which is not supported")
         if attention_mask is None and cache is None:
             mask, position_ids = None, torch.arange(T, device=input_ids.device).expand(B, T)  # plain causal
@@ -553,13 +748,15 @@ class Llama(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
             mask, position_ids = attention_mask_and_positions(attention_mask, T)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for block in self.model.layers:
+        local = self.local_attention_inputs(position_ids, x.dtype, mask, past, T) if self.config.local_layers else None
+        for i, block in enumerate(self.model.layers):
+            inputs = local if local is not None and self.config.local_layers[i] else (cos, sin, mask)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, *inputs, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, *inputs, cache)
         if cache is not None:
             cache.length += T
         if output_mask is not None:
@@ -567,7 +764,35 @@ class Llama(nn.Module):
                 raise ValueError(f"output_mask has shape {tuple(output_mask.shape)}, expected {(B, T)}")
             x = x[output_mask]  # (M, hidden): RMSNorm and the head act on each position alone
         hidden = self.model.norm(x)
-        return hidden if return_hidden else self.lm_head(hidden)
+        return hidden if return_hidden else self.logits(hidden)
+
+    def embed(self, input_ids):
+        """Token embeddings (B, T, hidden); Gemma scales them by sqrt(hidden), a number rounded to the
+        model's dtype first as transformers rounds it (55.5, not 55.43, for hidden 3072 in bf16)."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def logits(self, hidden):
+        """The LM head on final hidden states; Gemma-2 soft-caps its output (final_logit_softcapping)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else soft_cap(logits, cap)
+
+    def local_attention_inputs(self, position_ids, dtype, mask, past, T):
+        """
+        (cos, sin, mask) of Gemma-2/3's local layers: a key slot j is visible to the query in slot i only
+        if i - j < sliding_window as well (slots, padding included, as transformers counts them), and
+        Gemma-3 turns them with the local RoPE base.
+        """
+        L = past + T
+        if mask is None:  # plain causal: no padding, no cache
+            mask = torch.ones(T, L, dtype=torch.bool, device=position_ids.device).tril()[None, None]
+        key = torch.arange(L, device=position_ids.device)
+        near = key[L - T:, None] - key[None, :] < self.config.sliding_window  # (T, L)
+        cos, sin = self.model.rotary_emb(position_ids, dtype, local=self.config.rope_local_theta is not None)
+        return cos, sin, mask & near
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None,
@@ -624,16 +849,34 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face llama/mistral/qwen2/qwen3 directory, one tensor at a time into dtype/device."""
-        config, _ = config_from(LlamaConfig, path)
+        """
+        Load a Hugging Face llama/mistral/qwen2/qwen3/gemma/gemma2/gemma3_text directory, one tensor at a
+        time into dtype/device; of a gemma3 (Gemma3ForConditionalGeneration) one, the language model.
+        """
+        config, hf_config = config_from(LlamaConfig, path)
         with torch.device("meta"):
             model = cls(config)
+        rename = gemma3_text_key if hf_config.get("model_type") == "gemma3" else (lambda key: key)
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): skip it.
-        load_checkpoint_into(model, path, dtype, device,
-                             ignore=lambda key: key.endswith("rotary_emb.inv_freq") or key in model.tied_keys)
+        load_checkpoint_into(model, path, dtype, device, rename=rename,
+                             ignore=lambda key: key.endswith("rotary_emb.inv_freq") or rename(key) in model.tied_keys
+                             or rename(key) is None)
         model.tie_weights()
         model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)
         return model.eval()
+
+
+def gemma3_text_key(key):
+    """
+    Our name of a Gemma3ForConditionalGeneration checkpoint key, None for the vision tower and its
+    projector. Its language model is saved as model.language_model.* + lm_head.* (transformers 5, >= 4.52)
+    or as language_model.model.* + language_model.lm_head.* (the hub's checkpoints, older 4.x).
+    """
+    for prefix, ours in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return ours + key[len(prefix):]
+    return key if key.startswith("lm_head.") else None
 
 
 # -----------------------------------------------------------------------------

@@ -507,11 +507,12 @@ def teacher_head(model, device, dtype):
     The teacher's LM head for chunked.nlg_objective_in_chunks, which runs it on chunks of the teacher's
     final hidden states: under the teacher forward's autocast, so that each chunk of logits is the one
     that forward would have returned (bf16 for bf16 runs), in pretrained mode: lm_head is never a LoRA
-    target, but Full FT trains it (its pretrained copy is swapped in there).
+    target, but Full FT trains it (its pretrained copy is swapped in there). model.logits is the head
+    with Gemma-2's final soft-capping.
     """
     def head(hidden):
         with autocast_context(device, dtype), balora.pretrained_mode(model):
-            return model.lm_head(hidden)
+            return model.logits(hidden)
     return head
 
 

@@ -12,6 +12,9 @@
 #      -> OUT_DIR/train_nlg/ (log.jsonl, adapter/), OUT_DIR/train_nlg.log
 #   3. if more than one GPU is visible: the same run as 2 DDP processes (torchrun), 4 steps
 #      -> OUT_DIR/ddp/, OUT_DIR/ddp.log
+#   4. Gemma on CUDA (tests/test_model_gemma.py -k cuda): tiny random Gemma/Gemma-2/Gemma-3 logits in bf16
+#      no further off fp32 than transformers' bf16, and 4 bf16 train_nlg.py steps on Gemma-2 and Gemma-3
+#      -> OUT_DIR/gemma.log
 #
 # Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
 # transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
@@ -58,5 +61,8 @@ if [[ "$GPUS" -gt 1 ]]; then
 else
     echo "ddp: skipped (1 GPU visible)" | tee -a "$SUMMARY"
 fi
+
+# 4. Gemma: bf16 logits and training steps on CUDA (skipped, not failed, without a GPU: hence -rs in the log)
+run gemma "$PYTHON" -m pytest -q -rs tests/test_model_gemma.py -k cuda
 
 ! grep -q FAILED "$SUMMARY"
