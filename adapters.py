@@ -163,8 +163,8 @@ def read_adapter(directory):
             raise FileNotFoundError(f"load_adapter: no {os.path.basename(path)} in {directory!r} (a save_adapter directory?)")
     with open(config_path) as f:
         config = json.load(f)
-    if "method" in config:
-        return load_baseline(model, directory, config)
+    if "method" in config:  # a save_baseline directory: its keys are checked by load_baseline
+        return config, load_file(weights_path)
     missing_keys = [key for key in _ADAPTER_CONFIG_KEYS if key not in config]
     if missing_keys:
         raise ValueError(f"load_adapter: {config_path} lacks the keys {missing_keys}")
@@ -175,8 +175,10 @@ def apply_adapter(model, config, tensors, where="the adapter"):
     """
     Check that an adapter fits `model` (adapter_problems: one ValueError listing everything wrong,
     before the model is changed), wrap its targets, rebuild PiSSA residuals from the saved A0, B0,
-    re-quantize a 4-bit base, then load every saved tensor.
+    re-quantize a 4-bit base, then load every saved tensor. A save_baseline adapter: load_baseline.
     """
+    if "method" in config:
+        return load_baseline(model, where, config, tensors)
     problems = adapter_problems(model, config, tensors)
     if problems:
         raise ValueError(f"load_adapter: {where} does not fit the model: " + "; ".join(problems))
@@ -208,16 +210,13 @@ def save_baseline(model, directory, training=None):
         json.dump(config, f, indent=2)
 
 
-def load_baseline(model, directory, config):
+def load_baseline(model, directory, config, tensors):
     """
-    load_adapter for a save_baseline directory: the method applied to the original model
+    apply_adapter for a save_baseline directory: the method applied to the original model
     (baselines.adapt), then its tensors, which must be exactly its trainable ones, with their shapes.
     """
-    from safetensors.torch import load_file
-
     if config["method"] not in baselines.KINDS:
         raise ValueError(f"load_adapter: {directory}: method {config['method']!r} is not one of {baselines.KINDS}")
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
     baselines.adapt(model, config["method"], config.get("trainable", ()), config.get("bottleneck"))
     expected = trainable_state_dict(model)
     problems = [f"missing {sorted(set(expected) - set(tensors))[:5]}"] if set(expected) - set(tensors) else []

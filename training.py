@@ -100,6 +100,13 @@ def adapt(model, quantize, teacher, kind="lora", adalora=False, **lora):
     return adapter
 
 
+def check_merge(method_name, merge):
+    """--merge folds LoRA-shaped adapters into the base (tools/merge_adapter.py); one line if the method has none."""
+    if merge and METHODS[method_name].kind != "lora":
+        raise ValueError(f"--merge folds LoRA-family adapters into the base; --method {method_name} has none "
+                         "(its adapter directory is the result: load it with adapters.load_adapter)")
+
+
 def calibrate(model, method, losses):
     """
     LoRA-GA / CorDA: start the adapters (added with init="lora") from the model on calibration batches,

@@ -27,6 +27,8 @@ import test_train_nlg
 import test_train_nlu
 from test_balora import TARGETS, input_ids, logits_of, rel_err, tiny_llama
 
+TINY_LLAMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-llama")
+
 peft = pytest.importorskip("peft")
 
 STEPS, TOL = 3, 1e-5
@@ -220,9 +222,16 @@ def test_full_finetuning_matches_plain_autograd_and_keeps_the_pretrained_teacher
     with torch.no_grad(), balora.pretrained_mode(ours):
         assert torch.equal(ours(ids).logits, logits_of(original, ids))
     assert rel_err(logits_of(ours, ids), logits_of(reference, ids)) <= TOL
-    head = training.teacher_head(ours, "cpu", torch.float32)  # train_nlg's chunked teacher head: the pretrained one
-    hidden = torch.randn(3, 32)
-    assert torch.equal(head(hidden), original.lm_head(hidden))
+    # train_nlg's chunked teacher head (on balora's Llama, the model train_nlg.py trains): the pretrained head
+    trained = model_module.Llama.from_pretrained(TINY_LLAMA)
+    pretrained = copy.deepcopy(trained)
+    baselines.adapt(trained, "full", trainable=())
+    with torch.no_grad():
+        trained.lm_head.weight.add_(1.0)  # as training moves it
+    head = training.teacher_head(trained, "cpu", torch.float32)
+    hidden = torch.randn(3, trained.config.hidden_size)
+    assert torch.equal(head(hidden), pretrained.logits(hidden))
+    assert not torch.equal(trained.logits(hidden), pretrained.logits(hidden))
 
 
 # -----------------------------------------------------------------------------
@@ -357,6 +366,22 @@ def test_other_baselines_round_trip(kind, tmp_path):
     with pytest.raises(ValueError, match="does not fit the model"):
         other = model_module.DebertaConfig.from_hf(dict(test_train_nlu.tiny_deberta_config(40), hidden_size=16))
         adapters.load_adapter(model_module.DebertaClassifier(other, num_labels=3), tmp_path)
+
+
+def test_only_lora_family_adapters_merge(tmp_path):
+    """A Full FT adapter holds no LoRA layers to fold: tools/merge_adapter.py and --merge say so in one line."""
+    from tools import merge_adapter
+
+    ours = tiny_llama()
+    baselines.adapt(ours, "full", trainable=())
+    adapters.save_adapter(ours, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="holds a --method full adapter, not LoRA layers"):
+        merge_adapter.merge(TINY_LLAMA, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(ValueError, match="--method full has none"):
+        training.check_merge("full", True)
+    training.check_merge("loraplus", True)
+    training.check_merge("full", False)
 
 
 # -----------------------------------------------------------------------------

@@ -275,6 +275,9 @@ def merge(model_dir, adapter_dir, out_dir, dtype="float32", max_shard_size=MAX_S
     torch_dtype = DTYPES[dtype]
     config = models.read_config(model_dir)
     adapter_config, adapter_tensors = adapters.read_adapter(adapter_dir)
+    if "method" in adapter_config:  # adapters.save_baseline: Full FT, BitFit or bottleneck adapters
+        raise ValueError(f"{adapter_dir} holds a --method {adapter_config['method']} adapter, not LoRA layers: "
+                         "only LoRA-family adapters merge")
     our_model = skeleton(model_dir, config, adapter_tensors)
     problems = adapters.adapter_problems(our_model, adapter_config, adapter_tensors)
     if problems:
