@@ -7,6 +7,7 @@ train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only mod
                      as transformers' AutoTokenizer on the same directory
   DebertaTokenizer   DeBERTa-v3's spm.model, [CLS] A [SEP] (B [SEP])
   RobertaTokenizer   RoBERTa's byte-level BPE (tokenizer.json or vocab.json + merges.txt), <s> A </s>(</s> B </s>)
+  T5Tokenizer        T5's sentencepiece vocabulary (tokenizer.json or spiece.model), A </s>(B </s>)
   load_records       rows of a local .jsonl/.json/.parquet file, or of a `datasets` hub name or local dataset
                      directory (a sub-directory of it with data_dir)
   query_and_response the (query, response) of a record under --format
@@ -391,6 +392,57 @@ class RobertaTokenizer:
             raise ValueError(f"max_length={max_length}: a pair needs at least 4 (<s>, </s>, </s>, </s>)")
         a, b = truncate_longest_first(a, self.backend.encode(text_b, add_special_tokens=False).ids, max_length - 4)
         return [self.cls_id] + a + [self.sep_id, self.sep_id] + b + [self.sep_id]
+
+    # the same batching as DeBERTa's: right padded with this tokenizer's pad id
+    encode_batch = DebertaTokenizer.encode_batch
+
+
+# -----------------------------------------------------------------------------
+# T5 tokenizer (train_nlu.py on a T5 --model)
+
+
+class T5Tokenizer:
+    """
+    T5's sentencepiece vocabulary, from tokenizer.json (the `tokenizers` library) or spiece.model
+    (sentencepiece), with <pad>, </s>, <unk> read from it (T5: 0, 1, 2). A sentence is A </s>, a pair
+    A </s> B </s>, as transformers' T5 tokenizer builds them; T5 has no start token.
+    """
+
+    def __init__(self, path):
+        json_file, sentencepiece_file = (os.path.join(path, name) for name in ("tokenizer.json", "spiece.model"))
+        if os.path.isfile(json_file):
+            import tokenizers
+
+            backend = tokenizers.Tokenizer.from_file(json_file)
+            self.pieces, token_id, source = (lambda text: backend.encode(text, add_special_tokens=False).ids,
+                                             backend.token_to_id, json_file)
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        elif os.path.isfile(sentencepiece_file):
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_file)
+            self.pieces, source = sp.encode, sentencepiece_file
+            token_id = lambda piece: sp.piece_to_id(piece) if sp.id_to_piece(sp.piece_to_id(piece)) == piece else None
+            self.vocab_size = sp.get_piece_size()
+        else:
+            raise FileNotFoundError(f"{path!r} has no T5 tokenizer: expected tokenizer.json or spiece.model")
+        ids = {piece: token_id(piece) for piece in ("<pad>", "</s>")}
+        missing = [piece for piece, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{source}: no {missing} in the vocabulary, which T5's special tokens need")
+        self.pad_id, self.eos_id = ids["<pad>"], ids["</s>"]
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """A </s> (B </s>) ids, at most max_length; a pair is truncated longest-first."""
+        a = self.pieces(text_a)
+        if text_b is None:
+            if max_length < 1:
+                raise ValueError(f"max_length={max_length}: a sentence needs at least 1 (</s>)")
+            return a[: max_length - 1] + [self.eos_id]
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: a pair needs at least 2 (</s>, </s>)")
+        a, b = truncate_longest_first(a, self.pieces(text_b), max_length - 2)
+        return a + [self.eos_id] + b + [self.eos_id]
 
     # the same batching as DeBERTa's: right padded with this tokenizer's pad id
     encode_batch = DebertaTokenizer.encode_batch
