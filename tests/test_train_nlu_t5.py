@@ -1,0 +1,112 @@
+"""train_nlu.py on a tiny random T5 (B.4's T5 recipe): the preset, a run end to end, and an exact resume."""
+
+import json
+
+import pytest
+import torch
+
+import data
+import train_nlu
+import training
+from test_train_nlu import toy_nli_rows, trainable_of, write_jsonl
+
+transformers = pytest.importorskip("transformers")
+
+MAX_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A T5 directory as google-t5/t5-base ships it, tiny and random: config.json, model.safetensors of
+    T5ForConditionalGeneration (saved by transformers), spiece.model (<pad> 0, </s> 1, <unk> 2); toy jsonl."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny_t5_nlu")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    rows = toy_nli_rows(64, seed=0)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([row["premise"] for row in rows] + [row["hypothesis"] for row in rows]),
+        model_prefix=str(model_dir / "spiece"), vocab_size=60, hard_vocab_limit=False, model_type="unigram",
+        pad_id=0, pad_piece="<pad>", eos_id=1, eos_piece="</s>", unk_id=2, unk_piece="<unk>", bos_id=-1, minloglevel=2)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=16, decoder_start_token_id=0, dropout_rate=0.0)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(str(model_dir))
+    train_file = write_jsonl(root / "train.jsonl", rows)
+    validation_file = write_jsonl(root / "validation.jsonl", toy_nli_rows(24, seed=1))
+    return {"model": str(model_dir), "train": train_file, "validation": validation_file}
+
+
+def flags(tiny_t5, out, *extra):
+    return ["--model", tiny_t5["model"], "--task", "nli", "--data", tiny_t5["train"], "--validation-file",
+            tiny_t5["validation"], "--out", str(out), "--batch-size", "8", "--max-length", str(MAX_LENGTH),
+            "--no-progress", *extra]
+
+
+def test_a_t5_model_directory_selects_the_t5_recipe(tiny_t5, capsys):
+    # B.4, T5-base: 1 epoch, fp32, 128 tokens, batch 32, lr 1e-4, 3% warm-up then cosine, r = 8, alpha = 16 on
+    # every linear module except the embeddings and the LM head; the same for every task of Table 3.
+    for task in ("mnli", "sst2", "cola", "qnli", "mrpc"):
+        settings = train_nlu.main(["--model", tiny_t5["model"], "--task", task, "--dry-run"])
+        assert settings["preset"] == "paper"
+        assert (settings["epochs"], settings["dtype"], settings["max_length"], settings["batch_size"], settings["lr"],
+                settings["warmup_ratio"], settings["lr_schedule"], settings["rank"], settings["alpha"]) == \
+            (1, "fp32", 128, 32, 1e-4, 0.03, "cosine", 8, 16)
+        assert settings["targets"] == "q,k,v,o,wi,wi_0,wi_1,wo"
+    changed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    assert changed[-1] == "  --task mrpc  (default: mnli)"  # the recipe's values are the preset's, not overrides
+    assert train_nlu.presets("mnli")["paper"]["lr_schedule"] == "linear"  # DeBERTa's Table 8 is untouched
+
+
+def test_tokenizer_equals_transformers(tiny_t5, tmp_path):
+    """From spiece.model, and from the tokenizer.json transformers converts it to, as AutoTokenizer encodes."""
+    theirs = transformers.T5Tokenizer.from_pretrained(tiny_t5["model"], extra_ids=0)
+    theirs.save_pretrained(str(tmp_path))  # tokenizer.json
+    for ours in (data.T5Tokenizer(tiny_t5["model"]), data.T5Tokenizer(str(tmp_path))):
+        assert (ours.pad_id, ours.eos_id) == (0, 1)
+        for row in toy_nli_rows(6, seed=3):
+            for max_length in (4, 7, 15, MAX_LENGTH, 64):
+                expected = theirs(row["premise"], row["hypothesis"], truncation=True, max_length=max_length)["input_ids"]
+                assert ours.encode(row["premise"], row["hypothesis"], max_length) == expected
+                assert ours.encode(row["premise"], max_length=max_length) == theirs(
+                    row["premise"], truncation=True, max_length=max_length)["input_ids"]
+
+
+def test_train_end_to_end_and_resume_exactly(tiny_t5, tmp_path, monkeypatch):
+    """LoRA on every T5 linear and the head trained; a run stopped after its step-2 checkpoint and resumed ends
+    bit-identical to the uninterrupted one."""
+    run = ["--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--dropout", "0.1", "--lr", "5e-3"]
+    straight = tmp_path / "straight"
+    results = train_nlu.main(flags(tiny_t5, straight, *run))
+    assert results["steps"] == 4
+    log = [json.loads(line) for line in open(straight / "log.jsonl")]
+    steps = [record for record in log if "validation" not in record]
+    assert len(steps) == 4 and all(r["consistency"] >= 0 and "svd" in r for r in steps)
+    # 3% warm-up of 4 steps is 0 steps: cosine from the peak lr
+    assert steps[0]["lr"] == pytest.approx(5e-3) and steps[2]["lr"] == pytest.approx(5e-3 * 0.5 * (1 + 0.0))
+    trained = trainable_of(straight)
+    adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[1] for name in trained if name.endswith(".lora_A")}
+    assert adapted == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}  # self- and cross-attention, the gated feed-forward
+    assert sum(".EncDecAttention.q.lora_A" in name for name in trained) == 2  # the decoder's 2 blocks (num_layers)
+    assert {"classification_head.dense.weight", "classification_head.out_proj.weight"} <= set(trained)
+    assert not any("shared" in name or "lm_head" in name for name in trained)
+    peft_config = json.loads((straight / "peft_adapter" / "adapter_config.json").read_text())
+    assert peft_config["modules_to_save"] == ["classification_head.dense", "classification_head.out_proj"]
+
+    interrupted = tmp_path / "interrupted"
+    check_finite = training.check_finite
+
+    def crash_in_step_3(value, step, *args):  # after the step-2 checkpoint, before step 3's update
+        if step == 3:
+            raise KeyboardInterrupt
+        check_finite(value, step, *args)
+
+    monkeypatch.setattr(training, "check_finite", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_nlu.main(flags(tiny_t5, interrupted, *run))
+    monkeypatch.setattr(training, "check_finite", check_finite)
+    assert train_nlu.main(flags(tiny_t5, interrupted, *run, "--resume"))["steps"] == 4
+    a, b = trainable_of(straight), trainable_of(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # bit-identical
