@@ -175,7 +175,7 @@ ROBERTA_NOTE = (
     + "\n  per task, --batch-size --epochs --lr: "
     + ", ".join(f"{name} {bs} {ep} {lr:g}" for name, (bs, ep, lr) in ROBERTA_TABLE9.items() if name != "nli"))
 T5_NOTE = ("a T5 --model (model_type t5; T5ForConditionalGeneration or T5ForSequenceClassification weights) takes B.4's T5 "
-           "recipe, every task:\n  " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in T5_SETTINGS.items()))
+           "recipe:\n  every task: " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in T5_SETTINGS.items()))
 
 NONE_MEANS = {"model": "your checkpoint", "data": "the task's train split from the hub (nyu-mll/glue)",
               "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
