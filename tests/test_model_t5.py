@@ -227,3 +227,25 @@ def test_each_feature_is_needed_for_parity(checkpoints, monkeypatch):
         errors["unshifted decoder input"] = relative_error(classifier(ids, mask), theirs(input_ids=ids, attention_mask=mask).logits)
     print(errors)
     assert min(errors.values()) > 1e-3, errors
+
+
+def test_random_t5_tool_writes_a_checkpoint_transformers_reads_as_we_do(tmp_path):
+    """tools/random_t5.py (the GPU check's T5-base stand-in), tiny: transformers loads it with every key, same logits."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "random_t5.py")
+    spec = importlib.util.spec_from_file_location("random_t5", path)
+    random_t5 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_t5)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"premise": f"the cat {w} now", "hypothesis": f"a dog {w}"}) + "\n"
+                             for w in ("runs", "sleeps", "eats", "sings", "jumps", "reads") * 5))
+    random_t5.main([str(tmp_path / "t5"), "--texts", str(texts), "--shape", "tiny", "--vocab-size", "40"])
+    theirs, info = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = t5.T5LM.from_pretrained(tmp_path / "t5")
+    ids = torch.randint(3, 40, (2, 7))
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        assert relative_error(ours(ids, decoder_input_ids=ids[:, :5]), expected) <= 1e-5

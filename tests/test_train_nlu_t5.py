@@ -110,3 +110,25 @@ def test_train_end_to_end_and_resume_exactly(tiny_t5, tmp_path, monkeypatch):
     assert train_nlu.main(flags(tiny_t5, interrupted, *run, "--resume"))["steps"] == 4
     a, b = trainable_of(straight), trainable_of(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # bit-identical
+
+
+def test_peft_export_loads_onto_transformers_t5_classifier(tiny_t5, tmp_path):
+    """<out>/peft_adapter (LoRA on every linear, the head as modules_to_save): AutoPeftModelForSequenceClassification
+    on the T5ForConditionalGeneration directory gives our logits."""
+    peft = pytest.importorskip("peft")
+    import adapters
+    from t5 import T5Classifier
+
+    out = tmp_path / "out"
+    train_nlu.main(flags(tiny_t5, out, "--max-steps", "2", "--lr", "5e-2"))
+    theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out / "peft_adapter"), num_labels=3).eval()
+    ours = adapters.load_adapter(T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3), str(out / "adapter")).eval()
+    rows = [json.loads(line) for line in open(tiny_t5["validation"])][:6]
+    input_ids, attention_mask = data.T5Tokenizer(tiny_t5["model"]).encode_batch(
+        [row["premise"] for row in rows], [row["hypothesis"] for row in rows], max_length=MAX_LENGTH)
+    with torch.no_grad():
+        expected = ours(input_ids, attention_mask)
+        logits = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+        untrained = T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3, seed=42)(input_ids, attention_mask)
+    assert (expected - untrained).abs().max() > 1e-3  # the adapter and head moved: the comparison is not vacuous
+    assert (logits - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())

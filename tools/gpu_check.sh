@@ -12,6 +12,9 @@
 #      -> OUT_DIR/train_nlg/ (log.jsonl, adapter/), OUT_DIR/train_nlg.log
 #   3. if more than one GPU is visible: the same run as 2 DDP processes (torchrun), 4 steps
 #      -> OUT_DIR/ddp/, OUT_DIR/ddp.log
+#   4. 20 train_nlu.py steps of BA-LoRA on T5-base's shape (random weights, tools/random_t5.py: no checkpoint
+#      offline) under B.4's T5 recipe (fp32, batch 32, 128 tokens) on the toy NLI task, on CUDA
+#      -> OUT_DIR/train_nlu_t5/, OUT_DIR/train_nlu_t5.log
 #
 # Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
 # transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
@@ -58,5 +61,10 @@ if [[ "$GPUS" -gt 1 ]]; then
 else
     echo "ddp: skipped (1 GPU visible)" | tee -a "$SUMMARY"
 fi
+
+# 4. T5 (Table 3's backbone) through train_nlu.py: encoder-decoder, relative position bias, the T5 recipe
+run random_t5 "$PYTHON" tools/random_t5.py "$OUT_DIR/random-t5-base" --shape base
+run train_nlu_t5 "$PYTHON" train_nlu.py --model "$OUT_DIR/random-t5-base" --task nli --data assets/data/nli_train.jsonl \
+    --validation-file assets/data/nli_validation.jsonl --max-steps 20 --device cuda --no-progress --out "$OUT_DIR/train_nlu_t5"
 
 ! grep -q FAILED "$SUMMARY"
