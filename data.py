@@ -574,25 +574,27 @@ def load_examples(data, data_format, max_samples, data_dir=None):
     return examples
 
 
-# A blend (Fig. 5's MetaMathQA-100K + CodeFeedback-100K): comma-separated sources, each SOURCE[@FORMAT]:N,
-# the first N records of a hub name, dataset directory or local file, in its own format (--format where none
-# is named): "meta-math/MetaMathQA:100000,m-a-p/CodeFeedback-Filtered-Instruction@codefeedback:100000".
-_BLEND_SOURCE = re.compile(r"^(?P<source>.+?)(?:@(?P<format>[\w-]+))?:(?P<count>\d+)$")
+# A blend (Fig. 5's MetaMathQA-100K + CodeFeedback-100K): comma-separated sources, each
+# SOURCE[#DATA_DIR][@FORMAT]:N, the first N records of a hub name, dataset directory (its sub-directory
+# DATA_DIR, as --data-dir) or local file, in its own format (--format where none is named):
+# "meta-math/MetaMathQA:100000,m-a-p/CodeFeedback-Filtered-Instruction@codefeedback:100000".
+_BLEND_SOURCE = re.compile(r"^(?P<source>[^#]+?)(?:#(?P<data_dir>[^@]+))?(?:@(?P<format>[\w-]+))?:(?P<count>\d+)$")
 
 
 def blend_sources(data):
-    """[(source, format or None, N)] of a blend spec; None when `data` is one source (an existing path, or no `:N`)."""
+    """[(source, data_dir or None, format or None, N)] of a blend spec; None when `data` is one source (an
+    existing path, or no `:N`)."""
     if os.path.exists(data) or ("," not in data and not _BLEND_SOURCE.match(data)):
         return None
     sources = []
     for part in data.split(","):
         match = _BLEND_SOURCE.match(part.strip())
         if match is None or int(match["count"]) == 0:
-            raise ValueError(f"--data {data!r}: {part!r} is not SOURCE[@FORMAT]:N (N > 0 records) of a blend")
+            raise ValueError(f"--data {data!r}: {part!r} is not SOURCE[#DATA_DIR][@FORMAT]:N (N > 0 records) of a blend")
         if match["format"] is not None and match["format"] not in FORMATS:
             raise ValueError(f"--data {data!r}: format {match['format']!r} of {match['source']!r} is not one of "
                              f"{sorted(FORMATS)}")
-        sources.append((match["source"], match["format"], int(match["count"])))
+        sources.append((match["source"], match["data_dir"], match["format"], int(match["count"])))
     return sources
 
 
@@ -604,10 +606,10 @@ def load_blend(data, data_format, seed, max_samples=None, data_dir=None):
     N records is an error naming it, not a smaller share of the blend.
     """
     if data_dir is not None:
-        raise ValueError(f"--data-dir {data_dir!r} reads one dataset's sub-directory; a blend names each source whole")
+        raise ValueError(f"--data-dir {data_dir!r} reads one dataset's sub-directory; in a blend write SOURCE#DATA_DIR")
     examples = []
-    for source, source_format, count in blend_sources(data):
-        source_examples = load_examples(source, source_format or data_format, count)
+    for source, source_dir, source_format, count in blend_sources(data):
+        source_examples = load_examples(source, source_format or data_format, count, source_dir)
         if len(source_examples) < count:
             raise ValueError(f"--data {data!r}: {source!r} has {len(source_examples)} records, the blend asks for {count}")
         examples += source_examples

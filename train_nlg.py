@@ -73,7 +73,7 @@ def parse_args(argv=None):
     flag = training.preset_flag(parser, TOY, PAPER, NONE_MEANS)
     flag("--model", help="Hugging Face-format Llama directory; giving one selects the paper preset")
     flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory, or a blend of them: "
-                        "SOURCE[@FORMAT]:N,... (the first N records of each, shuffled with --seed)")
+                        "SOURCE[#DATA_DIR][@FORMAT]:N,... (the first N records of each, shuffled with --seed)")
     flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
          help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "
               "whole); the paper preset's only with its own --data")

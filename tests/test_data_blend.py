@@ -7,7 +7,7 @@ import pytest
 
 import train_nlg
 from data import blend_sources, load_blend
-from test_train_nlg import make_examples, run_killed_and_resumed, tiny, tiny_args, write_jsonl  # noqa: F401
+from test_train_nlg import make_examples, pissa_dataset_copy, run_killed_and_resumed, tiny, tiny_args, write_jsonl  # noqa: F401
 
 
 def code_rows(count):
@@ -25,10 +25,13 @@ def sources(tmp_path):
 
 def test_blend_specs_parse_and_single_sources_are_not_blends(sources):
     math_file, code_file = sources
-    assert blend_sources(f"{math_file}:6,{code_file}@codefeedback:4") == [(math_file, None, 6), (code_file, "codefeedback", 4)]
+    assert blend_sources(f"{math_file}:6,{code_file}@codefeedback:4") == [(math_file, None, None, 6),
+                                                                            (code_file, None, "codefeedback", 4)]
     assert blend_sources("meta-math/MetaMathQA:100000,m-a-p/CodeFeedback-Filtered-Instruction@codefeedback:100000") == [
-        ("meta-math/MetaMathQA", None, 100000), ("m-a-p/CodeFeedback-Filtered-Instruction", "codefeedback", 100000)]
-    assert blend_sources(f"{math_file}:3") == [(math_file, None, 3)]  # one source with a count
+        ("meta-math/MetaMathQA", None, None, 100000), ("m-a-p/CodeFeedback-Filtered-Instruction", None, "codefeedback", 100000)]
+    assert blend_sources("fxmeng/pissa-dataset#metamath@pissa:100000,fxmeng/pissa-dataset#python@pissa:50000") == [
+        ("fxmeng/pissa-dataset", "metamath", "pissa", 100000), ("fxmeng/pissa-dataset", "python", "pissa", 50000)]
+    assert blend_sources(f"{math_file}:3") == [(math_file, None, None, 3)]  # one source with a count
     assert blend_sources(math_file) is None and blend_sources("fxmeng/pissa-dataset") is None
     for bad, named in ((f"{math_file}:6,{code_file}", repr(code_file)), (f"{math_file}:0,{code_file}:1", ":0"),
                        (f"{math_file}@nope:2,{code_file}:1", "'nope'")):
@@ -50,13 +53,22 @@ def test_each_source_gives_its_first_n_records_in_its_format_shuffled_by_the_see
     assert {pair in expected[:6] for pair in blend[:5]} == {True, False}
 
 
+def test_sub_directories_of_one_dataset_blend_as_the_official_sub_task_list(tmp_path):
+    """SOURCE#DATA_DIR: the sub-directories of a dataset directory laid out as fxmeng/pissa-dataset (the official
+    train.py's --sub_task metamath:N python:N reads those), each its first N train records."""
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    root = pissa_dataset_copy(tmp_path / "pissa-dataset", rows)
+    blend = load_blend(f"{root}#metamath@pissa:3,{root}#python@pissa:1", "metamath", seed=0)
+    assert sorted(blend) == [("def f", "pass"), ("q0", "a0"), ("q1", "a1"), ("q2", "a2")]
+
+
 def test_blend_errors_name_the_source(sources):
     math_file, code_file = sources
     with pytest.raises(ValueError, match=r"code.jsonl' has 8 records, the blend asks for 9"):
         load_blend(f"{math_file}:2,{code_file}@codefeedback:9", "metamath", seed=0)
     with pytest.raises(ValueError, match=r"code.jsonl: --format metamath needs the fields \['response'\]"):
         load_blend(f"{math_file}:2,{code_file}:2", "metamath", seed=0)  # CodeFeedback's rows read as MetaMath
-    with pytest.raises(ValueError, match="--data-dir"):
+    with pytest.raises(ValueError, match="--data-dir 'metamath' .* SOURCE#DATA_DIR"):
         load_blend(f"{math_file}:2,{code_file}@codefeedback:2", "metamath", seed=0, data_dir="metamath")
 
 

@@ -229,15 +229,21 @@ def test_each_feature_is_needed_for_parity(checkpoints, monkeypatch):
     assert min(errors.values()) > 1e-3, errors
 
 
-def test_random_t5_tool_writes_a_checkpoint_transformers_reads_as_we_do(tmp_path):
-    """tools/random_t5.py (the GPU check's T5-base stand-in), tiny: transformers loads it with every key, same logits."""
+def random_t5_tool():
+    """tools/random_t5.py as a module (tools/ is not a package)."""
     import importlib.util
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "random_t5.py")
     spec = importlib.util.spec_from_file_location("random_t5", path)
-    random_t5 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(random_t5)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_t5_tool_writes_a_checkpoint_transformers_reads_as_we_do(tmp_path):
+    """tools/random_t5.py (the GPU check's T5-base stand-in), tiny: transformers loads it with every key, same logits."""
+    random_t5 = random_t5_tool()
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"premise": f"the cat {w} now", "hypothesis": f"a dog {w}"}) + "\n"
                              for w in ("runs", "sleeps", "eats", "sings", "jumps", "reads") * 5))

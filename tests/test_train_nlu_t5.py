@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import data
+import glue
 import train_nlu
-import training
+from test_model_t5 import random_t5_tool
+from test_train_nlg import crash_after_saving
 from test_train_nlu import toy_nli_rows, trainable_of, write_jsonl
 
 transformers = pytest.importorskip("transformers")
@@ -19,22 +21,17 @@ MAX_LENGTH = 24
 def tiny_t5(tmp_path_factory):
     """A T5 directory as google-t5/t5-base ships it, tiny and random: config.json, model.safetensors of
     T5ForConditionalGeneration (saved by transformers), spiece.model (<pad> 0, </s> 1, <unk> 2); toy jsonl."""
-    import sentencepiece
-
     root = tmp_path_factory.mktemp("tiny_t5_nlu")
     model_dir = root / "model"
     model_dir.mkdir()
     rows = toy_nli_rows(64, seed=0)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([row["premise"] for row in rows] + [row["hypothesis"] for row in rows]),
-        model_prefix=str(model_dir / "spiece"), vocab_size=60, hard_vocab_limit=False, model_type="unigram",
-        pad_id=0, pad_piece="<pad>", eos_id=1, eos_piece="</s>", unk_id=2, unk_piece="<unk>", bos_id=-1, minloglevel=2)
+    train_file = write_jsonl(root / "train.jsonl", rows)
+    random_t5_tool().train_vocabulary(train_file, str(model_dir), vocab_size=60)  # unigram, as T5's
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
                                    relative_attention_max_distance=16, decoder_start_token_id=0, dropout_rate=0.0)
     torch.manual_seed(0)
     transformers.T5ForConditionalGeneration(config).save_pretrained(str(model_dir))
-    train_file = write_jsonl(root / "train.jsonl", rows)
     validation_file = write_jsonl(root / "validation.jsonl", toy_nli_rows(24, seed=1))
     return {"model": str(model_dir), "train": train_file, "validation": validation_file}
 
@@ -96,17 +93,10 @@ def test_train_end_to_end_and_resume_exactly(tiny_t5, tmp_path, monkeypatch):
     assert peft_config["modules_to_save"] == ["classification_head.dense", "classification_head.out_proj"]
 
     interrupted = tmp_path / "interrupted"
-    check_finite = training.check_finite
-
-    def crash_in_step_3(value, step, *args):  # after the step-2 checkpoint, before step 3's update
-        if step == 3:
-            raise KeyboardInterrupt
-        check_finite(value, step, *args)
-
-    monkeypatch.setattr(training, "check_finite", crash_in_step_3)
+    crash_after_saving(monkeypatch, at_step=2)
     with pytest.raises(KeyboardInterrupt):
         train_nlu.main(flags(tiny_t5, interrupted, *run))
-    monkeypatch.setattr(training, "check_finite", check_finite)
+    monkeypatch.undo()
     assert train_nlu.main(flags(tiny_t5, interrupted, *run, "--resume"))["steps"] == 4
     a, b = trainable_of(straight), trainable_of(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # bit-identical
@@ -123,12 +113,12 @@ def test_peft_export_loads_onto_transformers_t5_classifier(tiny_t5, tmp_path):
     train_nlu.main(flags(tiny_t5, out, "--max-steps", "2", "--lr", "5e-2"))
     theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out / "peft_adapter"), num_labels=3).eval()
     ours = adapters.load_adapter(T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3), str(out / "adapter")).eval()
-    rows = [json.loads(line) for line in open(tiny_t5["validation"])][:6]
-    input_ids, attention_mask = data.T5Tokenizer(tiny_t5["model"]).encode_batch(
-        [row["premise"] for row in rows], [row["hypothesis"] for row in rows], max_length=MAX_LENGTH)
+    tokenizer = data.T5Tokenizer(tiny_t5["model"])
+    pairs = [tokenizer.encode(row["premise"], row["hypothesis"], MAX_LENGTH) for row in toy_nli_rows(6, seed=5)]
+    batch_ids, mask, _ = glue.collate(pairs, torch.zeros(6), list(range(6)), tokenizer.pad_id)  # padded rows
     with torch.no_grad():
-        expected = ours(input_ids, attention_mask)
-        logits = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
-        untrained = T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3, seed=42)(input_ids, attention_mask)
-    assert (expected - untrained).abs().max() > 1e-3  # the adapter and head moved: the comparison is not vacuous
-    assert (logits - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+        peft_logits = theirs(input_ids=batch_ids, attention_mask=mask).logits
+        our_logits = ours(batch_ids, mask)
+        before = T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3, seed=42)(batch_ids, mask)
+    assert (our_logits - before).abs().max() > 1e-3  # training moved the adapter and head: not a vacuous match
+    assert (peft_logits - our_logits).abs().max() <= 1e-5 * our_logits.abs().max().clamp(min=1.0)
