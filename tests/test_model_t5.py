@@ -211,14 +211,38 @@ def test_each_feature_is_needed_for_parity(checkpoints, monkeypatch):
     errors["no rescale"] = broken(lambda: None)
     ours.config.scale_decoder_outputs = True
     assert broken(lambda: None) == error  # restored
-    # 5. v1.1: exact GELU instead of gelu_new (the tanh form)
+    # 5. a LayerNorm (the mean subtracted) instead of T5's RMS norm
+    rms_forward = t5.RMSNorm.forward
+    monkeypatch.setattr(t5.RMSNorm, "forward", lambda self, x: rms_forward(self, x - x.mean(-1, keepdim=True)))
+    errors["mean-centred layer norm"] = broken(lambda: None)
+    monkeypatch.setattr(t5.RMSNorm, "forward", rms_forward)
+    # 6. the position bias in the first block only, not shared by the others (they keep just the mask)
+    block_forward = t5.T5Block.forward
+    first_blocks = {id(ours.encoder.block[0]), id(ours.decoder.block[0])}
+
+    def bias_in_first_block_only(self, x, bias, *rest):
+        if id(self) not in first_blocks:
+            bias = torch.where(bias < -1e30, bias, torch.zeros_like(bias))
+        return block_forward(self, x, bias, *rest)
+
+    monkeypatch.setattr(t5.T5Block, "forward", bias_in_first_block_only)
+    errors["bias in the first block only"] = broken(lambda: None)
+    monkeypatch.setattr(t5.T5Block, "forward", block_forward)
+    assert broken(lambda: None) == error  # restored
+    # 7. v1.1: exact GELU instead of gelu_new (the tanh form)
     _, ours_v11, inputs_v11, expected_v11 = lm_error(checkpoints / "v11")
     gelu = F.gelu
     monkeypatch.setattr(F, "gelu", lambda x, approximate="none": gelu(x))
     with torch.no_grad():
         errors["exact gelu"] = relative_error(ours_v11(*inputs_v11.values()), expected_v11)
     monkeypatch.setattr(F, "gelu", gelu)
-    # 6. the classifier's decoder fed the input itself, not shifted right
+    # 8. v1.1: the shared embedding as the head, the checkpoint's own lm_head.weight ignored
+    untied_head = ours_v11.lm_head.weight
+    ours_v11.lm_head.weight = ours_v11.shared.weight
+    with torch.no_grad():
+        errors["v1.1 head tied"] = relative_error(ours_v11(*inputs_v11.values()), expected_v11)
+    ours_v11.lm_head.weight = untied_head
+    # 9. the classifier's decoder fed the input itself, not shifted right
     theirs = transformers.T5ForSequenceClassification.from_pretrained(checkpoints / "cls").eval()
     classifier = t5.T5Classifier.from_pretrained(checkpoints / "cls", num_labels=3)
     ids, mask = padded_batch(5)
