@@ -71,6 +71,7 @@ def test_tokenizer_equals_transformers(tiny_t5, tmp_path):
                     row["premise"], truncation=True, max_length=max_length)["input_ids"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_and_resume_exactly(tiny_t5, tmp_path, monkeypatch):
     """LoRA on every T5 linear and the head trained; a run stopped after its step-2 checkpoint and resumed ends
     bit-identical to the uninterrupted one."""
