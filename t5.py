@@ -383,7 +383,9 @@ class T5Classifier(nn.Module):
         self.transformer = T5(config)
         self.classification_head = T5ClassificationHead(config, num_labels)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, return_cls=False):
+        """logits (B, num_labels), or (logits, the decoder's state at the last </s> (B, d_model)) with
+        return_cls: the features eval.py cluster projects, as [CLS] is DeBERTa's."""
         hidden = self.transformer(input_ids, attention_mask)  # (B, T, d_model)
         is_eos = input_ids == self.config.eos_token_id
         if not bool(is_eos.any(dim=1).all()):
@@ -393,7 +395,9 @@ class T5Classifier(nn.Module):
         # different numbers of </s>; that batch is well defined here.)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last_eos = (is_eos * positions).argmax(dim=1)
-        return self.classification_head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_eos])
+        eos_state = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_eos]
+        logits = self.classification_head(eos_state)
+        return (logits, eos_state) if return_cls else logits
 
     @classmethod
     def from_pretrained(cls, path, num_labels, dtype=torch.float32, device="cpu", seed=0):

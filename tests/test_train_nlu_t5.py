@@ -103,15 +103,25 @@ def test_train_end_to_end_and_resume_exactly(tiny_t5, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # bit-identical
 
 
-def test_peft_export_loads_onto_transformers_t5_classifier(tiny_t5, tmp_path):
-    """<out>/peft_adapter (LoRA on every linear, the head as modules_to_save): AutoPeftModelForSequenceClassification
-    on the T5ForConditionalGeneration directory gives our logits."""
+def test_adapter_scores_in_eval_py_and_loads_onto_transformers_t5_classifier(tiny_t5, tmp_path):
+    """eval.py glue on <out>/adapter gives the run's validation accuracy, eval.py cluster reads the </s> states;
+    <out>/peft_adapter (LoRA on every linear, the head as modules_to_save) on the T5ForConditionalGeneration
+    directory through AutoPeftModelForSequenceClassification gives our logits."""
     peft = pytest.importorskip("peft")
     import adapters
+    import eval as evaluation
     from t5 import T5Classifier
 
     out = tmp_path / "out"
-    train_nlu.main(flags(tiny_t5, out, "--max-steps", "2", "--lr", "5e-2"))
+    trained = train_nlu.main(flags(tiny_t5, out, "--max-steps", "2", "--lr", "5e-2"))
+    scored = evaluation.main(["glue", "--model", tiny_t5["model"], "--adapter", str(out / "adapter"), "--task", "nli",
+                              "--data", tiny_t5["validation"], "--out", str(tmp_path / "glue.json")])
+    assert scored["total"] == 24 and scored["max_length"] == MAX_LENGTH
+    assert scored["accuracy"] == pytest.approx(trained["best"]["validation"]["accuracy"], abs=1e-9)
+    cluster = evaluation.main(["cluster", "--model", tiny_t5["model"], "--adapter", str(out / "adapter"), "--task", "nli",
+                               "--data", tiny_t5["validation"], "--projection", "pca", "--plot", str(tmp_path / "c.png"),
+                               "--out", str(tmp_path / "cluster.json")])
+    assert -1.0 <= cluster["global_silhouette"] <= 1.0 and (tmp_path / "c.png").stat().st_size > 0
     theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out / "peft_adapter"), num_labels=3).eval()
     ours = adapters.load_adapter(T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3), str(out / "adapter")).eval()
     tokenizer = data.T5Tokenizer(tiny_t5["model"])
