@@ -7,6 +7,7 @@ train_nlg.py, train_nlu.py, eval.py and the tools share. model.py holds only mod
                      as transformers' AutoTokenizer on the same directory
   DebertaTokenizer   DeBERTa-v3's spm.model, [CLS] A [SEP] (B [SEP])
   RobertaTokenizer   RoBERTa's byte-level BPE (tokenizer.json or vocab.json + merges.txt), <s> A </s>(</s> B </s>)
+  T5Tokenizer        T5's sentencepiece vocabulary (tokenizer.json or spiece.model), A </s>(B </s>)
   load_records       rows of a local .jsonl/.json/.parquet file, or of a `datasets` hub name or local dataset
                      directory (a sub-directory of it with data_dir)
   query_and_response the (query, response) of a record under --format
@@ -396,6 +397,57 @@ class RobertaTokenizer:
     encode_batch = DebertaTokenizer.encode_batch
 
 
+# -----------------------------------------------------------------------------
+# T5 tokenizer (train_nlu.py on a T5 --model)
+
+
+class T5Tokenizer:
+    """
+    T5's sentencepiece vocabulary, from tokenizer.json (the `tokenizers` library) or spiece.model
+    (sentencepiece), with <pad>, </s>, <unk> read from it (T5: 0, 1, 2). A sentence is A </s>, a pair
+    A </s> B </s>, as transformers' T5 tokenizer builds them; T5 has no start token.
+    """
+
+    def __init__(self, path):
+        json_file, sentencepiece_file = (os.path.join(path, name) for name in ("tokenizer.json", "spiece.model"))
+        if os.path.isfile(json_file):
+            import tokenizers
+
+            backend = tokenizers.Tokenizer.from_file(json_file)
+            self.pieces, token_id, source = (lambda text: backend.encode(text, add_special_tokens=False).ids,
+                                             backend.token_to_id, json_file)
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        elif os.path.isfile(sentencepiece_file):
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_file)
+            self.pieces, source = sp.encode, sentencepiece_file
+            token_id = lambda piece: sp.piece_to_id(piece) if sp.id_to_piece(sp.piece_to_id(piece)) == piece else None
+            self.vocab_size = sp.get_piece_size()
+        else:
+            raise FileNotFoundError(f"{path!r} has no T5 tokenizer: expected tokenizer.json or spiece.model")
+        ids = {piece: token_id(piece) for piece in ("<pad>", "</s>")}
+        missing = [piece for piece, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{source}: no {missing} in the vocabulary, which T5's special tokens need")
+        self.pad_id, self.eos_id = ids["<pad>"], ids["</s>"]
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """A </s> (B </s>) ids, at most max_length; a pair is truncated longest-first."""
+        a = self.pieces(text_a)
+        if text_b is None:
+            if max_length < 1:
+                raise ValueError(f"max_length={max_length}: a sentence needs at least 1 (</s>)")
+            return a[: max_length - 1] + [self.eos_id]
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: a pair needs at least 2 (</s>, </s>)")
+        a, b = truncate_longest_first(a, self.pieces(text_b), max_length - 2)
+        return a + [self.eos_id] + b + [self.eos_id]
+
+    # the same batching as DeBERTa's: right padded with this tokenizer's pad id
+    encode_batch = DebertaTokenizer.encode_batch
+
+
 def truncate_longest_first(a, b, budget):
     """
     Drop tokens from the ends of a and b until len(a) + len(b) <= budget, as the `tokenizers` library's
@@ -560,6 +612,49 @@ def load_examples(data, data_format, max_samples, data_dir=None):
     if not examples:
         raise ValueError(f"--data {data!r} gave no examples (empty file, or --max-samples {max_samples})")
     return examples
+
+
+# A blend (Fig. 5's MetaMathQA-100K + CodeFeedback-100K): comma-separated sources, each
+# SOURCE[#DATA_DIR][@FORMAT]:N, the first N records of a hub name, dataset directory (its sub-directory
+# DATA_DIR, as --data-dir) or local file, in its own format (--format where none is named):
+# "meta-math/MetaMathQA:100000,m-a-p/CodeFeedback-Filtered-Instruction@codefeedback:100000".
+_BLEND_SOURCE = re.compile(r"^(?P<source>[^#]+?)(?:#(?P<data_dir>[^@]+))?(?:@(?P<format>[\w-]+))?:(?P<count>\d+)$")
+
+
+def blend_sources(data):
+    """[(source, data_dir or None, format or None, N)] of a blend spec; None when `data` is one source (an
+    existing path, or no `:N`)."""
+    if os.path.exists(data) or ("," not in data and not _BLEND_SOURCE.match(data)):
+        return None
+    sources = []
+    for part in data.split(","):
+        match = _BLEND_SOURCE.match(part.strip())
+        if match is None or int(match["count"]) == 0:
+            raise ValueError(f"--data {data!r}: {part!r} is not SOURCE[#DATA_DIR][@FORMAT]:N (N > 0 records) of a blend")
+        if match["format"] is not None and match["format"] not in FORMATS:
+            raise ValueError(f"--data {data!r}: format {match['format']!r} of {match['source']!r} is not one of "
+                             f"{sorted(FORMATS)}")
+        sources.append((match["source"], match["data_dir"], match["format"], int(match["count"])))
+    return sources
+
+
+def load_blend(data, data_format, seed, max_samples=None, data_dir=None):
+    """
+    (query, response) pairs of a blend spec (blend_sources): each source's first N records in its format,
+    concatenated and shuffled by a permutation drawn from `seed`, then the first `max_samples` (None: all).
+    A pure function of its arguments, so a resumed run rebuilds the same list. A source with fewer than
+    N records is an error naming it, not a smaller share of the blend.
+    """
+    if data_dir is not None:
+        raise ValueError(f"--data-dir {data_dir!r} reads one dataset's sub-directory; in a blend write SOURCE#DATA_DIR")
+    examples = []
+    for source, source_dir, source_format, count in blend_sources(data):
+        source_examples = load_examples(source, source_format or data_format, count, source_dir)
+        if len(source_examples) < count:
+            raise ValueError(f"--data {data!r}: {source!r} has {len(source_examples)} records, the blend asks for {count}")
+        examples += source_examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in order][:max_samples]
 
 
 # -----------------------------------------------------------------------------

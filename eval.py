@@ -20,7 +20,7 @@ gsm8k, math, humaneval and mbpp generate under --protocol balora (the default, e
     python eval.py humaneval --data HumanEval.jsonl --completions samples.jsonl --allow-code-execution  # no model
     python eval.py ppl --model DIR --data wikitext        # Table 13: window = context, stride 512
     python eval.py glue --model deberta-v3-base-dir --adapter out/nlu/adapter --task rte --data glue
-    python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2   # DeBERTa or RoBERTa DIR
+    python eval.py cluster --model DIR --adapter DIR --task mnli --data glue --minority-label 2   # DeBERTa, RoBERTa or T5 DIR
     python eval.py math --data MATH_test.jsonl --completions vllm_outputs.jsonl   # score given outputs
     python eval.py mtbench --model DIR --adapter DIR --judge-url https://api.openai.com/v1 --judge-model gpt-4
 
@@ -56,6 +56,7 @@ import sandbox
 from data import (PROMPT_FORMATS, Tokenizer, load_records, parse_json, prompt_ids, read_jsonl,
                   resolve_prompt_format)
 from model import DebertaClassifier, Llama, read_config, resolve_model_path
+from t5 import T5Classifier
 from training import run_cli, set_threads, shown
 from glue import TASKS, TOKENIZERS, accuracy, collate, compute_metrics, encode_split, load_split
 
@@ -854,11 +855,11 @@ def load_llama(args):
 
 
 def load_classifier(args, task):
-    """DebertaClassifier (DeBERTa-v3 or RoBERTa) with the adapter's LoRA factors, pooler and classification
-    head, and the encoder's tokenizer."""
+    """DebertaClassifier (DeBERTa-v3 or RoBERTa) or t5.T5Classifier (T5) with the adapter's LoRA factors and
+    classification head, and the model's tokenizer."""
     args.model, args.revision = resolve_model_path(args.model, args.revision), None
-    model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels,
-                                              dtype=DTYPES[args.dtype], device=args.device)
+    classifier = T5Classifier if read_config(args.model).get("model_type") == "t5" else DebertaClassifier
+    model = classifier.from_pretrained(args.model, num_labels=task.num_labels, dtype=DTYPES[args.dtype], device=args.device)
     set_threads(model, args.device)
     return apply_adapter(model, args.adapter, getattr(args, "quantize", None)), TOKENIZERS[model.config.model_type](args.model)
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from data import DebertaTokenizer, RobertaTokenizer, load_hub_dataset
+from data import DebertaTokenizer, RobertaTokenizer, T5Tokenizer, load_hub_dataset
 from training import autocast_context
 
-TOKENIZERS = {"deberta-v2": DebertaTokenizer, "roberta": RobertaTokenizer}  # by config.json's model_type
+TOKENIZERS = {"deberta-v2": DebertaTokenizer, "roberta": RobertaTokenizer, "t5": T5Tokenizer}  # by config.json's model_type
 
 # -----------------------------------------------------------------------------
 # GLUE tasks. Hyperparameters are Table 8 (DeBERTa-v3-base, aligned with the PiSSA baseline):

@@ -41,7 +41,7 @@ import chunked
 import fsdp
 import plot
 import training
-from data import FORMATS, PROMPT_FORMATS, Tokenizer, collate, load_examples, resolve_prompt_format
+from data import FORMATS, PROMPT_FORMATS, Tokenizer, blend_sources, collate, load_blend, load_examples, resolve_prompt_format
 from model import Llama, resolve_model_path
 
 # -----------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def parse_args(argv=None):
     flag("--model", help="Hugging Face-format Llama directory or hub id (org/name, model.resolve_model_path); giving "
                          "one selects the paper preset")
     flag("--revision", help="with a hub id: the branch, tag or commit to read")
-    flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory")
+    flag("--data", help=".jsonl/.json/.parquet file, datasets hub name or local dataset directory, or a blend of them: "
+                        "SOURCE[#DATA_DIR][@FORMAT]:N,... (the first N records of each, shuffled with --seed)")
     flag("--data-dir", type=lambda value: None if value in ("", "none") else value,
          help="with a hub name or dataset directory: the sub-directory to read (datasets' data_dir; none: the "
               "whole); the paper preset's only with its own --data")
@@ -147,12 +148,18 @@ def choose_preset(first):
     if first.model is None:
         return "toy", TOY
     if first.data is not None and first.data != PAPER["data"]:
-        return "paper", dict(PAPER, data_dir=TOY["data_dir"], format=TOY["format"])
+        # a blend's counts say how much of each source it takes: no cap on their sum
+        max_samples = None if blend_sources(first.data) else PAPER["max_samples"]
+        return "paper", dict(PAPER, data_dir=TOY["data_dir"], format=TOY["format"], max_samples=max_samples)
     return "paper", PAPER
 
 
 def data_note(args):
     """The settings block's line on the data: which set, how much, and when it is the paper's."""
+    if blend_sources(args.data):
+        cap = f", its first {args.max_samples:,}" if args.max_samples else ""
+        return (f"data: the blend {args.data} (each source's first N records, in its @FORMAT or the {args.format} format), "
+                f"shuffled with --seed {args.seed}{cap}")
     if args.data_dir:
         note = (f"data: {args.data} ({args.data_dir}, {args.max_samples:,}): the first {args.max_samples:,} records of "
                 f"its {args.data_dir} train split, in the {args.format} format")
@@ -308,7 +315,10 @@ def main(argv=None):
     # data: the first --max-samples records; each step reads one global batch, this rank its slice
     tokenizer = Tokenizer(args.model)
     prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)  # None: from the checkpoint
-    examples = load_examples(args.data, args.format, args.max_samples, args.data_dir)
+    if blend_sources(args.data):
+        examples = load_blend(args.data, args.format, args.seed, args.max_samples, args.data_dir)
+    else:
+        examples = load_examples(args.data, args.format, args.max_samples, args.data_dir)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one global batch (--batch-size {args.batch_size})")

@@ -6,12 +6,13 @@ BA-LoRA fine-tuning of a DeBERTa-v3 or RoBERTa encoder on GLUE (Section 2.2.1, S
     python train_nlu.py --model path/to/deberta-v3-base --task rte   # paper preset: Table 8's RTE row, GLUE from the hub
     python train_nlu.py --model ... --task mnli --imbalance 100:10:1     # the imbalanced MNLI of B.3
     python train_nlu.py --model path/to/roberta-base --task mnli --imbalance 100:10:1 --epochs 3   # Fig. 3 / Table 12
+    python train_nlu.py --model path/to/t5-base --task sst2              # Table 3's T5-base: B.4's T5 recipe
     torchrun --nproc_per_node 2 train_nlu.py --model ... --task sst2
 
 Settings come from the toy preset (no --model) or the paper preset (--model given; MNLI unless --task
 says otherwise), as in train_nlg.py: --help shows both, a run prints what differs and saves every value
 to <out>/config.json. The paper preset is Table 8's for a DeBERTa-v3 --model, Table 9's for a RoBERTa
-one (its config.json's model_type decides).
+one, B.4's T5 recipe for a T5 one (its config.json's model_type decides).
 
 One optimizer step: student logits (LoRA-adapted encoder + classification head) -> teacher logits
 (the same inputs through the pretrained encoder and the same, current head, B.3) -> Eq. 8
@@ -35,6 +36,7 @@ import glue
 import plot
 import training
 from model import DebertaClassifier, read_config, resolve_model_path, roberta_hf_key
+from t5 import T5Classifier
 
 # -----------------------------------------------------------------------------
 # Recipes: Table 8 (DeBERTa-v3-base; each task's row is in glue.TASKS) and Table 9 (RoBERTa-base)
@@ -59,6 +61,15 @@ ROBERTA_TABLE9 = {
 }
 ROBERTA_TABLE9["nli"] = ROBERTA_TABLE9["mnli"]  # the toy task is MNLI-shaped, as with Table 8
 ROBERTA_SETTINGS = dict(rank=8, alpha=8, targets="query_proj,value_proj", warmup_ratio=0.06, max_length=512)
+
+# T5-base (Table 3): B.4's T5 settings, one row for every task: 1 epoch, fp32 (the default --dtype), 128
+# tokens, batch 32, lr 1e-4, a 3% warm-up then cosine decay, LoRA r = 8 and alpha = 16 on every linear module
+# but the embeddings and the LM head: q, k, v, o of the self- and cross-attention and the feed-forward's wi (v1.1: wi_0, wi_1) and wo.
+# The classifier is T5ForSequenceClassification's (t5.T5Classifier): its head is trained whole, as DeBERTa's.
+T5_SETTINGS = dict(epochs=1, batch_size=32, lr=1e-4, rank=8, alpha=16, targets="q,k,v,o,wi,wi_0,wi_1,wo",
+                   warmup_ratio=0.03, lr_schedule="cosine", max_length=128)
+# The modules trained whole beside the adapters, by family: the classification head.
+HEAD_MODULES = {"t5": ("classification_head",)}
 
 # The toy preset (no --model): the bundled tiny encoder on the bundled toy task (--task nli, its
 # default), sized to finish in well under 3 minutes on a 2-core CPU: 92 optimizer steps. A tiny
@@ -89,19 +100,21 @@ def presets(task_name, family="deberta-v2"):
         validation_file=[os.path.join(training.ASSETS, "data", "nli_validation.jsonl")] if local_task else None,
         # Table 8 (DeBERTa-v3-base): the task's row; rank 8 everywhere, linear schedule, no weight decay
         epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, alpha=task.lora_alpha,
-        rank=8, targets=TARGET_MODULES, warmup_ratio=0.0, max_length=256,
+        rank=8, targets=TARGET_MODULES, warmup_ratio=0.0, lr_schedule="linear", max_length=256,
     )
     if family == "roberta":
         batch_size, epochs, lr = ROBERTA_TABLE9[task_name]
         paper.update(batch_size=batch_size, epochs=epochs, lr=lr, **ROBERTA_SETTINGS)
+    if family == "t5":
+        paper.update(T5_SETTINGS)
     return {"toy": dict(paper, **TOY_VALUES), "paper": paper}
 
 
 def encoder_family(model_dir, revision=None):
     """
-    The model_type of --model's config.json ("roberta": Table 9's recipe), or "deberta-v2" without
-    one (no --model: the toy encoder; a directory without config.json, or a hub id that cannot be
-    resolved, is named when it loads).
+    The model_type of --model's config.json ("roberta": Table 9's recipe, "t5": B.4's T5 recipe), or
+    "deberta-v2" without one (no --model: the toy encoder; a directory without config.json, or a hub id
+    that cannot be resolved, is named when it loads).
     """
     if model_dir is not None and not os.path.isdir(model_dir):
         try:
@@ -168,6 +181,8 @@ ROBERTA_NOTE = (
     + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ROBERTA_SETTINGS.items())
     + "\n  per task, --batch-size --epochs --lr: "
     + ", ".join(f"{name} {bs} {ep} {lr:g}" for name, (bs, ep, lr) in ROBERTA_TABLE9.items() if name != "nli"))
+T5_NOTE = ("a T5 --model (model_type t5; T5ForConditionalGeneration or T5ForSequenceClassification weights) takes B.4's T5 "
+           "recipe:\n  every task: " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in T5_SETTINGS.items()))
 
 NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data": "the task's train split from the hub (nyu-mll/glue)",
               "validation_file": "the task's validation split(s) from the hub", "micro_batch_size": "batch size / world size",
@@ -209,12 +224,12 @@ def choose_preset(args):
 def parse_args(argv=None):
     """The run's settings (args) and every setting's default in force ({setting: value})."""
     parser = argparse.ArgumentParser(
-        description="BA-LoRA fine-tuning of a DeBERTa-v3 or RoBERTa encoder on a GLUE task (Sec. 2.2.1, B.3, B.4).",
-        epilog=REGRESSION_NOTE + "\n" + ROBERTA_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="BA-LoRA fine-tuning of a DeBERTa-v3 or RoBERTa encoder or a T5 on a GLUE task (Sec. 2.2.1, B.3, B.4).",
+        epilog=REGRESSION_NOTE + "\n" + ROBERTA_NOTE + "\n" + T5_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = training.preset_flag(parser, presets("nli")["toy"], paper_preset_as_help(), NONE_MEANS)
-    flag("--model", help="DeBERTa-v3 (config.json, weights, spm.model) or RoBERTa (config.json, weights, tokenizer.json "
-                         "or vocab.json + merges.txt) model directory, or a hub id (org/name, model.resolve_model_path); "
-                         "giving one selects the paper preset")
+    flag("--model", help="DeBERTa-v3 (config.json, weights, spm.model), RoBERTa (config.json, weights, tokenizer.json "
+                         "or vocab.json + merges.txt) or T5 (config.json, weights, tokenizer.json or spiece.model) model "
+                         "directory, or a hub id (org/name, model.resolve_model_path); giving one selects the paper preset")
     flag("--revision", help="with a hub id: the branch, tag or commit to read")
     flag("--task", choices=sorted(glue.TASKS), help="GLUE task, or nli: the bundled toy 3-class NLI task (local files only)")
     flag("--data", help="training file: .json/.jsonl/.parquet/.csv with the task's columns")
@@ -233,7 +248,8 @@ def parse_args(argv=None):
     flag("--targets", help="comma-separated module-name suffixes to adapt (every encoder linear: PiSSA's DeBERTa setup)")
     flag("--quantize", default="none", choices=training.QUANTIZE_CHOICES, help=training.QUANTIZE_HELP)
     flag("--teacher", default="full", choices=training.TEACHER_CHOICES, help=training.TEACHER_HELP)
-    flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the linear decay")
+    flag("--warmup-ratio", type=float, help="linear warm-up fraction of the steps before the decay")
+    flag("--lr-schedule", choices=["linear", "cosine"], help="the learning rate's decay to 0 after the warm-up")
     flag("--grad-clip", default=1.0, type=float, help="max gradient norm (0: off)")
     flag("--max-length", type=int, help="tokens per example")
     # BA-LoRA (Sec. 3.1, NLU): lambda = (0.15, 0.03, 0.03), k = 5. The paper gives no NLU temperature and
@@ -329,12 +345,15 @@ def main(argv=None):
         raise FileNotFoundError(f"--model {args.model!r} is not a model directory (the toy preset's bundled encoder: "
                                 "build it with tools/make_assets.py)")
     args.model = resolve_model_path(args.model, args.revision)
-    model = DebertaClassifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
+    family = encoder_family(args.model)
+    classifier = T5Classifier if family == "t5" else DebertaClassifier
+    model = classifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
     tokenizer = glue.TOKENIZERS[model.config.model_type](args.model)
     training.set_threads(model, device)
     training.adapt(model, args.quantize, args.teacher, target_modules=args.targets.split(","), r=args.rank,
-                   alpha=args.alpha, init=method.init, dropout=args.dropout, trainable=("classifier", "pooler"),
-                   dora=method.dora, kind=method.kind, adalora=method.adalora)
+                   alpha=args.alpha, init=method.init, dropout=args.dropout,
+                   trainable=HEAD_MODULES.get(family, ("classifier", "pooler")), dora=method.dora, kind=method.kind,
+                   adalora=method.adalora)
     raw_model = model  # the teacher pass, evaluation and checkpoints use the module itself, never the DDP wrapper
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -361,7 +380,8 @@ def main(argv=None):
     baseline = glue.majority_baseline(task, train_labels, validation[primary_split][1])
 
     optimizer = training.build_optimizer(raw_model, args.lr, 0.0, method, args.loraplus_lr_ratio)
-    scheduler = training.lr_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps, "linear")
+    scheduler = training.lr_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps,
+                                                  args.lr_schedule)
     step, best, reporter = 0, {"value": -math.inf, "metrics": None}, None
     checkpoint_path, best_path, log_path = (os.path.join(args.out, f) for f in ("checkpoint.pt", "best.pt", "log.jsonl"))
     if args.resume:

@@ -15,6 +15,9 @@
 #   4. Gemma on CUDA (tests/test_model_gemma.py -k cuda): tiny random Gemma/Gemma-2/Gemma-3 logits in bf16
 #      no further off fp32 than transformers' bf16, and 4 bf16 train_nlg.py steps on Gemma-2 and Gemma-3
 #      -> OUT_DIR/gemma.log
+#   5. 20 train_nlu.py steps of BA-LoRA on T5-base's shape (random weights, tools/random_t5.py: no checkpoint
+#      offline) under B.4's T5 recipe (fp32, batch 32, 128 tokens) on the toy NLI task, on CUDA
+#      -> OUT_DIR/train_nlu_t5/, OUT_DIR/train_nlu_t5.log
 #
 # Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
 # transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
@@ -64,5 +67,9 @@ fi
 
 # 4. Gemma: bf16 logits and training steps on CUDA (skipped, not failed, without a GPU: hence -rs in the log)
 run gemma "$PYTHON" -m pytest -q -rs tests/test_model_gemma.py -k cuda
+# 5. T5 (Table 3's backbone) through train_nlu.py: encoder-decoder, relative position bias, the T5 recipe
+run random_t5 "$PYTHON" tools/random_t5.py "$OUT_DIR/random-t5-base" --shape base
+run train_nlu_t5 "$PYTHON" train_nlu.py --model "$OUT_DIR/random-t5-base" --task nli --data assets/data/nli_train.jsonl \
+    --validation-file assets/data/nli_validation.jsonl --max-steps 20 --device cuda --no-progress --out "$OUT_DIR/train_nlu_t5"
 
 ! grep -q FAILED "$SUMMARY"
