@@ -608,6 +608,11 @@ def test_default_run_learns_and_writes_adapter_and_log(tmp_path, check_curves):
     expected = {key: training.normalized(value) for key, value in train_nlg.parse_args([])[1].items()}
     expected.update(config["changed"], preset="toy")
     assert config["settings"] == expected
+    # trainable_parameters: the factors that train (lora_A, lora_B), not the initial ones the adapter file keeps
+    from safetensors.torch import load_file
+    factors = load_file(tmp_path / "adapter" / "balora_adapter.safetensors")
+    assert config["derived"].pop("trainable_parameters") == sum(
+        t.numel() for key, t in factors.items() if key.endswith(("lora_A", "lora_B")))
     assert config["derived"] == {"prompt_format": "alpaca", "examples": 384, "total_steps": 12, "world_size": 1,
                                  "gradient_accumulation": 2}  # batch 16 = 1 process x 2 x micro-batch 8
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
