@@ -104,7 +104,7 @@ def checkpoint_keys(path):
 
 
 def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, allow_missing=lambda key: False,
-                         rename=lambda key: key):
+                         rename=lambda key: key, convert=lambda tensors: tensors):
     """
     Copy every tensor of the checkpoint at `path` into the parameter/buffer of the same name.
 
@@ -115,12 +115,13 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
     `ignore(key)` skips a checkpoint key; `allow_missing(key)` excuses a model key the checkpoint
     lacks (e.g. a fresh classification head, which the caller then initializes off the meta device).
     `rename(key)` is the model's name of a checkpoint key (None: no such parameter), for families
-    whose Hugging Face names are not ours (RoBERTa, through ROBERTA_KEYS).
+    whose Hugging Face names are not ours (RoBERTa, through ROBERTA_KEYS). `convert` maps the stream of
+    (key, tensor) pairs, for a layout whose tensors hold several of ours (fused MoE experts: unfuse_experts).
     """
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     loaded, unexpected, mismatched, non_finite = set(), [], [], []
-    for key, tensor in iter_checkpoint_tensors(path):
+    for key, tensor in convert(iter_checkpoint_tensors(path)):
         if ignore(key):
             continue
         checkpoint_key, key = key, rename(key)
@@ -212,21 +213,32 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
+    # Sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; see SparseMoeBlock); 0 experts: dense MLPs
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # k of the top-k routing
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width
+    norm_topk_prob: bool = True  # renormalize the k chosen probabilities to sum to 1 (Mixtral always does)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert behind a sigmoid gate; 0: none
+    dense_layers: tuple = ()  # layers that keep the dense MLP (Qwen's mlp_only_layers, decoder_sparse_step)
+    moe_module: str = "mlp"  # the MoE block's checkpoint name in a layer: mlp, or block_sparse_moe (Mixtral)
+    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate, up, down; Mixtral: w1, w3, w2
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in training (router_aux_loss)
 
     @classmethod
     def from_hf(cls, config):
         """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3)."""
         model_type = config.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2 or qwen3")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
+            raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2, qwen3, "
+                             "mixtral, qwen2_moe or qwen3_moe")
         # transformers maps "swish" and "silu" to the same function.
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
         heads = config["num_attention_heads"]
         rope = _rope_parameters(config)
         # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
-        attention_bias = model_type in ("llama", "qwen3") and config.get("attention_bias", False)
-        qkv_bias = model_type == "qwen2" or attention_bias
+        attention_bias = model_type in ("llama", "qwen3", "qwen3_moe") and config.get("attention_bias", False)
+        qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and config.get("qkv_bias", True)) or attention_bias
         o_bias = attention_bias
         return cls(
             vocab_size=config["vocab_size"],
@@ -245,7 +257,8 @@ class LlamaConfig:
             mlp_bias=model_type == "llama" and config.get("mlp_bias", False),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             sliding_window=_sliding_window(config),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **_moe_fields(config),
         )
 
 
@@ -281,8 +294,39 @@ def _sliding_window(config):
     if "layer_types" in config and config["layer_types"] is not None:
         uses_window = "sliding_attention" in config["layer_types"]
     else:
-        uses_window = config["model_type"] == "mistral" or config.get("use_sliding_window", False)
+        uses_window = config["model_type"] in ("mistral", "mixtral") or config.get("use_sliding_window", False)
     return config.get("sliding_window") if uses_window else None
+
+
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def _moe_fields(config):
+    """
+    The sparse-MoE fields of LlamaConfig from a config.json dict ({} for a dense model), with
+    transformers' defaults for absent keys. router_aux_loss_coef is the config's value only when the
+    config says output_router_logits, as transformers adds the loss only then; else 0.
+    """
+    model_type = config["model_type"]
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    aux_coef = config.get("router_aux_loss_coef", 0.001) if config.get("output_router_logits", False) else 0.0
+    if model_type == "mixtral":
+        return dict(num_experts=config.get("num_local_experts", 8), num_experts_per_tok=config.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=config["intermediate_size"], norm_topk_prob=True,
+                    moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_aux_loss_coef=aux_coef)
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, hub configs as num_experts
+    num_experts = config["num_experts"] if "num_experts" in config else config.get("num_local_experts", 60)
+    step = config.get("decoder_sparse_step", 1)
+    only_dense = set(config.get("mlp_only_layers") or [])
+    dense_layers = tuple(i for i in range(config["num_hidden_layers"])
+                         if i in only_dense or not (num_experts > 0 and (i + 1) % step == 0))
+    return dict(num_experts=num_experts, num_experts_per_tok=config.get("num_experts_per_tok", 4),
+                moe_intermediate_size=config.get("moe_intermediate_size", 1408),
+                norm_topk_prob=config.get("norm_topk_prob", False),
+                shared_expert_intermediate_size=config.get("shared_expert_intermediate_size", 5632)
+                if model_type == "qwen2_moe" else 0,
+                dense_layers=dense_layers, router_aux_loss_coef=aux_coef)
 
 
 def rope_inv_freq(config, device=None):
@@ -401,17 +445,170 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+# -----------------------------------------------------------------------------
+# Sparse mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE)
+#
+# Hugging Face per-expert key layout (what save_pretrained writes and the hub holds), in place of mlp.*:
+#
+#   model.layers.{i}.block_sparse_moe.gate.weight              (experts, hidden)        Mixtral: the router
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight    (intermediate, hidden)   gate of expert e's SwiGLU
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight    (intermediate, hidden)   up
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight    (hidden, intermediate)   down
+#   model.layers.{i}.mlp.gate.weight                           (experts, hidden)        Qwen2-MoE / Qwen3-MoE
+#   model.layers.{i}.mlp.experts.{e}.gate_proj / up_proj / down_proj.weight            (moe_intermediate_size)
+#   model.layers.{i}.mlp.shared_expert.gate_proj / up_proj / down_proj.weight          Qwen2-MoE
+#   model.layers.{i}.mlp.shared_expert_gate.weight             (1, hidden)              Qwen2-MoE
+#
+# transformers 5 holds the experts of a layer fused, as its state_dict (and save_pretrained with
+# save_original_format=False) names them: model.layers.{i}.mlp.experts.gate_up_proj (experts,
+# 2 * intermediate, hidden), the gate rows first, and .mlp.experts.down_proj (experts, hidden,
+# intermediate); Mixtral's router is then model.layers.{i}.mlp.gate.weight. unfuse_experts reads them
+# into the per-expert layout above, the one our modules carry, so add_lora adapts each expert's
+# nn.Linear by suffix (w1, w2, w3 or gate_proj, ...), as peft targets them.
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, down(silu(gate(x)) * up(x)); its linears carry the checkpoint's names (`names`: gate, up, down)."""
+
+    def __init__(self, hidden_size, intermediate_size, names):
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(down, nn.Linear(intermediate_size, hidden_size, bias=False))
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+
+def route(router_logits, top_k, norm_topk_prob):
+    """
+    Top-k routing: probabilities p = softmax(router logits) over the experts (float32), the k largest
+    of each token, renormalized to sum to 1 when norm_topk_prob. Returns (weights, experts), both (N, k).
+    """
+    probs = F.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class SparseMoeBlock(nn.Module):
+    """
+    y = sum over the k experts e chosen for x of w_e(x) * expert_e(x)  [+ sigmoid(shared_expert_gate(x)) * shared_expert(x)]
+    Each token runs through its k experts only. The router `gate` is an nn.Linear like any other: add_lora
+    freezes it unless `gate` is a target. The last forward's router logits (tokens, experts) stay in
+    self.router_logits for the load-balancing loss (router_aux_loss).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config.hidden_size, config.moe_intermediate_size, config.expert_names)
+                                     for _ in range(config.num_experts))
+        if config.shared_expert_intermediate_size:  # Qwen2-MoE
+            self.shared_expert = Expert(config.hidden_size, config.shared_expert_intermediate_size,
+                                        ("gate_proj", "up_proj", "down_proj"))
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.router_logits = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        self.router_logits = self.gate(x)  # (N, experts)
+        weights, experts = route(self.router_logits, self.top_k, self.norm_topk_prob)  # (N, k)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(experts == e)  # the tokens that chose e, and in which of their k slots
+            if len(token) == 0:
+                continue
+            # weighted in float32 (the routing weights' dtype), as transformers' Mixtral
+            out = expert(x[token]) * weights[token, slot, None]
+            y.index_add_(0, token, out.to(x.dtype))
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(B, T, C)
+
+
+def is_sparse_layer(config, layer_index):
+    return config.num_experts > 0 and layer_index not in config.dense_layers
+
+
+def moe_blocks(model):
+    """The SparseMoeBlocks of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+    """
+    The router's load-balancing auxiliary loss (Switch Transformer, Fedus et al. 2022, Eq. 4-6, with
+    top-k counting), as transformers computes it (load_balancing_loss_func):
+        loss = E * sum_e f_e * P_e
+    f_e: the top-k assignments to expert e per token, P_e: the mean router probability of e, both
+    averaged over the real (attention_mask 1) tokens of all MoE layers at once. f_e has no gradient
+    (topk); the gradient flows through P_e and pushes the router towards uniform use. router_logits:
+    one (B * T, E) tensor per MoE layer; attention_mask (B, T) or None (every token real).
+    """
+    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (layers * B * T, E)
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # (layers * B * T, k)
+    if attention_mask is None:
+        real = torch.ones(probs.size(0), device=probs.device)
+    else:
+        real = attention_mask.reshape(-1).float().to(probs.device).repeat(len(router_logits))
+    assignments = torch.zeros(num_experts, device=probs.device).scatter_add_(
+        0, chosen.reshape(-1), real.repeat_interleave(top_k))
+    tokens_per_expert = assignments / real.sum()  # f_e (sums to k)
+    prob_per_expert = (probs * real[:, None]).sum(0) / real.sum()  # P_e
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+def router_aux_loss(model, attention_mask=None):
+    """load_balancing_loss of the model's last forward (its MoE blocks' router logits); 0 for a dense model."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return torch.zeros(())
+    return load_balancing_loss([block.router_logits for block in blocks], model.config.num_experts,
+                               model.config.num_experts_per_tok, attention_mask)
+
+
+def unfuse_experts(tensors, config):
+    """
+    (key, tensor) of a checkpoint in our per-expert layout: transformers 5's fused
+    mlp.experts.gate_up_proj / down_proj are split into each expert's gate, up and down weights,
+    under the layer's MoE module name (block_sparse_moe for Mixtral); other keys pass through.
+    """
+    gate_name, up_name, down_name = config.expert_names
+    for key, tensor in tensors:
+        prefix, _, leaf = key.partition(".mlp.")
+        if config.num_experts == 0 or not leaf or not is_sparse_layer(config, int(prefix.rpartition(".")[2])):
+            yield key, tensor
+        elif leaf == "experts.gate_up_proj":  # (E, 2I, hidden): each expert's gate rows, then its up rows
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{gate_name}.weight", gate
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{up_name}.weight", up
+        elif leaf == "experts.down_proj":  # (E, hidden, I)
+            for e, down in enumerate(tensor):
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{down_name}.weight", down
+        else:
+            yield f"{prefix}.{config.moe_module}.{leaf}", tensor
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        # the feed-forward under its checkpoint name: mlp (dense, or Qwen's MoE), block_sparse_moe (Mixtral)
+        self.mlp_name = config.moe_module if is_sparse_layer(config, layer_index) else "mlp"
+        self.add_module(self.mlp_name, SparseMoeBlock(config) if is_sparse_layer(config, layer_index) else MLP(config))
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 def attention_mask_and_positions(attention_mask, query_length):
@@ -553,7 +750,8 @@ class Llama(nn.Module):
             model = cls(config)
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): skip it.
         load_checkpoint_into(model, path, dtype, device,
-                             ignore=lambda key: key.endswith("rotary_emb.inv_freq") or key in model.tied_keys)
+                             ignore=lambda key: key.endswith("rotary_emb.inv_freq") or key in model.tied_keys,
+                             convert=lambda tensors: unfuse_experts(tensors, config))
         model.tie_weights()
         model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)
         return model.eval()
