@@ -270,7 +270,8 @@ def micro_batch_objective(args, model, raw_model, micro_batch, lambdas, teacher_
         student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
     # MoE: the routers' load-balancing loss of this forward, read before the teacher's forward replaces
     # the router logits (a skipped, all-masked micro-batch adds nothing)
-    aux_coef = args.router_aux_loss_coef if response_tokens(micro_batch) else 0.0
+    aux_coef = args.router_aux_loss_coef if args.router_aux_loss_coef is not None else raw_model.config.router_aux_loss_coef
+    aux_coef = aux_coef if response_tokens(micro_batch) else 0.0
     router_aux = router_aux_loss(raw_model, padding_mask) if aux_coef else None
     teacher_hidden = None
     if teacher_lambda1 > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
@@ -323,8 +324,6 @@ def main(argv=None):
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         adapter = training.adapt(model, args.quantize, args.teacher, **lora)  # PiSSA's SVD, then the 4-bit base
-    if args.router_aux_loss_coef is None:  # transformers' default: the config's weight if it asks for the loss
-        args.router_aux_loss_coef = model.config.router_aux_loss_coef
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
