@@ -223,6 +223,8 @@ class LlamaConfig:
     moe_module: str = "mlp"  # the MoE block's checkpoint name in a layer: mlp, or block_sparse_moe (Mixtral)
     expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate, up, down; Mixtral: w1, w3, w2
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in training (router_aux_loss)
+    qk_norm_full: bool = False  # OLMoE: one RMSNorm over all heads of q (of k) together, before RoPE
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
 
     @classmethod
     def from_hf(cls, config):
@@ -230,14 +232,14 @@ class LlamaConfig:
         model_type = config.get("model_type")
         if model_type not in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
             raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2, qwen3, "
-                             "mixtral, qwen2_moe or qwen3_moe")
+                             "mixtral, qwen2_moe, qwen3_moe or olmoe")
         # transformers maps "swish" and "silu" to the same function.
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
         heads = config["num_attention_heads"]
         rope = _rope_parameters(config)
         # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
-        attention_bias = model_type in ("llama", "qwen3", "qwen3_moe") and config.get("attention_bias", False)
+        attention_bias = model_type in ("llama", "qwen3", "qwen3_moe", "olmoe") and config.get("attention_bias", False)
         qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and config.get("qkv_bias", True)) or attention_bias
         o_bias = attention_bias
         return cls(
@@ -298,7 +300,7 @@ def _sliding_window(config):
     return config.get("sliding_window") if uses_window else None
 
 
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def _moe_fields(config):
@@ -315,6 +317,13 @@ def _moe_fields(config):
         return dict(num_experts=config.get("num_local_experts", 8), num_experts_per_tok=config.get("num_experts_per_tok", 2),
                     moe_intermediate_size=config["intermediate_size"], norm_topk_prob=True,
                     moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_aux_loss_coef=aux_coef)
+    if model_type == "olmoe":  # every layer sparse, experts of intermediate_size; qk-norm over all heads, clip_qkv
+        if config.get("head_dim", config["hidden_size"] // config["num_attention_heads"]) * config["num_attention_heads"] \
+                != config["hidden_size"]:
+            raise ValueError("olmoe with head_dim * num_attention_heads != hidden_size is not supported")
+        return dict(num_experts=config.get("num_experts", 64), num_experts_per_tok=config.get("num_experts_per_tok", 8),
+                    moe_intermediate_size=config["intermediate_size"], norm_topk_prob=config.get("norm_topk_prob", False),
+                    router_aux_loss_coef=aux_coef, qk_norm_full=True, clip_qkv=config.get("clip_qkv"))
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, hub configs as num_experts
     num_experts = config["num_experts"] if "num_experts" in config else config.get("num_local_experts", 60)
     step = config.get("decoder_sparse_step", 1)
@@ -415,6 +424,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        if config.qk_norm_full:  # OLMoE: one RMSNorm over the whole projection, all heads together
+            self.q_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_head * self.head_dim, config.rms_norm_eps)
+        self.qk_norm_full, self.clip_qkv = config.qk_norm_full, config.clip_qkv
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -423,6 +436,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # per head, before RoPE (as transformers' Qwen3Attention)
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm_full:  # over (heads, head_dim): back to (B, T, H * d), normalize, split again
+            q = self.q_norm(q.transpose(1, 2).reshape(B, T, -1)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            k = self.k_norm(k.transpose(1, 2).reshape(B, T, -1)).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.clip_qkv is not None:  # elementwise, so the head layout does not matter
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)

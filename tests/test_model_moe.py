@@ -1,5 +1,5 @@
 """
-The sparse mixture-of-experts decoders in model.py (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers
+The sparse mixture-of-experts decoders in model.py (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) against transformers
 (the test oracle) on tiny random models with O(1) weights: logits, routing decisions, the
 load-balancing loss, KV-cache greedy generation, transformers 5's fused-experts layout, LoRA on the
 experts exported to peft, and train_nlg.py end to end.
@@ -37,6 +37,10 @@ CONFIGS = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48, num_key_value_heads=4, num_experts=4,
                                          num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2)),
+    # OLMoE: one RMSNorm over all query (key) heads together, clip_qkv, attention_bias; 8 experts top-3 not
+    # renormalized, every layer sparse.
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+                                  attention_bias=True, clip_qkv=3.0)),
 }
 
 
@@ -98,7 +102,7 @@ def test_logits_and_routing_match_transformers(checkpoints, name, padding_side):
     error = (logits[real] - expected.logits[real]).abs().max()
     assert error <= 1e-5 * scale, f"{name} {padding_side}: max |dlogits| {error:.3g} (scale {scale:.3g})"
     blocks = M.moe_blocks(ours)
-    assert len(blocks) == len(expected.router_logits) == (2 if name == "mixtral" else 1)
+    assert len(blocks) == len(expected.router_logits) == (2 if name in ("mixtral", "olmoe") else 1)
     k = ours.config.num_experts_per_tok
     chosen_per_layer = []
     for block, hf_router in zip(blocks, expected.router_logits):
@@ -198,6 +202,9 @@ def test_config_fields_of_each_family(checkpoints):
     qwen2 = M.LlamaConfig.from_hf(M.read_config(checkpoints["qwen2_moe"][0]))
     assert qwen2.qkv_bias and not qwen2.norm_topk_prob and qwen2.dense_layers == (0,)
     assert qwen2.shared_expert_intermediate_size == 48
+    olmoe = M.LlamaConfig.from_hf(M.read_config(checkpoints["olmoe"][0]))
+    assert olmoe.qk_norm_full and not olmoe.qk_norm and olmoe.clip_qkv == 3.0 and olmoe.qkv_bias and olmoe.o_bias
+    assert (olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.moe_intermediate_size) == (8, 3, 32)
     # the loss's weight counts only when the config asks transformers to add it
     asked = dict(M.read_config(checkpoints["mixtral"][0]), output_router_logits=True, router_aux_loss_coef=0.02)
     assert M.LlamaConfig.from_hf(asked).router_aux_loss_coef == 0.02
