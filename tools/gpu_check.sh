@@ -12,6 +12,9 @@
 #      -> OUT_DIR/train_nlg/ (log.jsonl, adapter/), OUT_DIR/train_nlg.log
 #   3. if more than one GPU is visible: the same run as 2 DDP processes (torchrun), 4 steps
 #      -> OUT_DIR/ddp/, OUT_DIR/ddp.log
+#   4. MoE: a tiny random Mixtral written by transformers, bf16 logits and routing against transformers on
+#      CUDA (tools/moe_check.py), then 10 train_nlg.py steps on it in bf16 with LoRA on the experts and the
+#      router's load-balancing loss, padded micro-batches -> OUT_DIR/tiny_mixtral/, OUT_DIR/moe_*.log
 #
 # Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
 # transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
@@ -58,5 +61,12 @@ if [[ "$GPUS" -gt 1 ]]; then
 else
     echo "ddp: skipped (1 GPU visible)" | tee -a "$SUMMARY"
 fi
+
+# 4. the sparse-MoE decoder: parity in bf16, then training steps (micro-batches of 2: padded, explicit mask)
+run moe_parity "$PYTHON" tools/moe_check.py --out "$OUT_DIR/tiny_mixtral" --device cuda --dtype bf16
+run moe_train_nlg "$PYTHON" train_nlg.py --model "$OUT_DIR/tiny_mixtral" --data assets/data/metamath_train.jsonl \
+    --format metamath --method balora --max-steps 10 --batch-size 4 --micro-batch-size 2 --max-length 128 --rank 8 \
+    --alpha 16 --lr 1e-3 --lambda-warmup-ratio 0 --targets q_proj,v_proj,w1,w2,w3 --router-aux-loss-coef 0.02 \
+    --dtype bf16 --device cuda --no-progress --save-every 0 --out "$OUT_DIR/moe_train_nlg"
 
 ! grep -q FAILED "$SUMMARY"
