@@ -314,6 +314,8 @@ def _moe_fields(config):
         return {}
     aux_coef = config.get("router_aux_loss_coef", 0.001) if config.get("output_router_logits", False) else 0.0
     if model_type == "mixtral":
+        if config.get("router_jitter_noise", 0.0):  # a training-time noise on the router's input
+            raise ValueError(f"router_jitter_noise={config['router_jitter_noise']!r} is not supported: only 0")
         return dict(num_experts=config.get("num_local_experts", 8), num_experts_per_tok=config.get("num_experts_per_tok", 2),
                     moe_intermediate_size=config["intermediate_size"], norm_topk_prob=True,
                     moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_aux_loss_coef=aux_coef)

@@ -208,6 +208,8 @@ def test_config_fields_of_each_family(checkpoints):
     # the loss's weight counts only when the config asks transformers to add it
     asked = dict(M.read_config(checkpoints["mixtral"][0]), output_router_logits=True, router_aux_loss_coef=0.02)
     assert M.LlamaConfig.from_hf(asked).router_aux_loss_coef == 0.02
+    with pytest.raises(ValueError, match="router_jitter_noise=0.1 is not supported"):
+        M.LlamaConfig.from_hf(dict(asked, router_jitter_noise=0.1))
 
 
 def test_lora_on_the_experts_exports_to_peft_on_transformers_mixtral(checkpoints, tmp_path):
