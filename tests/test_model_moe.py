@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 import model as M
-from test_model_llama import greedy_by_full_forward, hf_logits, padded_batch, rescale_
+import test_model_llama as llama_tests
+from test_model_llama import hf_logits, padded_batch, rescale_
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,11 +79,17 @@ def test_keys_are_the_hub_layout_and_our_parameter_names(checkpoints):
     assert "model.layers.0.mlp.gate_proj.weight" in qwen2 and "model.layers.1.mlp.shared_expert_gate.weight" in qwen2
 
 
-def hf_forward(hf, input_ids, attention_mask):
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+def both_models_on_a_padded_batch(checkpoints, name, padding_side):
+    """(our model after its forward, our logits, transformers' output with router logits and aux_loss,
+    attention_mask) on one padded batch; position ids as transformers' generate makes them."""
+    path, hf = checkpoints[name]
+    ours = M.Llama.from_pretrained(path)
+    input_ids, attention_mask = padded_batch([20, 13, 7], padding_side)
     with torch.no_grad():
-        return hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  output_router_logits=True)
+        expected = hf(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
+                      position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0))
+        logits = ours(input_ids, attention_mask)
+    return ours, logits, expected, attention_mask
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -90,12 +97,7 @@ def hf_forward(hf, input_ids, attention_mask):
 def test_logits_and_routing_match_transformers(checkpoints, name, padding_side):
     """Logits within 1e-5 of their scale on a padded batch, and every real token sent to the same k
     experts in every MoE layer (transformers' router logits, recorded by output_router_logits)."""
-    path, hf = checkpoints[name]
-    ours = M.Llama.from_pretrained(path)
-    input_ids, attention_mask = padded_batch([20, 13, 7], padding_side)
-    expected = hf_forward(hf, input_ids, attention_mask)
-    with torch.no_grad():
-        logits = ours(input_ids, attention_mask)
+    ours, logits, expected, attention_mask = both_models_on_a_padded_batch(checkpoints, name, padding_side)
     real = attention_mask.bool()
     scale = expected.logits[real].abs().max()
     assert scale > 1.0
@@ -134,19 +136,16 @@ def naive_load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_load_balancing_loss_matches_transformers_and_a_naive_loop(checkpoints, name):
-    path, hf = checkpoints[name]
-    ours = M.Llama.from_pretrained(path)
-    input_ids, attention_mask = padded_batch([20, 13, 7], "left")
-    expected = hf_forward(hf, input_ids, attention_mask).aux_loss
-    with torch.no_grad():
-        ours(input_ids, attention_mask)
+    ours, _, expected, attention_mask = both_models_on_a_padded_batch(checkpoints, name, "left")
+    expected = expected.aux_loss
     aux = M.router_aux_loss(ours, attention_mask)
     assert abs(aux.item() - expected.item()) <= 1e-6 * expected.item()
     naive = naive_load_balancing_loss([b.router_logits for b in M.moe_blocks(ours)], ours.config.num_experts,
                                       ours.config.num_experts_per_tok, attention_mask)
     assert abs(aux.item() - naive) <= 1e-6 * naive
     # without a mask every token counts, as transformers without attention_mask
-    unpadded = input_ids[:, -7:]
+    hf = checkpoints[name][1]
+    unpadded = padded_batch([7, 7], "left", T=7)[0]
     with torch.no_grad():
         expected = hf(input_ids=unpadded, output_router_logits=True).aux_loss
         ours(unpadded)
@@ -165,17 +164,12 @@ def test_load_balancing_loss_has_the_gradient_of_its_probabilities():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_generate_matches_transformers_and_full_forward(checkpoints, name):
-    path, hf = checkpoints[name]
-    ours = M.Llama.from_pretrained(path)
-    input_ids, attention_mask = padded_batch([9, 5, 7], "left", T=9, seed=1)
-    new = 10
-    ours_tokens = ours.generate(input_ids, attention_mask, max_new_tokens=new)
-    hf.generation_config.eos_token_id = None
-    expected = hf.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                           max_new_tokens=new, pad_token_id=0)
-    assert torch.equal(ours_tokens, expected)
-    assert torch.equal(ours_tokens, greedy_by_full_forward(ours, input_ids, attention_mask, new, eos_token_id=-1))
-    assert len(set(ours_tokens[:, 9:].reshape(-1).tolist())) > 3  # not one token repeated
+    """The dense decoder's generation test on each MoE family: KV-cache greedy decoding of a left-padded
+    batch equals transformers' generate and a full forward per token, with and without an EOS."""
+    llama_tests.test_greedy_generate_matches_transformers_and_full_forward(checkpoints, name)
+    ours = M.Llama.from_pretrained(checkpoints[name][0])
+    tokens = ours.generate(*padded_batch([9, 5, 7], "left", T=9, seed=1), max_new_tokens=12)
+    assert len(set(tokens[:, 9:].reshape(-1).tolist())) > 3  # the test has teeth: not one token repeated
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
@@ -252,7 +246,7 @@ def test_train_nlg_runs_on_a_tiny_mixtral_with_the_router_loss_and_resumes(tmp_p
     tokenizer): LoRA on attention and experts, the load-balancing loss logged as router_aux, and a
     killed-and-resumed run equal to the uninterrupted one."""
     import train_nlg
-    from test_train_nlg import crash_after_saving, max_abs_diff, read_log, trainable_after
+    from test_train_nlg import read_log, run_killed_and_resumed, trainable_after
 
     config = transformers.MixtralConfig(vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -262,13 +256,13 @@ def test_train_nlg_runs_on_a_tiny_mixtral_with_the_router_loss_and_resumes(tmp_p
     model_dir = tmp_path / "mixtral"
     transformers.MixtralForCausalLM(config).save_pretrained(model_dir)
     shutil.copy(os.path.join(REPO, "assets", "tiny-llama", "tokenizer.model"), model_dir)
-    common = ["--model", str(model_dir), "--data", os.path.join(REPO, "assets", "data", "metamath_train.jsonl"),
-              "--format", "metamath", "--max-samples", "16", "--max-length", "64", "--rank", "4", "--alpha", "8",
-              "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2",
-              "--max-steps", "4", "--save-every", "2", "--method", "balora", "--lambda-warmup-ratio", "0",
-              "--svd-k", "3", "--top-k", "5", "--targets", "q_proj,v_proj,w1,w2,w3", "--no-progress"]
-    train_nlg.main([*common, "--out", str(tmp_path / "full")])
-    full = read_log(tmp_path / "full")
+    tiny = {"model": str(model_dir), "data": os.path.join(REPO, "assets", "data", "metamath_train.jsonl")}
+    common = ["--format", "metamath", "--max-samples", "16", "--max-length", "64", "--batch-size", "4",
+              "--micro-batch-size", "2", "--max-steps", "4", "--save-every", "2", "--method", "balora",
+              "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5", "--targets", "q_proj,v_proj,w1,w2,w3",
+              "--no-progress"]
+    # trained uninterrupted (full), and killed after step 2 and resumed: bit-identical adapters and totals
+    full, _ = run_killed_and_resumed(tiny, tmp_path, monkeypatch, common, at_step=2)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     # the config's weight (it sets output_router_logits) is in force: total = task + sum_i lambda_i reg_i
     # + 0.02 router_aux (each the mean over the step's micro-batches); E sum_e f_e P_e >= k (= k: uniform)
@@ -281,13 +275,7 @@ def test_train_nlg_runs_on_a_tiny_mixtral_with_the_router_loss_and_resumes(tmp_p
     trainable = trainable_after(tmp_path / "full")
     assert any(".block_sparse_moe.experts.3.w2.lora_B" in k for k in trainable)
     assert not any(".gate." in k for k in trainable)  # the router stays frozen
-    crash_after_saving(monkeypatch, at_step=2)
-    with pytest.raises(KeyboardInterrupt):
-        train_nlg.main([*common, "--out", str(tmp_path / "resumed")])
-    monkeypatch.undo()
-    train_nlg.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    assert max_abs_diff(trainable_after(tmp_path / "full"), trainable_after(tmp_path / "resumed")) == 0.0
-    assert [r["total"] for r in read_log(tmp_path / "resumed")] == [r["total"] for r in full]
     # --router-aux-loss-coef 0: no loss term, none logged
-    train_nlg.main([*common, "--out", str(tmp_path / "off"), "--router-aux-loss-coef", "0", "--max-steps", "1"])
+    from test_train_nlg import tiny_args
+    train_nlg.main(tiny_args(tiny, tmp_path / "off", *common, "--router-aux-loss-coef", "0", "--max-steps", "1"))
     assert "router_aux" not in read_log(tmp_path / "off")[0]
