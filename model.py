@@ -213,7 +213,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attention span limit; inputs longer than it are refused
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
-    # Sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; see SparseMoeBlock); 0 experts: dense MLPs
+    # Sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; see SparseMoeBlock); 0 experts: dense MLPs
     num_experts: int = 0
     num_experts_per_tok: int = 0  # k of the top-k routing
     moe_intermediate_size: int = 0  # each expert's SwiGLU width
@@ -228,7 +228,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3)."""
+        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2, qwen3 or one of MOE_MODEL_TYPES)."""
         model_type = config.get("model_type")
         if model_type not in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
             raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2, qwen3, "
@@ -466,7 +466,7 @@ class MLP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sparse mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE)
+# Sparse mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
 #
 # Hugging Face per-expert key layout (what save_pretrained writes and the hub holds), in place of mlp.*:
 #
@@ -474,10 +474,12 @@ class MLP(nn.Module):
 #   model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight    (intermediate, hidden)   gate of expert e's SwiGLU
 #   model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight    (intermediate, hidden)   up
 #   model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight    (hidden, intermediate)   down
-#   model.layers.{i}.mlp.gate.weight                           (experts, hidden)        Qwen2-MoE / Qwen3-MoE
+#   model.layers.{i}.mlp.gate.weight                           (experts, hidden)        Qwen2-MoE / Qwen3-MoE / OLMoE
 #   model.layers.{i}.mlp.experts.{e}.gate_proj / up_proj / down_proj.weight            (moe_intermediate_size)
 #   model.layers.{i}.mlp.shared_expert.gate_proj / up_proj / down_proj.weight          Qwen2-MoE
 #   model.layers.{i}.mlp.shared_expert_gate.weight             (1, hidden)              Qwen2-MoE
+#   model.layers.{i}.self_attn.q_norm.weight                   (heads * head_dim,)      OLMoE: over all heads
+#   model.layers.{i}.self_attn.k_norm.weight                   (kv_heads * head_dim,)   OLMoE
 #
 # transformers 5 holds the experts of a layer fused, as its state_dict (and save_pretrained with
 # save_original_format=False) names them: model.layers.{i}.mlp.experts.gate_up_proj (experts,

@@ -162,6 +162,33 @@ def test_load_balancing_loss_has_the_gradient_of_its_probabilities():
     torch.testing.assert_close(logits.grad, expected_grad)
 
 
+def test_router_as_a_target_and_the_loss_under_gradient_checkpointing(checkpoints):
+    """`gate` as a LoRA target adapts the routers; the gradients of task + load-balancing loss are the
+    same with gradient checkpointing (the router logits kept from the first forward stay in the graph)."""
+    import balora
+
+    def gradients(checkpointing):
+        torch.manual_seed(0)
+        ours = M.Llama.from_pretrained(checkpoints["mixtral"][0])
+        added = balora.add_lora(ours, ["gate"], r=2, alpha=4, init="lora")
+        assert added["replaced"] == [f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)]
+        with torch.no_grad():
+            for module in ours.modules():
+                if isinstance(module, balora.LoRALinear):
+                    module.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        ours.train()
+        ours.gradient_checkpointing = checkpointing
+        input_ids, attention_mask = padded_batch([20, 13], "left")
+        logits = ours(input_ids, attention_mask)
+        (logits.logsumexp(-1).mean() + M.router_aux_loss(ours, attention_mask)).backward()
+        return {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert len(plain) == 4 and all(g.abs().max() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_generate_matches_transformers_and_full_forward(checkpoints, name):
     """The dense decoder's generation test on each MoE family: KV-cache greedy decoding of a left-padded
