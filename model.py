@@ -159,7 +159,7 @@ def checkpoint_keys(path):
 
 
 def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, allow_missing=lambda key: False,
-                         rename=lambda key: key):
+                         rename=lambda key: key, convert=lambda tensors: tensors):
     """
     Copy every tensor of the checkpoint at `path` into the parameter/buffer of the same name.
 
@@ -170,12 +170,13 @@ def load_checkpoint_into(model, path, dtype, device, ignore=lambda key: False, a
     `ignore(key)` skips a checkpoint key; `allow_missing(key)` excuses a model key the checkpoint
     lacks (e.g. a fresh classification head, which the caller then initializes off the meta device).
     `rename(key)` is the model's name of a checkpoint key (None: no such parameter), for families
-    whose Hugging Face names are not ours (RoBERTa, through ROBERTA_KEYS).
+    whose Hugging Face names are not ours (RoBERTa, through ROBERTA_KEYS). `convert` maps the stream of
+    (key, tensor) pairs, for a layout whose tensors hold several of ours (fused MoE experts: unfuse_experts).
     """
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     loaded, unexpected, mismatched, non_finite = set(), [], [], []
-    for key, tensor in iter_checkpoint_tensors(path):
+    for key, tensor in convert(iter_checkpoint_tensors(path)):
         if ignore(key):
             continue
         checkpoint_key, key = key, rename(key)
@@ -280,22 +281,36 @@ class LlamaConfig:
     local_layers: tuple = ()  # Gemma-2/3: True where layer i attends only to its last sliding_window slots
     rope_local_theta: float | None = None  # Gemma-3: the local layers' own RoPE base (plain RoPE)
 
+    # Sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; see SparseMoeBlock); 0 experts: dense MLPs
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # k of the top-k routing
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width
+    norm_topk_prob: bool = True  # renormalize the k chosen probabilities to sum to 1 (Mixtral always does)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert behind a sigmoid gate; 0: none
+    dense_layers: tuple = ()  # layers that keep the dense MLP (Qwen's mlp_only_layers, decoder_sparse_step)
+    moe_module: str = "mlp"  # the MoE block's checkpoint name in a layer: mlp, or block_sparse_moe (Mixtral)
+    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # gate, up, down; Mixtral: w1, w3, w2
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in training (router_aux_loss)
+    qk_norm_full: bool = False  # OLMoE: one RMSNorm over all heads of q (of k) together, before RoPE
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
+
     @classmethod
     def from_hf(cls, config):
-        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2 or qwen3; Gemma's: gemma_config)."""
+        """Read a Hugging Face config.json dict (model_type llama, mistral, qwen2, qwen3 or one of MOE_MODEL_TYPES;
+        Gemma's: gemma_config)."""
         model_type = config.get("model_type")
         if model_type in GEMMA_TYPES:
             return gemma_config(cls, config)
-        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
             raise ValueError(f"model_type={model_type!r} is not supported: expected llama, mistral, qwen2, qwen3, "
-                             f"{', '.join(GEMMA_TYPES)}")
+                             f"{', '.join(MOE_MODEL_TYPES)}, {', '.join(GEMMA_TYPES)}")
         # transformers maps "swish" and "silu" to the same function.
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported: only silu/swish (SwiGLU)")
         rope = _rope_parameters(config)
         # qwen2 has biases on q, k, v only; attention_bias (llama, qwen3) covers q, k, v and o; mistral has none.
-        attention_bias = model_type in ("llama", "qwen3") and config.get("attention_bias", False)
-        qkv_bias = model_type == "qwen2" or attention_bias
+        attention_bias = model_type in ("llama", "qwen3", "qwen3_moe", "olmoe") and config.get("attention_bias", False)
+        qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and config.get("qkv_bias", True)) or attention_bias
         o_bias = attention_bias
         return cls(
             **decoder_sizes(config),
@@ -308,7 +323,8 @@ class LlamaConfig:
             mlp_bias=model_type == "llama" and config.get("mlp_bias", False),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             sliding_window=_sliding_window(config),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **_moe_fields(config),
         )
 
 
@@ -357,7 +373,7 @@ def _sliding_window(config):
     if "layer_types" in config and config["layer_types"] is not None:
         uses_window = "sliding_attention" in config["layer_types"]
     else:
-        uses_window = config["model_type"] == "mistral" or config.get("use_sliding_window", False)
+        uses_window = config["model_type"] in ("mistral", "mixtral") or config.get("use_sliding_window", False)
     return config.get("sliding_window") if uses_window else None
 
 
@@ -482,6 +498,46 @@ def _gemma_local_layers(config):
     return tuple(kind == "sliding_attention" for kind in types)
 
 
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def _moe_fields(config):
+    """
+    The sparse-MoE fields of LlamaConfig from a config.json dict ({} for a dense model), with
+    transformers' defaults for absent keys. router_aux_loss_coef is the config's value only when the
+    config says output_router_logits, as transformers adds the loss only then; else 0.
+    """
+    model_type = config["model_type"]
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    aux_coef = config.get("router_aux_loss_coef", 0.001) if config.get("output_router_logits", False) else 0.0
+    if model_type == "mixtral":
+        if config.get("router_jitter_noise", 0.0):  # a training-time noise on the router's input
+            raise ValueError(f"router_jitter_noise={config['router_jitter_noise']!r} is not supported: only 0")
+        return dict(num_experts=config.get("num_local_experts", 8), num_experts_per_tok=config.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=config["intermediate_size"], norm_topk_prob=True,
+                    moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_aux_loss_coef=aux_coef)
+    if model_type == "olmoe":  # every layer sparse, experts of intermediate_size; qk-norm over all heads, clip_qkv
+        if config.get("head_dim", config["hidden_size"] // config["num_attention_heads"]) * config["num_attention_heads"] \
+                != config["hidden_size"]:
+            raise ValueError("olmoe with head_dim * num_attention_heads != hidden_size is not supported")
+        return dict(num_experts=config.get("num_experts", 64), num_experts_per_tok=config.get("num_experts_per_tok", 8),
+                    moe_intermediate_size=config["intermediate_size"], norm_topk_prob=config.get("norm_topk_prob", False),
+                    router_aux_loss_coef=aux_coef, qk_norm_full=True, clip_qkv=config.get("clip_qkv"))
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, hub configs as num_experts
+    num_experts = config["num_experts"] if "num_experts" in config else config.get("num_local_experts", 60)
+    step = config.get("decoder_sparse_step", 1)
+    only_dense = set(config.get("mlp_only_layers") or [])
+    dense_layers = tuple(i for i in range(config["num_hidden_layers"])
+                         if i in only_dense or not (num_experts > 0 and (i + 1) % step == 0))
+    return dict(num_experts=num_experts, num_experts_per_tok=config.get("num_experts_per_tok", 4),
+                moe_intermediate_size=config.get("moe_intermediate_size", 1408),
+                norm_topk_prob=config.get("norm_topk_prob", False),
+                shared_expert_intermediate_size=config.get("shared_expert_intermediate_size", 5632)
+                if model_type == "qwen2_moe" else 0,
+                dense_layers=dense_layers, router_aux_loss_coef=aux_coef)
+
+
 def rope_inv_freq(config, device=None):
     """
     RoPE inverse frequencies theta^(-2i/d), i < d/2 (RoFormer Eq. 15), float32.
@@ -592,6 +648,10 @@ class Attention(nn.Module):
         # Gemma-2/3 scale scores by query_pre_attn_scalar^-1/2 (None: SDPA's own head_dim^-1/2)
         self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
         self.softcap = config.attn_logit_softcapping
+        if config.qk_norm_full:  # OLMoE: one RMSNorm over the whole projection, all heads together
+            self.q_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_head * self.head_dim, config.rms_norm_eps)
+        self.qk_norm_full, self.clip_qkv = config.qk_norm_full, config.clip_qkv
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -600,6 +660,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # per head, before RoPE (as transformers' Qwen3Attention)
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm_full:  # over (heads, head_dim): back to (B, T, H * d), normalize, split again
+            q = self.q_norm(q.transpose(1, 2).reshape(B, T, -1)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            k = self.k_norm(k.transpose(1, 2).reshape(B, T, -1)).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.clip_qkv is not None:  # elementwise, so the head layout does not matter
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
@@ -649,13 +714,168 @@ class MLP(nn.Module):
         return self.down_proj(gate * self.up_proj(x))
 
 
+# -----------------------------------------------------------------------------
+# Sparse mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
+#
+# Hugging Face per-expert key layout (what save_pretrained writes and the hub holds), in place of mlp.*:
+#
+#   model.layers.{i}.block_sparse_moe.gate.weight              (experts, hidden)        Mixtral: the router
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight    (intermediate, hidden)   gate of expert e's SwiGLU
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight    (intermediate, hidden)   up
+#   model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight    (hidden, intermediate)   down
+#   model.layers.{i}.mlp.gate.weight                           (experts, hidden)        Qwen2-MoE / Qwen3-MoE / OLMoE
+#   model.layers.{i}.mlp.experts.{e}.gate_proj / up_proj / down_proj.weight            (moe_intermediate_size)
+#   model.layers.{i}.mlp.shared_expert.gate_proj / up_proj / down_proj.weight          Qwen2-MoE
+#   model.layers.{i}.mlp.shared_expert_gate.weight             (1, hidden)              Qwen2-MoE
+#   model.layers.{i}.self_attn.q_norm.weight                   (heads * head_dim,)      OLMoE: over all heads
+#   model.layers.{i}.self_attn.k_norm.weight                   (kv_heads * head_dim,)   OLMoE
+#
+# transformers 5 holds the experts of a layer fused, as its state_dict (and save_pretrained with
+# save_original_format=False) names them: model.layers.{i}.mlp.experts.gate_up_proj (experts,
+# 2 * intermediate, hidden), the gate rows first, and .mlp.experts.down_proj (experts, hidden,
+# intermediate); Mixtral's router is then model.layers.{i}.mlp.gate.weight. unfuse_experts reads them
+# into the per-expert layout above, the one our modules carry, so add_lora adapts each expert's
+# nn.Linear by suffix (w1, w2, w3 or gate_proj, ...), as peft targets them.
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, down(silu(gate(x)) * up(x)); its linears carry the checkpoint's names (`names`: gate, up, down)."""
+
+    def __init__(self, hidden_size, intermediate_size, names):
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(down, nn.Linear(intermediate_size, hidden_size, bias=False))
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+
+def route(router_logits, top_k, norm_topk_prob):
+    """
+    Top-k routing: probabilities p = softmax(router logits) over the experts (float32), the k largest
+    of each token, renormalized to sum to 1 when norm_topk_prob. Returns (weights, experts), both (N, k).
+    """
+    probs = F.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class SparseMoeBlock(nn.Module):
+    """
+    y = sum over the k experts e chosen for x of w_e(x) * expert_e(x)  [+ sigmoid(shared_expert_gate(x)) * shared_expert(x)]
+    Each token runs through its k experts only. The router `gate` is an nn.Linear like any other: add_lora
+    freezes it unless `gate` is a target. The last forward's router logits (tokens, experts) stay in
+    self.router_logits for the load-balancing loss (router_aux_loss).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config.hidden_size, config.moe_intermediate_size, config.expert_names)
+                                     for _ in range(config.num_experts))
+        if config.shared_expert_intermediate_size:  # Qwen2-MoE
+            self.shared_expert = Expert(config.hidden_size, config.shared_expert_intermediate_size,
+                                        ("gate_proj", "up_proj", "down_proj"))
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.router_logits = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        self.router_logits = self.gate(x)  # (N, experts)
+        weights, experts = route(self.router_logits, self.top_k, self.norm_topk_prob)  # (N, k)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(experts == e)  # the tokens that chose e, and in which of their k slots
+            if len(token) == 0:
+                continue
+            # weighted in float32 (the routing weights' dtype), as transformers' Mixtral
+            out = expert(x[token]) * weights[token, slot, None]
+            y.index_add_(0, token, out.to(x.dtype))
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(B, T, C)
+
+
+def is_sparse_layer(config, layer_index):
+    return config.num_experts > 0 and layer_index not in config.dense_layers
+
+
+def moe_blocks(model):
+    """The SparseMoeBlocks of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+    """
+    The router's load-balancing auxiliary loss (Switch Transformer, Fedus et al. 2022, Eq. 4-6, with
+    top-k counting), as transformers computes it (load_balancing_loss_func):
+        loss = E * sum_e f_e * P_e
+    f_e: the top-k assignments to expert e per token, P_e: the mean router probability of e, both
+    averaged over the real (attention_mask 1) tokens of all MoE layers at once. f_e has no gradient
+    (topk); the gradient flows through P_e and pushes the router towards uniform use. router_logits:
+    one (B * T, E) tensor per MoE layer; attention_mask (B, T) or None (every token real).
+    """
+    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (layers * B * T, E)
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # (layers * B * T, k)
+    if attention_mask is None:
+        real = torch.ones(probs.size(0), device=probs.device)
+    else:
+        real = attention_mask.reshape(-1).float().to(probs.device).repeat(len(router_logits))
+    assignments = torch.zeros(num_experts, device=probs.device).scatter_add_(
+        0, chosen.reshape(-1), real.repeat_interleave(top_k))
+    tokens_per_expert = assignments / real.sum()  # f_e (sums to k)
+    prob_per_expert = (probs * real[:, None]).sum(0) / real.sum()  # P_e
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+def router_aux_loss(model, attention_mask=None):
+    """load_balancing_loss of the model's last forward (its MoE blocks' router logits); 0 for a dense model."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return torch.zeros(())
+    return load_balancing_loss([block.router_logits for block in blocks], model.config.num_experts,
+                               model.config.num_experts_per_tok, attention_mask)
+
+
+def unfuse_experts(tensors, config):
+    """
+    (key, tensor) of a checkpoint in our per-expert layout: transformers 5's fused
+    mlp.experts.gate_up_proj / down_proj are split into each expert's gate, up and down weights,
+    under the layer's MoE module name (block_sparse_moe for Mixtral); other keys pass through.
+    """
+    gate_name, up_name, down_name = config.expert_names
+    for key, tensor in tensors:
+        prefix, _, leaf = key.partition(".mlp.")
+        if config.num_experts == 0 or not leaf or not is_sparse_layer(config, int(prefix.rpartition(".")[2])):
+            yield key, tensor
+        elif leaf == "experts.gate_up_proj":  # (E, 2I, hidden): each expert's gate rows, then its up rows
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{gate_name}.weight", gate
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{up_name}.weight", up
+        elif leaf == "experts.down_proj":  # (E, hidden, I)
+            for e, down in enumerate(tensor):
+                yield f"{prefix}.{config.moe_module}.experts.{e}.{down_name}.weight", down
+        else:
+            yield f"{prefix}.{config.moe_module}.{leaf}", tensor
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
-        self.mlp = MLP(config)
+        # the feed-forward under its checkpoint name: mlp (dense, or Qwen's MoE), block_sparse_moe (Mixtral)
+        self.mlp_name = config.moe_module if is_sparse_layer(config, layer_index) else "mlp"
+        self.add_module(self.mlp_name, SparseMoeBlock(config) if is_sparse_layer(config, layer_index) else MLP(config))
         if config.sandwich_norm:  # Gemma-2/3; post_attention_layernorm then norms the attention output
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
@@ -664,9 +884,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         if self.sandwich_norm:  # Gemma-2/3: each sublayer's output normed before it joins the residual stream
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(getattr(self, self.mlp_name)(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 def attention_mask_and_positions(attention_mask, query_length):
@@ -860,7 +1080,8 @@ class Llama(nn.Module):
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): skip it.
         load_checkpoint_into(model, path, dtype, device, rename=rename,
                              ignore=lambda key: key.endswith("rotary_emb.inv_freq") or rename(key) in model.tied_keys
-                             or rename(key) is None)
+                             or rename(key) is None,
+                             convert=lambda tensors: unfuse_experts(tensors, config))
         model.tie_weights()
         model.model.rotary_emb.inv_freq = rope_inv_freq(config, device=device)
         return model.eval()

@@ -42,7 +42,7 @@ import fsdp
 import plot
 import training
 from data import FORMATS, PROMPT_FORMATS, Tokenizer, blend_sources, collate, load_blend, load_examples, resolve_prompt_format
-from model import Llama, resolve_model_path
+from model import Llama, resolve_model_path, router_aux_loss
 
 # -----------------------------------------------------------------------------
 # Flags: the two presets set only what differs between them; every other flag has its own default
@@ -65,7 +65,8 @@ TOY = dict(model=os.path.join(training.ASSETS, "tiny-llama"),
 # --loss-normalization: how the task cross-entropy of a global batch is averaged (task_loss_scale)
 LOSS_NORMALIZATIONS = ("tokens", "micro-batch")
 NONE_MEANS = {"model": "your checkpoint", "revision": "main", "data_dir": "none", "prompt_format": "chat when the checkpoint has a template, else alpaca",
-              "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available"}
+              "pissa_niter": "exact SVD", "max_steps": "no cap", "device": "cuda when available",
+              "router_aux_loss_coef": "the checkpoint's router_aux_loss_coef if its config sets output_router_logits, else 0"}
 
 
 def parse_args(argv=None):
@@ -111,6 +112,9 @@ def parse_args(argv=None):
     flag("--temperature", default=2.0, type=float, help="distillation temperature T of Eq. 9")
     flag("--reg-tokens", default="task", choices=["task", "all"],
          help="regularize the response tokens (task) or every non-padded token (all)")
+    flag("--router-aux-loss-coef", type=float,
+         help="MoE checkpoints: weight of the routers' load-balancing loss (model.load_balancing_loss) added to the "
+              "objective and logged as router_aux (transformers' formula; its default, as its forward adds it)")
     flag("--loss-normalization", default="tokens", choices=list(LOSS_NORMALIZATIONS),
          help="the task loss over a global batch: tokens, one mean over its response tokens; micro-batch, the mean "
               "of each micro-batch's token mean (llm172/BA-LoRA train.py at 2829797 through transformers 4.45.1's Trainer)")
@@ -280,15 +284,24 @@ def micro_batch_objective(args, model, raw_model, micro_batch, lambdas, teacher_
     output_mask = F.pad(valid_mask, (0, 1), value=False)
     with training.autocast_context(device, dtype):
         student_logits = model(input_ids, padding_mask, output_mask=output_mask).float()  # (M, V)
+    # MoE: the routers' load-balancing loss of this forward, read before the teacher's forward replaces
+    # the router logits (a skipped, all-masked micro-batch adds nothing)
+    aux_coef = args.router_aux_loss_coef if args.router_aux_loss_coef is not None else raw_model.config.router_aux_loss_coef
+    aux_coef = aux_coef if response_tokens(micro_batch) else 0.0
+    router_aux = router_aux_loss(raw_model, padding_mask) if aux_coef else None
     teacher_hidden = None
     if teacher_lambda1 > 0:  # consistency (Eq. 9) needs the pretrained model on the same rows
         with torch.no_grad(), balora.pretrained_mode(raw_model), training.autocast_context(device, dtype):
             # its final hidden states (M, hidden), not its (M, V) logits: the objective forms those chunk by
             # chunk through the LM head (never adapted, so the teacher's own)
             teacher_hidden = raw_model(input_ids, padding_mask, output_mask=output_mask, return_hidden=True)
-    return chunked.nlg_objective_in_chunks(
+    total, components = chunked.nlg_objective_in_chunks(
         student_logits, targets[valid_mask], task_scale, teacher_hidden, lambdas, args.temperature, args.svd_k,
         args.top_k, generator=generator, teacher_head=training.teacher_head(raw_model, device, dtype))
+    if router_aux is not None:
+        total = total + aux_coef * router_aux
+        components["router_aux"] = router_aux.detach()
+    return total, components
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +387,7 @@ def main(argv=None):
         # summed over micro-batches (and ranks), kept on the device until the step ends (one sync): the
         # objective, the task CE sum, each regularizer and how many micro-batches computed it, tokens, skips
         sums = dict.fromkeys(["total", "task", "tokens", "skipped", *balora.REGULARIZERS,
-                              *(name + "_n" for name in balora.REGULARIZERS)], 0.0)
+                              *(name + "_n" for name in balora.REGULARIZERS), "router_aux", "router_aux_n"], 0.0)
         for micro_step, micro_batch in enumerate(micro_batches):
             last_micro_step, micro_lambdas = micro_step == grad_accum - 1, step_lambdas
             if not response_tokens(micro_batch):
@@ -493,6 +506,8 @@ def step_record(step, lr, lambdas, sums, task_tokens, skipped_batches, grad_norm
               "task": sums["task"]}
     for name in balora.REGULARIZERS:
         record[name] = sums[name] / sums[name + "_n"] if sums[name + "_n"] else None
+    if sums["router_aux_n"]:  # MoE with --router-aux-loss-coef > 0: the mean over the micro-batches
+        record["router_aux"] = sums["router_aux"] / sums["router_aux_n"]
     record.update(total=sums["total"], tokens=int(sums["tokens"]), task_tokens=int(task_tokens),
                   skipped_batches=skipped_batches, grad_norm=float(grad_norm), time=seconds)
     return record

@@ -210,7 +210,7 @@ def nlg_step():
     tokenizer = Tokenizer(model_dir)
     examples = load_examples(os.path.join(ASSETS, "data", "metamath_train.jsonl"), "metamath", 4)
     micro_batch = collate(tokenizer, examples, 64, "alpaca")
-    args = types.SimpleNamespace(reg_tokens="task", temperature=2.0, svd_k=4, top_k=20)
+    args = types.SimpleNamespace(reg_tokens="task", temperature=2.0, svd_k=4, top_k=20, router_aux_loss_coef=None)
 
     def run(lambdas):
         torch.manual_seed(0)

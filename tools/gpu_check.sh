@@ -18,6 +18,9 @@
 #   5. 20 train_nlu.py steps of BA-LoRA on T5-base's shape (random weights, tools/random_t5.py: no checkpoint
 #      offline) under B.4's T5 recipe (fp32, batch 32, 128 tokens) on the toy NLI task, on CUDA
 #      -> OUT_DIR/train_nlu_t5/, OUT_DIR/train_nlu_t5.log
+#   6. MoE: a tiny random Mixtral written by transformers, bf16 logits and routing against transformers on
+#      CUDA (tools/moe_check.py), then 10 train_nlg.py steps on it in bf16 with LoRA on the experts and the
+#      router's load-balancing loss, padded micro-batches -> OUT_DIR/tiny_mixtral/, OUT_DIR/moe_*.log
 #
 # Every step's command is printed, and OUT_DIR/summary.txt says which ran and passed. Needs
 # transformers and peft (requirements-dev.txt) for the peer variants, and SmolLM2 (tools/get_smollm2.sh,
@@ -71,5 +74,11 @@ run gemma "$PYTHON" -m pytest -q -rs tests/test_model_gemma.py -k cuda
 run random_t5 "$PYTHON" tools/random_t5.py "$OUT_DIR/random-t5-base" --shape base
 run train_nlu_t5 "$PYTHON" train_nlu.py --model "$OUT_DIR/random-t5-base" --task nli --data assets/data/nli_train.jsonl \
     --validation-file assets/data/nli_validation.jsonl --max-steps 20 --device cuda --no-progress --out "$OUT_DIR/train_nlu_t5"
+# 6. the sparse-MoE decoder: parity in bf16, then training steps (micro-batches of 2: padded, explicit mask)
+run moe_parity "$PYTHON" tools/moe_check.py --out "$OUT_DIR/tiny_mixtral" --device cuda --dtype bf16
+run moe_train_nlg "$PYTHON" train_nlg.py --model "$OUT_DIR/tiny_mixtral" --data assets/data/metamath_train.jsonl \
+    --format metamath --method balora --max-steps 10 --batch-size 4 --micro-batch-size 2 --max-length 128 --rank 8 \
+    --alpha 16 --lr 1e-3 --lambda-warmup-ratio 0 --targets q_proj,v_proj,w1,w2,w3 --router-aux-loss-coef 0.02 \
+    --dtype bf16 --device cuda --no-progress --save-every 0 --out "$OUT_DIR/moe_train_nlg"
 
 ! grep -q FAILED "$SUMMARY"
