@@ -1489,7 +1489,7 @@ def run_label(path):
     """A model or adapter in a results file's name: a hub id's org--name, a directory's name, and for a
     trainer's <out>/adapter the run's folder (out/nlg/adapter: nlg)."""
     path = os.path.normpath(path)
-    if not os.path.exists(path) and "/" in path and not os.path.isabs(path):
+    if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):  # org/name, not yet a file
         return path.replace("/", "--")
     name = os.path.basename(path)
     if name in ("adapter", "peft_adapter"):
