@@ -142,7 +142,8 @@ def nlg_objective_in_chunks(student_logits, targets, task_scale, teacher, lambda
     task_scale * sum_i CE(z_i, y_i) + balora.nlg_objective's regularizers (Eq. 13), scheduled by
     objective_in_chunks. The cross-entropy sum runs over the rows whose target is not -100 (targets
     (M,), or None for no task term); components["task"] is that sum, unscaled. `teacher` and
-    `teacher_head` as objective_in_chunks (the trainer gives the teacher's hidden states and lm_head).
+    `teacher_head` as objective_in_chunks (the trainer gives the teacher's hidden states and
+    training.teacher_head, which applies model.logits).
     """
     balora._check_matrix("nlg_objective_in_chunks", student_logits)
     if targets is not None and targets.shape != student_logits.shape[:1]:

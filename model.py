@@ -955,7 +955,7 @@ class Llama(nn.Module):
         The LM head is the largest matmul of a small model and its (B, T, V) output the largest
         activation, so a trainer that needs M < B * T rows should not pay for the rest.
         return_hidden: return the final (normed) hidden states instead, (B, T, hidden) or (M, hidden),
-        whose logits are self.lm_head(them): the teacher of Eq. 9 forms them chunk by chunk.
+        whose logits are self.logits(them): the teacher of Eq. 9 forms them chunk by chunk.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
