@@ -373,7 +373,7 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-mode, warm_up, measured = sys.argv[1:]
+mode, warm_up, measured, report = sys.argv[1:]
 lora = dict(target_modules="all-linear", r=4, alpha=8, init="lora")
 
 def load(path):
@@ -390,7 +390,10 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status("VmRSS")
 model = load(measured)
-print("PEAK", json.dumps(dict(rank=int(os.environ.get("RANK", 0)), growth=status("VmHWM") - before)))
+rank = int(os.environ.get("RANK", 0))
+# each rank writes its own file: two ranks' lines on one shared stdout pipe are one failure mode too many
+with open(os.path.join(report, f"peak_{{rank}}.json"), "w") as f:
+    json.dump(dict(rank=rank, growth=status("VmHWM") - before), f)
 if mode == "fsdp":
     torch.distributed.destroy_process_group()
 """
@@ -419,8 +422,11 @@ def write_llama(directory, layers):
     return sum(v.numel() * 4 for v in state.values()), block
 
 
-def peaks(output):
-    return [json.loads(line.split("PEAK ", 1)[1]) for line in output.splitlines() if "PEAK " in line]
+def peaks(report, run):
+    """The peaks the probe's ranks wrote into the folder `report`; `run` (its CompletedProcess) explains a missing one."""
+    found = [json.loads(path.read_text()) for path in sorted(report.glob("peak_*.json"))]
+    assert found, run.stdout[-2000:] + run.stderr[-4000:]
+    return found
 
 
 @pytest.mark.slow
@@ -442,11 +448,15 @@ def test_fsdp_loading_peaks_below_half_the_model_plus_one_block_per_rank(tmp_pat
     # threshold makes them behave as full-size weights do.
     env = dict(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     # the probe sees a whole-model load: one process (Llama.from_pretrained) peaks above the model
-    single = subprocess.run([sys.executable, str(probe), "single", str(tmp_path / "warm_up"), str(tmp_path / "measured")],
-                            env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert peaks(single.stdout)[0]["growth"] > model_bytes, (peaks(single.stdout), model_bytes)
-    sharded = peaks(torchrun(str(probe), "fsdp", str(tmp_path / "warm_up"), str(tmp_path / "measured"), **env).stdout)
-    assert sorted(p["rank"] for p in sharded) == [0, 1]
+    (tmp_path / "single").mkdir()
+    (tmp_path / "fsdp").mkdir()
+    run = subprocess.run([sys.executable, str(probe), "single", str(tmp_path / "warm_up"), str(tmp_path / "measured"),
+                          str(tmp_path / "single")], env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = peaks(tmp_path / "single", run)
+    assert single[0]["growth"] > model_bytes, (single, model_bytes)
+    run = torchrun(str(probe), "fsdp", str(tmp_path / "warm_up"), str(tmp_path / "measured"), str(tmp_path / "fsdp"), **env)
+    sharded = peaks(tmp_path / "fsdp", run)
+    assert sorted(p["rank"] for p in sharded) == [0, 1], (sharded, run.stdout[-2000:], run.stderr[-4000:])
     for peak in sharded:
         assert peak["growth"] < bound, (peak, bound)
