@@ -18,7 +18,9 @@ budget). The methods are read from training.METHODS: a method added there is a r
     python tools/baselines.py --budget full --device cuda      # the paper's recipe (B.4) on a GPU
 
 Runs go to --out (default out/baselines/<budget>); results.json and table.md to --table-dir (default
-assets/baselines/<budget>/).
+assets/baselines/<budget>/). A run that finished (its result.json, beside the argv it ran with) is
+reused, so an interrupted table continues where it stopped. BitFit gets no NLG run on a model without
+bias terms (SmolLM2, every LLaMA); MiLoRA runs with the exact SVD (--pissa-niter finds only the top).
 """
 
 import argparse
@@ -96,6 +98,33 @@ def child(trainer, device, peak_path, argv_json):
         json.dump({"peak_memory_bytes": peak_memory_bytes(device)}, f)
 
 
+def reused(run_dir, argv):
+    """The result a finished run left in run_dir/result.json, when it ran with the same argv (else None)."""
+    path = os.path.join(run_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["result"] if saved["argv"] == argv else None
+
+
+def keep(run_dir, argv, result):
+    """Write a finished run's result beside its argv (atomically): an interrupted table continues from it."""
+    path = os.path.join(run_dir, "result.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"argv": argv, "result": result}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def nlg_applies(method, model):
+    """Whether `method` can train the NLG model: BitFit needs bias terms, which LLaMA-family models lack."""
+    if training.METHODS[method].kind != "bitfit":
+        return True
+    from model import checkpoint_keys
+    return any(key.endswith(".bias") for key in checkpoint_keys(model))
+
+
 def nlg_run(args, budget, reference, method, seed, data_path):
     """train_nlg.py with `method` under the recipe, then tools/real_experiment.py's measurements."""
     run_dir = os.path.join(args.out, "nlg", method, f"seed{seed}")
@@ -103,6 +132,13 @@ def nlg_run(args, budget, reference, method, seed, data_path):
     # method (training.lambdas_of) applies: swap in the method
     argv = real_experiment.trainer_argv(args, budget, "BA-LoRA", seed, data_path, run_dir)
     argv[argv.index("--method") + 1] = method
+    argv.append("--overwrite")  # a run without result.json was interrupted: start it again
+    if training.METHODS[method].init == "milora" and "--pissa-niter" in argv:
+        # a randomized SVD finds the top of the spectrum; MiLoRA's minor components need the exact one
+        del argv[argv.index("--pissa-niter"):argv.index("--pissa-niter") + 2]
+    if (result := reused(run_dir, argv)) is not None:
+        return result
+    started = time.time()
     seconds, peak = train("nlg", argv, args.device, BUDGETS[args.budget]["isolate"])
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         step_times = [json.loads(line)["time"] for line in f]
@@ -115,13 +151,14 @@ def nlg_run(args, budget, reference, method, seed, data_path):
     result.update(real_experiment.measure(real_experiment.load_model(args.model, adapter_dir, args.device), reference, budget))
     if method in MAIN:
         result.update(real_experiment.gsm8k_accuracy(args, budget, adapter_dir, os.path.join(run_dir, "gsm8k.json")))
-    return result
+    result["nlg_wall_seconds"] = time.time() - started  # training and every measurement
+    return keep(run_dir, argv, result)
 
 
 def nlu_run(args, method, seed):
     """train_nlu.py's toy preset with `method`: best validation accuracy, trainable parameters, time per step."""
     run_dir = os.path.join(args.out, "nlu", method, f"seed{seed}")
-    argv = ["--method", method, "--seed", str(seed), "--out", run_dir, "--no-progress", "--device", args.device]
+    argv = ["--method", method, "--seed", str(seed), "--out", run_dir, "--no-progress", "--device", args.device, "--overwrite"]
     for key, value in BUDGETS[args.budget]["nlu"].items():
         if key == "validation_examples":  # the first ones, as a file of their own
             path = os.path.join(args.out, f"nli_validation_{value}.jsonl")
@@ -130,15 +167,18 @@ def nlu_run(args, method, seed):
             argv += ["--validation-file", path]
         else:
             argv += ["--" + key.replace("_", "-"), str(value)]
+    if (result := reused(run_dir, argv)) is not None:
+        return result
     seconds, peak = train("nlu", argv, args.device, BUDGETS[args.budget]["isolate"])
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     accuracy = max(record["validation"]["validation"]["accuracy"] for record in log if "validation" in record)
     best = torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu", weights_only=True)  # the trainable parameters
     steps_run = max(record["step"] for record in log)
-    return {"method": method, "seed": seed, "nli_accuracy": accuracy, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
-            # the whole run (evaluation included) over its steps: train_nlu.py logs no per-step time
-            "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak}
+    return keep(run_dir, argv, {
+        "method": method, "seed": seed, "nli_accuracy": accuracy, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
+        # the whole run (evaluation included) over its steps: train_nlu.py logs no per-step time
+        "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak, "nlu_wall_seconds": seconds})
 
 
 # -----------------------------------------------------------------------------
@@ -230,23 +270,31 @@ def main(argv=None):
     runs = []
     for method in args.methods:
         for seed in budget["main_seeds"] if method in MAIN else [FIRST_SEED]:
-            run = nlg_run(args, budget["nlg"], reference, method, seed, data_path)
+            if nlg_applies(method, args.model):
+                run = nlg_run(args, budget["nlg"], reference, method, seed, data_path)
+            else:
+                run = {"method": method, "seed": seed}
+                print(f"{method}: no NLG run ({os.path.basename(os.path.normpath(args.model))} has no bias terms)")
             if seed == FIRST_SEED:
-                run.update(nlu_run(args, method, seed))
+                run = dict(run, **nlu_run(args, method, seed))
             runs.append(run)
-            print(f"{method}, seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items() if isinstance(v, float)))
+            print(f"{method}, seed {seed} ({time.time() - started:.0f} s so far): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in run.items() if isinstance(v, float)), flush=True)
     summary = summarize(runs)
     results = {"budget": args.budget, "model": os.path.basename(os.path.normpath(args.model)), "device": args.device,
                "threads": args.threads, "nlg_settings": budget["nlg"], "nlu_changes": budget["nlu"],
                "methods": {m: vars(training.METHODS[m]) for m in args.methods}, "runs": runs, "summary": summary,
-               "wall_seconds": time.time() - started}
+               "wall_seconds": time.time() - started,
+               # the runs' own times: the whole table's cost, also when earlier invocations ran some of them
+               "runs_wall_seconds": sum(run.get("nlg_wall_seconds", 0) + run.get("nlu_wall_seconds", 0) for run in runs)}
     os.makedirs(args.table_dir, exist_ok=True)
     with open(os.path.join(args.table_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = render_table(summary)
     with open(os.path.join(args.table_dir, "table.md"), "w") as f:
-        f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs in "
-                f"{results['wall_seconds']:.0f} s on {args.device} ({args.threads} threads)\n\n" + table)
+        f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs, {results['runs_wall_seconds']:.0f} s "
+                f"of training and measurement on {args.device} ({args.threads} threads); this invocation "
+                f"{results['wall_seconds']:.0f} s, the shared references included\n\n" + table)
     print(table)
     print(f"{len(runs)} runs in {results['wall_seconds']:.0f} s; table in {args.table_dir}")
     return results
