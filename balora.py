@@ -261,8 +261,9 @@ def all_finite(tensor):
     """
     No entry is NaN or +-inf. Through min and max (NaN when any entry is, +-inf when one is) rather than
     isfinite(tensor).all(), so that checking a 7B checkpoint's matrices allocates no mask as large as one.
+    A tensor on the meta device (shapes only: a model sized before it is loaded) has no entry to check.
     """
-    return tensor.numel() == 0 or all(torch.isfinite(extreme) for extreme in torch.aminmax(tensor))
+    return tensor.numel() == 0 or tensor.is_meta or all(torch.isfinite(extreme) for extreme in torch.aminmax(tensor))
 
 
 def lora_layers(model):

@@ -685,6 +685,21 @@ class RankAllocator:
         elif self.masks is not None:
             self.apply_masks(model)
 
+    def state_dict(self, model):
+        """The averages Ibar, U (by parameter name) and the masks: what a checkpoint needs to continue exactly."""
+        names = {p: name for name, p in model.named_parameters()}
+        return {"sensitivity": {names[p]: t.clone() for p, t in self.sensitivity.items()},
+                "uncertainty": {names[p]: t.clone() for p, t in self.uncertainty.items()},
+                "masks": None if self.masks is None else dict(self.masks)}
+
+    def load_state_dict(self, model, state):
+        """Restore state_dict(model) of the same layers, onto this model's parameters."""
+        parameters = dict(model.named_parameters())
+        self.sensitivity = {parameters[name]: t.to(parameters[name].device) for name, t in state["sensitivity"].items()}
+        self.uncertainty = {parameters[name]: t.to(parameters[name].device) for name, t in state["uncertainty"].items()}
+        self.masks = None if state["masks"] is None else {name: m.to(parameters[name + ".lora_E"].device)
+                                                          for name, m in state["masks"].items()}
+
     def ranks(self):
         """{layer name: kept ranks} after the last allocation (None before the first)."""
         return None if self.masks is None else {name: int(mask.sum()) for name, mask in self.masks.items()}

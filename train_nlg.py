@@ -356,7 +356,7 @@ def main(argv=None):
             args, model, model, micro_batch, (0.0,) * len(lambdas), 0.0, 1 / max(1, response_tokens(micro_batch)),
             None, device, dtype)[0]
         for micro_batch in step_micro_batches(args, examples, tokenizer, prompt_format, 0, 0, 1)])
-    allocator = training.rank_allocator(model, method, total_steps, args.resume)  # AdaLoRA's rank budget, else None
+    allocator = training.rank_allocator(model, method, total_steps)  # AdaLoRA's rank budget, else None
     raw_model = model  # the teacher pass and checkpoints use the module itself, never the DDP wrapper
     if ddp:  # (fully_shard changes the module in place: under --fsdp, model is raw_model)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -370,7 +370,7 @@ def main(argv=None):
         checkpoint_path = os.path.join(args.out, "checkpoint", fsdp.LATEST)
     start_step, skipped_batches, reporter = 0, 0, None
     if args.resume:
-        start_step, skipped_batches = resume(args, checkpoint_path, raw_model, optimizer, scheduler)
+        start_step, skipped_batches = resume(args, checkpoint_path, raw_model, optimizer, scheduler, allocator)
     skipped_at_start = skipped_batches
     if is_master:
         reporter = start_run(args, defaults, start_step, log_path, prompt_format, examples, total_steps, world_size,
@@ -439,7 +439,7 @@ def main(argv=None):
             show_progress(progress, record)
         interrupted = step + 1 < total_steps and interrupt.requested()
         if interrupted or (args.save_every and (step + 1) % args.save_every == 0):
-            save(args, checkpoint_path, raw_model, optimizer, scheduler, step + 1, skipped_batches)
+            save(args, checkpoint_path, raw_model, optimizer, scheduler, allocator, step + 1, skipped_batches)
         if interrupted:
             progress.close()
             interrupt.stop(step + 1, checkpoint_path, argv, is_master)
@@ -455,7 +455,7 @@ def main(argv=None):
 # Around the loop: resume, the step's record, checkpoints, the end of the run
 
 
-def resume(args, checkpoint_path, raw_model, optimizer, scheduler):
+def resume(args, checkpoint_path, raw_model, optimizer, scheduler, allocator):
     """Load the checkpoint into the model, optimizer, scheduler and RNG; refuse other flags. Returns (step, skipped)."""
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r}")
@@ -463,7 +463,7 @@ def resume(args, checkpoint_path, raw_model, optimizer, scheduler):
         checkpoint = fsdp.load_checkpoint(os.path.dirname(checkpoint_path), raw_model, optimizer, scheduler)
         training.set_rng_state(checkpoint["rng"])
     else:
-        checkpoint = training.load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
+        checkpoint = training.load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, allocator)
     training.check_resume_config(checkpoint["config"], training.run_config(args), checkpoint_path)
     return checkpoint["step"], checkpoint["data_state"]["skipped_batches"]
 
@@ -521,7 +521,7 @@ def show_progress(progress, record):
     progress.update(1)
 
 
-def save(args, checkpoint_path, raw_model, optimizer, scheduler, step, skipped_batches):
+def save(args, checkpoint_path, raw_model, optimizer, scheduler, allocator, step, skipped_batches):
     """The checkpoint after `step` steps: <out>/checkpoint.pt, or under --fsdp the sharded <out>/checkpoint/."""
     data_state, config = {"step": step, "skipped_batches": skipped_batches}, training.run_config(args)
     if args.fsdp:
@@ -529,7 +529,7 @@ def save(args, checkpoint_path, raw_model, optimizer, scheduler, step, skipped_b
                              training.rng_state(), data_state, config)
     else:
         training.save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step, data_state=data_state,
-                                 config=config)
+                                 config=config, allocator=allocator)
 
 
 def finish_run(args, raw_model, total_steps, start_step, num_micro_batches, skipped_in_run, skipped_batches, is_master,

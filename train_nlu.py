@@ -375,7 +375,7 @@ def main(argv=None):
             task, raw_model(ids.to(device), attention_mask=mask.to(device)), None, labels.to(device),
             (0.0,) * len(lambdas), args.temperature, args.svd_k)[0]
         for ids, mask, labels in calibration])
-    allocator = training.rank_allocator(raw_model, method, total_steps, args.resume)  # AdaLoRA's rank budget, else None
+    allocator = training.rank_allocator(raw_model, method, total_steps)  # AdaLoRA's rank budget, else None
     primary_split, primary_metric = task.validation_splits[0], task.metrics[0]
     baseline = glue.majority_baseline(task, train_labels, validation[primary_split][1])
 
@@ -387,7 +387,7 @@ def main(argv=None):
     if args.resume:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path!r} (the interrupted run's --out?)")
-        checkpoint = training.load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler)
+        checkpoint = training.load_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, allocator)
         training.check_resume_config(checkpoint["config"], training.run_config(args), checkpoint_path)
         step, best = checkpoint["step"], checkpoint["data_state"]["best"]
     if is_master:
@@ -466,7 +466,7 @@ def main(argv=None):
         interrupted = not last and interrupt.requested()
         if last or interrupted or (args.save_every and step % args.save_every == 0) or (not args.save_every and end_of_epoch):
             training.save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, step, data_state={"best": best},
-                                     config=training.run_config(args))
+                                     config=training.run_config(args), allocator=allocator)
         if interrupted:
             progress.close()
             interrupt.stop(step, checkpoint_path, argv, is_master)

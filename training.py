@@ -116,18 +116,13 @@ def calibrate(model, method, losses):
         baselines.calibrate(model, method.calibration, losses)
 
 
-def rank_allocator(model, method, total_steps, resume):
+def rank_allocator(model, method, total_steps):
     """
     AdaLoRA: its rank budget over the run (baselines.adalora_allocator), whose update_and_allocate(model,
     step) the trainer calls after optimizer.step() and before zero_grad(). Other methods: None. Its
-    importance averages are not in the checkpoints, so an AdaLoRA run cannot resume exactly: refused.
+    importance averages and masks travel in the checkpoints (save_checkpoint's `allocator`).
     """
-    if not method.adalora:
-        return None
-    if resume:
-        raise ValueError("--resume: an AdaLoRA run keeps its rank allocator's importance averages outside the "
-                         "checkpoint and cannot continue exactly; start it again")
-    return baselines.adalora_allocator(model, total_steps)
+    return baselines.adalora_allocator(model, total_steps) if method.adalora else None
 
 
 def parameter_groups(model, weight_decay):
@@ -278,11 +273,11 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, config=None):
+def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, config=None, allocator=None):
     """
     Everything needed to continue a run exactly: the trainable weights (adapter, plus any head),
-    optimizer and scheduler state, the step, the data position (`data_state`, any dict) and the RNG
-    states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
+    optimizer and scheduler state, the step, the data position (`data_state`, any dict), AdaLoRA's
+    rank allocator (`allocator`: its importance averages and masks) and the RNG states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
     rank 0 writes `path` atomically. `model` is the unwrapped module (not the DDP wrapper).
     """
     check_finite_parameters(model, path)  # identical on every rank, so all ranks raise together
@@ -299,16 +294,17 @@ def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, co
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "data_state": data_state,
+        "allocator": None if allocator is None else allocator.state_dict(model),
         "rng": rng,
         "config": config,
     }
     atomic_torch_save(checkpoint, path)
 
 
-def load_checkpoint(path, model, optimizer, scheduler):
+def load_checkpoint(path, model, optimizer, scheduler, allocator=None):
     """
-    Restore a save_checkpoint file into `model` (unwrapped), `optimizer` and `scheduler`, and restore
-    this rank's RNG state. Returns the checkpoint dict (step, data_state, config, ...).
+    Restore a save_checkpoint file into `model` (unwrapped), `optimizer`, `scheduler` and AdaLoRA's
+    `allocator`, and restore this rank's RNG state. Returns the checkpoint dict (step, data_state, config, ...).
     The model must already carry the same adapter structure (add_lora with the same settings).
     """
     try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when read
@@ -326,6 +322,8 @@ def load_checkpoint(path, model, optimizer, scheduler):
             p.copy_(checkpoint["trainable"][name])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if allocator is not None:
+        allocator.load_state_dict(model, checkpoint["allocator"])
     rank, world_size = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

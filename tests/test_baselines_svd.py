@@ -17,6 +17,7 @@ import baselines
 from adapters import export_peft, load_adapter, save_adapter
 from balora import add_lora, lora_layers, pretrained_mode
 from test_balora import TARGETS, input_ids, logits_of, rel_err, tiny_llama, train_a_few_steps
+from test_train_nlg import run_killed_and_resumed, tiny  # noqa: F401  (the tiny checkpoint fixture)
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
@@ -223,16 +224,27 @@ def test_orthogonality_regularizer_is_the_mean_frobenius_distance():
     assert rel_err(baselines.orthogonality_regularizer(ours), torch.stack(naive).mean()) <= 1e-6
 
 
-def test_adalora_runs_refuse_to_resume_and_get_the_recipes_allocator():
+def test_the_trainers_get_the_recipes_allocator_for_adalora_only():
     import training
 
     model = tiny_llama()
     baselines.add_adalora(model, TARGETS, r=INIT_R, alpha=ALPHA)
-    with pytest.raises(ValueError, match="--resume"):
-        training.rank_allocator(model, training.METHODS["adalora+reg"], 100, resume=True)
-    allocator = training.rank_allocator(model, training.METHODS["adalora"], 100, resume=False)
+    allocator = training.rank_allocator(model, training.METHODS["adalora"], 100)
     assert (allocator.target_r, allocator.tinit, allocator.tfinal, allocator.deltaT) == (4, 10, 20, 1)
-    assert training.rank_allocator(model, training.METHODS["lora"], 100, resume=True) is None
+    assert training.rank_allocator(model, training.METHODS["lora"], 100) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_step", [8, 14])
+def test_adalora_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path, monkeypatch, at_step):  # noqa: F811
+    """
+    16 steps: warm-up to step 1, the cubic budget to step 13, then the final mask (t_init 10%, t_final 20%).
+    Killed at 8 the importance averages and the masks must come back from the checkpoint; killed at 14 the
+    fixed final mask must. Without them the resumed run allocates other ranks.
+    """
+    common = ["--method", "adalora+reg", "--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "16",
+              "--save-every", "2", "--lr", "1e-2", "--lambda-warmup-ratio", "0", "--svd-k", "3", "--top-k", "5"]
+    run_killed_and_resumed(tiny, tmp_path, monkeypatch, common, at_step=at_step)
 
 
 def test_adalora_exports_as_lora_and_round_trips(tmp_path):

@@ -24,6 +24,8 @@ bias terms (SmolLM2, every LLaMA); MiLoRA runs with the exact SVD (--pissa-niter
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -182,6 +184,58 @@ def nlu_run(args, method, seed):
 
 
 # -----------------------------------------------------------------------------
+# #Params at the paper's scale: each method applied by the trainers' own code (training.adapt, then
+# training.build_optimizer, which freezes LoRA-FA's A) to the paper's models built on the meta device
+# (shapes, no values): LLaMA-2-7B at r = 128 on every linear layer (Table 1's setup, Sec. 3.1; Table 1
+# has no #Params column) and DeBERTa-v3-base at r = 8 on every encoder linear layer (Table 2's), its
+# classification head left out of the count as Table 2 does.
+
+LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+             "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False}
+DEBERTA_V3_BASE = {"model_type": "deberta-v2", "vocab_size": 128100, "hidden_size": 768, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+                   "relative_attention": True, "share_att_key": True, "norm_rel_ebd": "layer_norm",
+                   "position_biased_input": False, "pos_att_type": ["p2c", "c2p"], "position_buckets": 256,
+                   "max_relative_positions": -1, "type_vocab_size": 0, "layer_norm_eps": 1e-7, "pad_token_id": 0}
+TABLE2_PARAMS = {"full": "184M", "bitfit": "0.1M", "hadapter": "1.22M", "padapter": "1.18M", "lora": "1.33M",
+                 "dora": "1.27M", "adalora": "1.27M", "pissa": "1.33M", "balora": "1.33M"}  # Table 2's column
+DEBERTA_HEAD = ("classifier.", "pooler.")
+
+
+def paper_scale_parameters(method, architecture):
+    """Trainable parameters of `method` on "llama-2-7b" or "deberta-v3-base" (None where it does not apply)."""
+    from model import DebertaClassifier, DebertaConfig, Llama, LlamaConfig
+
+    spec = training.METHODS[method]
+    with torch.device("meta"):
+        if architecture == "llama-2-7b":
+            model, targets, r, head = Llama(LlamaConfig.from_hf(LLAMA2_7B)), "all-linear", 128, ()
+        else:
+            model = DebertaClassifier(DebertaConfig.from_hf(DEBERTA_V3_BASE), num_labels=2)
+            targets, r, head = train_nlu.TARGET_MODULES.split(","), 8, DEBERTA_HEAD
+        try:
+            training.adapt(model, "none", "none", kind=spec.kind, adalora=spec.adalora, target_modules=targets, r=r,
+                           alpha=r, init="lora", dora=spec.dora)  # the init changes values, never the count
+        except ValueError:  # BitFit on a model without biases
+            return None
+        training.build_optimizer(model, 1e-4, 0.0, spec)
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(head))
+
+
+def render_paper_scale(methods):
+    """The #Params table: each method on LLaMA-2-7B and DeBERTa-v3-base, beside Table 2's number."""
+    def millions(count):
+        return "–" if count is None else f"{count / 1e6:,.2f}M"
+
+    lines = ["| method | LLaMA-2-7B, r = 128 | DeBERTa-v3-base, r = 8 | Table 2 |", "|---|---|---|---|"]
+    for method in dict.fromkeys(m.removesuffix("+reg") for m in methods):  # the regularizers train nothing
+        lines.append(f"| {method} | {millions(paper_scale_parameters(method, 'llama-2-7b'))} | "
+                     f"{millions(paper_scale_parameters(method, 'deberta-v3-base'))} | {TABLE2_PARAMS.get(method, '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # The table
 
 
@@ -247,16 +301,20 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--out", default=None, help="the runs (default: out/baselines/<budget>)")
     parser.add_argument("--table-dir", default=None, help="results.json and table.md (default: assets/baselines/<budget>)")
+    parser.add_argument("--params-only", action="store_true", help="print the #Params table at the paper's scale "
+                        "(LLaMA-2-7B, DeBERTa-v3-base; seconds, no model files) and stop")
     args = parser.parse_args(argv)
+    args.methods = list(training.METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in args.methods if m not in training.METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(training.METHODS)}")
+    if args.params_only:
+        return args
     args.model = args.model or BUDGETS[args.budget]["model"]
     args.out = args.out or os.path.join("out", "baselines", args.budget)
     args.table_dir = args.table_dir or os.path.join(REPO, "assets", "baselines", args.budget)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no config.json (for SmolLM2: bash tools/get_smollm2.sh)")
-    args.methods = list(training.METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in args.methods if m not in training.METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {list(training.METHODS)}")
     if "lora" not in args.methods:
         args.methods.insert(0, "lora")  # the reference of the relative columns
     return args
@@ -264,6 +322,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.params_only:
+        with contextlib.redirect_stdout(io.StringIO()):  # add_lora's summary lines
+            table = render_paper_scale(args.methods)
+        print(table)
+        return table
     budget = BUDGETS[args.budget]
     started = time.time()
     data_path, reference, _ = real_experiment.prepare_data(args, budget["nlg"])
@@ -292,9 +355,13 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     table = render_table(summary)
     with open(os.path.join(args.table_dir, "table.md"), "w") as f:
+        with contextlib.redirect_stdout(io.StringIO()):  # add_lora's summary lines
+            paper_scale = render_paper_scale(args.methods)
         f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs, {results['runs_wall_seconds']:.0f} s "
                 f"of training and measurement on {args.device} ({args.threads} threads); this invocation "
-                f"{results['wall_seconds']:.0f} s, the shared references included\n\n" + table)
+                f"{results['wall_seconds']:.0f} s, the shared references included\n\n" + table
+                + "\n#Params at the paper's scale, counted by the trainers' own code on the models' shapes "
+                "(python tools/baselines.py --params-only):\n\n" + paper_scale)
     print(table)
     print(f"{len(runs)} runs in {results['wall_seconds']:.0f} s; table in {args.table_dir}")
     return results
