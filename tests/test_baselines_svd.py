@@ -8,12 +8,14 @@ whose logits are ours.
 
 import copy
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import baselines
+import training
 from adapters import export_peft, load_adapter, save_adapter
 from balora import add_lora, lora_layers, pretrained_mode
 from test_balora import TARGETS, input_ids, logits_of, rel_err, tiny_llama, train_a_few_steps
@@ -225,8 +227,6 @@ def test_orthogonality_regularizer_is_the_mean_frobenius_distance():
 
 
 def test_the_trainers_get_the_recipes_allocator_for_adalora_only():
-    import training
-
     model = tiny_llama()
     baselines.add_adalora(model, TARGETS, r=INIT_R, alpha=ALPHA)
     allocator = training.rank_allocator(model, training.METHODS["adalora"], 100)
@@ -286,3 +286,66 @@ def test_baselines_tool_smoke_runs_every_kind_of_method_into_one_table(tmp_path)
     table = (tmp_path / "table" / "table.md").read_text()
     assert all(f"| {method} |" in table for method in rows)
     assert json.loads((tmp_path / "table" / "results.json").read_text())["budget"] == "smoke"
+    # run again: every finished run is reused, not trained again
+    log = tmp_path / "runs" / "nlg" / "adalora" / "seed42" / "log.jsonl"
+    written = log.stat().st_mtime_ns
+    again = tool.main(["--budget", "smoke", "--methods", ",".join(methods), "--threads", "1",
+                       "--out", str(tmp_path / "runs"), "--table-dir", str(tmp_path / "table")])
+    assert again["runs"] == results["runs"] and log.stat().st_mtime_ns == written
+
+
+def test_paper_scale_params_come_from_the_trainers_code_and_match_the_arithmetic():
+    """
+    tools/baselines.py's #Params table applies each method to LLaMA-2-7B and DeBERTa-v3-base on the
+    meta device; the counts equal the arithmetic of each method's factors, and Table 2 where its settings
+    are ours (r = 8 on every encoder linear layer).
+    """
+    import tools.baselines as tool
+
+    def llama(method):
+        return tool.paper_scale_parameters(method, "llama-2-7b")
+
+    def deberta(method):
+        return round(tool.paper_scale_parameters(method, "deberta-v3-base") / 1e6, 2)
+
+    shapes = baselines.llama_linear_shapes()
+    lora = baselines.lora_parameter_count(shapes, r=128)
+    assert all(llama(method) == lora for method in ("lora", "pissa", "balora", "loraplus", "milora", "loraga", "corda"))
+    assert llama("lorafa") == baselines.lora_parameter_count(shapes, r=128, train_A=False)
+    assert llama("dora") == lora + sum(fan_out for fan_out, _ in shapes)  # a magnitude per output feature
+    assert llama("adalora") == lora + 128 * len(shapes)  # Lambda: r entries per matrix
+    # embedding and head 2 x 32000 x 4096; per layer 4 x 4096^2 (attention) + 3 x 4096 x 11008 (MLP) + 2 norms; final norm
+    assert llama("full") == 2 * 32000 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 == 6_738_415_616
+    assert llama("bitfit") is None  # LLaMA has no biases
+    assert (deberta("lora"), deberta("pissa"), deberta("bitfit"), round(deberta("full"))) == (1.33, 1.33, 0.1, 184)
+    assert (deberta("hadapter"), deberta("padapter")) == (1.20, 1.19)  # Table 2: 1.22M, 1.18M (docs/baselines.md)
+
+
+def test_update_readme_replaces_only_the_table_between_the_markers(tmp_path):
+    import tools.baselines as tool
+
+    runs = [{"method": "lora", "seed": 42, "trainable_parameters": 10, "step_seconds": 2.0, "gsm8k_ce": 1.5},
+            {"method": "full", "seed": 42, "trainable_parameters": 100, "step_seconds": 3.0, "gsm8k_ce": 1.25}]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{tool.README_BEGIN}\nold table\n{tool.README_END}\nverdict\n")
+    tool.update_readme(tool.summarize(runs), str(readme))
+    table = readme.read_text().split(tool.README_BEGIN + "\n")[1].split(tool.README_END)[0]
+    assert readme.read_text() == f"intro\n{tool.README_BEGIN}\n{table}{tool.README_END}\nverdict\n"
+    assert "| full | 42 | 100 | 1.50 |" in table  # step time over LoRA's: 3.0 / 2.0
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one <!-- baselines:begin -->"):
+        tool.update_readme(tool.summarize(runs), str(readme))
+
+
+def test_readme_baselines_table_is_the_committed_cpu_results():
+    import tools.baselines as tool
+
+    with open(os.path.join(tool.REPO, "assets", "baselines", "cpu", "results.json")) as f:
+        results = json.load(f)
+    assert results["budget"] == "cpu" and results["model"] == "smollm2-135m-instruct"
+    assert {run["method"] for run in results["runs"]} == set(training.METHODS)  # every method is a row
+    with open(tool.README) as f:
+        readme = f.read()
+    table = readme.split(tool.README_BEGIN + "\n")[1].split(tool.README_END)[0]
+    # recomputed from the runs, not copied from the file's own summary
+    assert table == tool.render_table(tool.summarize(results["runs"]), tool.README_COLUMNS)

@@ -359,9 +359,11 @@ def test_ddp_two_processes_equal_one(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["balora", "adalora"])  # AdaLoRA: its rank allocator's state is restored too
+def test_resume_continues_exactly(tiny, tmp_path, monkeypatch, method):
     """A run stopped after its step-2 checkpoint and resumed ends where the uninterrupted run ends."""
-    flags = ["--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--dropout", "0.1"]
+    flags = ["--method", method, "--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
+             "--dropout", "0.1"]
     straight = tmp_path / "straight"
     train_nlu.main(tiny_flags(tiny, straight, *flags))
 

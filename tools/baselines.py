@@ -14,7 +14,7 @@ budget). The methods are read from training.METHODS: a method added there is a r
 "+reg" rows use the paper's lambdas (B.4), the others none; all share every other setting.
 
     python tools/baselines.py --budget smoke                    # assets/tiny-llama, seconds: the CI check
-    bash tools/get_smollm2.sh && python tools/baselines.py --budget cpu   # SmolLM2-135M-Instruct, 2 cores
+    bash tools/get_smollm2.sh && python tools/baselines.py --budget cpu --update-readme  # SmolLM2-135M, 2 cores
     python tools/baselines.py --budget full --device cuda      # the paper's recipe (B.4) on a GPU
 
 Runs go to --out (default out/baselines/<budget>); results.json and table.md to --table-dir (default
@@ -271,7 +271,16 @@ def summarize(runs):
     return rows
 
 
-def render_table(summary):
+# README's table: the columns that compare methods at a glance (assets/baselines/cpu/table.md has all)
+README_COLUMNS = ("trainable_parameters", "step_seconds", "peak_memory_bytes", "gsm8k_ce", "wikitext_kl", "nli_accuracy")
+README = os.path.join(REPO, "README.md")
+README_BEGIN, README_END = "<!-- baselines:begin -->", "<!-- baselines:end -->"
+
+
+def render_table(summary, keys=None):
+    """The markdown table of summarize(runs): every column of COLUMNS, or those whose key is in `keys`."""
+    columns = [column for column in COLUMNS if keys is None or column[0] in keys]
+
     def cell(stats, digits, key):
         if stats is None:
             return "–"
@@ -279,12 +288,25 @@ def render_table(summary):
         text = f"{stats['mean'] * scale:,.{digits}f}"
         return text + (f" ± {stats['std'] * scale:.{digits}f}" if stats["n"] > 1 else "")
 
-    lines = ["| method | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    lines = ["| method | seeds | " + " | ".join(title for _, title, _, _ in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
     for row in summary:
-        cells = [cell(row.get(key), digits, key) for key, _, digits, _ in COLUMNS]
+        cells = [cell(row.get(key), digits, key) for key, _, digits, _ in columns]
         lines.append(f"| {row['method']} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def update_readme(summary, readme_path=README):
+    """Replace README's table between its markers with render_table(summary, README_COLUMNS)."""
+    with open(readme_path) as f:
+        readme = f.read()
+    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
+        raise ValueError(f"{readme_path}: needs one {README_BEGIN} and one {README_END} line around the table")
+    before, rest = readme.split(README_BEGIN)
+    _, after = rest.split(README_END)
+    with open(readme_path + ".tmp", "w") as f:
+        f.write(before + README_BEGIN + "\n" + render_table(summary, README_COLUMNS) + README_END + after)
+    os.replace(readme_path + ".tmp", readme_path)
 
 
 # -----------------------------------------------------------------------------
@@ -301,6 +323,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--out", default=None, help="the runs (default: out/baselines/<budget>)")
     parser.add_argument("--table-dir", default=None, help="results.json and table.md (default: assets/baselines/<budget>)")
+    parser.add_argument("--update-readme", action="store_true", help="also write README.md's table (between its "
+                        "baselines markers) from this run")
     parser.add_argument("--params-only", action="store_true", help="print the #Params table at the paper's scale "
                         "(LLaMA-2-7B, DeBERTa-v3-base; seconds, no model files) and stop")
     args = parser.parse_args(argv)
@@ -363,6 +387,8 @@ def main(argv=None):
                 + "\n#Params at the paper's scale, counted by the trainers' own code on the models' shapes "
                 "(python tools/baselines.py --params-only):\n\n" + paper_scale)
     print(table)
+    if args.update_readme:
+        update_readme(summary)
     print(f"{len(runs)} runs in {results['wall_seconds']:.0f} s; table in {args.table_dir}")
     return results
 
