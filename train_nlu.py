@@ -346,6 +346,9 @@ def main(argv=None):
                                 "build it with tools/make_assets.py)")
     args.model = resolve_model_path(args.model, args.revision)
     family = encoder_family(args.model)
+    if args.merge:  # refused before training when tools/merge_adapter.py cannot rebuild the family (T5)
+        from tools import merge_adapter
+        merge_adapter.check_mergeable(family, f"--merge with --model {args.model}")
     classifier = T5Classifier if family == "t5" else DebertaClassifier
     model = classifier.from_pretrained(args.model, num_labels=task.num_labels, device=device, seed=args.seed)
     tokenizer = glue.TOKENIZERS[model.config.model_type](args.model)

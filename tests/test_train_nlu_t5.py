@@ -133,3 +133,10 @@ def test_adapter_scores_in_eval_py_and_loads_onto_transformers_t5_classifier(tin
         before = T5Classifier.from_pretrained(tiny_t5["model"], num_labels=3, seed=42)(batch_ids, mask)
     assert (our_logits - before).abs().max() > 1e-3  # training moved the adapter and head: not a vacuous match
     assert (peft_logits - our_logits).abs().max() <= 1e-5 * our_logits.abs().max().clamp(min=1.0)
+
+
+def test_merge_is_refused_before_training_a_t5(tiny_t5, tmp_path):
+    """tools/merge_adapter.py rebuilds decoders and DeBERTa / RoBERTa: --merge on a T5 fails at once, nothing written."""
+    with pytest.raises(ValueError, match="a t5 model's adapter cannot be merged"):
+        train_nlu.main(flags(tiny_t5, tmp_path / "run", "--max-steps", "2", "--merge"))
+    assert not (tmp_path / "run" / "log.jsonl").exists()

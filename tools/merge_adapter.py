@@ -49,6 +49,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
 ENCODERS = ("deberta-v2", "roberta")  # model types loaded by model.DebertaClassifier; every other is a decoder
+NOT_MERGED = ("t5", "mt5", "umt5")  # encoder-decoders (t5.py): their adapters stay adapters
+
+
+def check_mergeable(model_type, where="--model"):
+    """One line for a model family this tool cannot rebuild (T5): before anything is trained or written."""
+    if model_type in NOT_MERGED:
+        raise ValueError(f"{where}: a {model_type} model's adapter cannot be merged (merge_adapter.py rebuilds "
+                         "Llama-family decoders and DeBERTa / RoBERTa encoders); keep the adapter directory")
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +282,7 @@ def merge(model_dir, adapter_dir, out_dir, dtype="float32", max_shard_size=MAX_S
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     config = models.read_config(model_dir)
+    check_mergeable(config.get("model_type"), f"--model {model_dir}")
     adapter_config, adapter_tensors = adapters.read_adapter(adapter_dir)
     if "method" in adapter_config:  # adapters.save_baseline: Full FT, BitFit or bottleneck adapters
         raise ValueError(f"{adapter_dir} holds a --method {adapter_config['method']} adapter, not LoRA layers: "
