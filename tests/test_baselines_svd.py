@@ -349,3 +349,27 @@ def test_readme_baselines_table_is_the_committed_cpu_results():
     table = readme.split(tool.README_BEGIN + "\n")[1].split(tool.README_END)[0]
     # recomputed from the runs, not copied from the file's own summary
     assert table == tool.render_table(tool.summarize(results["runs"]), tool.README_COLUMNS)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is Linux's")
+def test_a_child_run_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    """Linux carries ru_maxrss over from the parent at exec; VmHWM starts afresh. The tool's children use VmHWM."""
+    import subprocess
+    import sys
+
+    import tools.baselines as tool
+
+    held = bytearray(1536 * 2**20)  # this process holds 1.5 GiB, touched
+    held[::4096] = b"\x01" * len(held[::4096])
+    code = ("import resource, sys; sys.path.insert(0, {repo!r}); import tools.baselines as tool; "
+            "print(tool.peak_memory_bytes('cpu')[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", code.format(repo=tool.REPO)], capture_output=True,
+                                             text=True, check=True).stdout.split())
+    assert inherited >= len(held) > own  # ru_maxrss would have reported the parent's 1.5 GiB
+    del held
+    # results measured before the source was recorded have no peak in the table; those with it do
+    runs = [{"method": "lora", "seed": 42, "peak_memory_bytes": 100, "peak_memory_source": "own"},
+            {"method": "dora", "seed": 42, "peak_memory_bytes": 150, "peak_memory_source": "own"},
+            {"method": "full", "seed": 42, "peak_memory_bytes": 900}]
+    rows = {row["method"]: row for row in tool.summarize(runs)}
+    assert rows["dora"]["peak_memory_bytes"]["mean"] == 1.5 and "peak_memory_bytes" not in rows["full"]

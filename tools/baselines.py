@@ -68,11 +68,23 @@ FIRST_SEED = 42  # every method runs with it; LoRA's run with it is the referenc
 # One training run, in this process or in its own
 
 
+OWN_PEAKS = ("VmHWM", "cuda.max_memory_allocated")  # the sources that measure a child's own peak
+
+
 def peak_memory_bytes(device):
-    """This process's peak: CUDA memory allocated by torch on a GPU, the resident set (ru_maxrss, KiB on Linux) on a CPU."""
+    """
+    This process's peak: CUDA memory allocated by torch on a GPU; on a CPU its resident-set high-water
+    mark, VmHWM of /proc/self/status (Linux). Not ru_maxrss: Linux carries it over from the parent at
+    exec, so a child of this tool (which holds the base model and the references) would report the
+    parent's size whenever that is larger. Elsewhere ru_maxrss (no /proc), with that caveat.
+    Returns (bytes, the source's name).
+    """
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return torch.cuda.max_memory_allocated(), "cuda.max_memory_allocated"
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), "VmHWM"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
 
 
 def train(trainer, argv, device, isolate):
@@ -90,14 +102,16 @@ def train(trainer, argv, device, isolate):
     subprocess.run([sys.executable, os.path.abspath(__file__), "--child", trainer, device, peak_path, json.dumps(argv)],
                    check=True)
     with open(peak_path) as f:
-        return time.time() - start, json.load(f)["peak_memory_bytes"]
+        peak = json.load(f)
+    return time.time() - start, peak["peak_memory_bytes"] if peak["source"] in OWN_PEAKS else None
 
 
 def child(trainer, device, peak_path, argv_json):
     """The --child entry: one training run, then its peak memory written to peak_path."""
     {"nlg": train_nlg, "nlu": train_nlu}[trainer].main(json.loads(argv_json))
+    peak, source = peak_memory_bytes(device)
     with open(peak_path, "w") as f:
-        json.dump({"peak_memory_bytes": peak_memory_bytes(device)}, f)
+        json.dump({"peak_memory_bytes": peak, "source": source}, f)
 
 
 def reused(run_dir, argv):
@@ -149,7 +163,8 @@ def nlg_run(args, budget, reference, method, seed, data_path):
     adapter_dir = os.path.join(run_dir, "adapter")
     result = {"method": method, "seed": seed, "trainable_parameters": trainable, "train_seconds": seconds,
               # the median step, without the first (warm-up: allocations, kernel choice)
-              "step_seconds": statistics.median(step_times[1:] or step_times), "peak_memory_bytes": peak}
+              "step_seconds": statistics.median(step_times[1:] or step_times), "peak_memory_bytes": peak,
+              "peak_memory_source": "own" if peak is not None else None}
     result.update(real_experiment.measure(real_experiment.load_model(args.model, adapter_dir, args.device), reference, budget))
     if method in MAIN:
         result.update(real_experiment.gsm8k_accuracy(args, budget, adapter_dir, os.path.join(run_dir, "gsm8k.json")))
@@ -180,7 +195,8 @@ def nlu_run(args, method, seed):
     return keep(run_dir, argv, {
         "method": method, "seed": seed, "nli_accuracy": accuracy, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
         # the whole run (evaluation included) over its steps: train_nlu.py logs no per-step time
-        "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak, "nlu_wall_seconds": seconds})
+        "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak, "nlu_wall_seconds": seconds,
+        "nlu_peak_memory_source": "own" if peak is not None else None})
 
 
 # -----------------------------------------------------------------------------
@@ -253,6 +269,12 @@ COLUMNS = [
 ]
 
 
+def has_own(run, key):
+    """False for a peak memory that is not the run's own: measured before "peak_memory_source" was recorded,
+    by ru_maxrss in a child, which on Linux holds the parent's size (see peak_memory_bytes)."""
+    return not key.endswith("peak_memory_bytes") or run.get(key.replace("_bytes", "_source")) == "own"
+
+
 def summarize(runs):
     """Per method: its seeds and, per column, the mean and sample std over seeds (relative columns: over LoRA's first seed)."""
     lora = {key: value for run in runs if run["method"] == "lora" and run["seed"] == FIRST_SEED for key, value in run.items()}
@@ -261,7 +283,7 @@ def summarize(runs):
         group = [run for run in runs if run["method"] == method]
         row = {"method": method, "seeds": sorted({run["seed"] for run in group})}
         for key, _, _, relative in COLUMNS:
-            values = [run[key] for run in group if run.get(key) is not None]
+            values = [run[key] for run in group if run.get(key) is not None and has_own(run, key)]
             if relative:
                 values = [v / lora[key] for v in values] if lora.get(key) else []
             if values:
