@@ -231,8 +231,9 @@ def paper_scale_parameters(method, architecture):
             model = DebertaClassifier(DebertaConfig.from_hf(DEBERTA_V3_BASE), num_labels=2)
             targets, r, head = train_nlu.TARGET_MODULES.split(","), 8, DEBERTA_HEAD
         try:
-            training.adapt(model, "none", "none", kind=spec.kind, adalora=spec.adalora, target_modules=targets, r=r,
-                           alpha=r, init="lora", dora=spec.dora)  # the init changes values, never the count
+            with contextlib.redirect_stdout(io.StringIO()):  # add_lora's summary line
+                training.adapt(model, "none", "none", kind=spec.kind, adalora=spec.adalora, target_modules=targets,
+                               r=r, alpha=r, init="lora", dora=spec.dora)  # the init changes values, never the count
         except ValueError:  # BitFit on a model without biases
             return None
         training.build_optimizer(model, 1e-4, 0.0, spec)
@@ -320,15 +321,7 @@ def render_table(summary, keys=None):
 
 def update_readme(summary, readme_path=README):
     """Replace README's table between its markers with render_table(summary, README_COLUMNS)."""
-    with open(readme_path) as f:
-        readme = f.read()
-    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
-        raise ValueError(f"{readme_path}: needs one {README_BEGIN} and one {README_END} line around the table")
-    before, rest = readme.split(README_BEGIN)
-    _, after = rest.split(README_END)
-    with open(readme_path + ".tmp", "w") as f:
-        f.write(before + README_BEGIN + "\n" + render_table(summary, README_COLUMNS) + README_END + after)
-    os.replace(readme_path + ".tmp", readme_path)
+    real_experiment.write_between_markers(readme_path, README_BEGIN, README_END, render_table(summary, README_COLUMNS))
 
 
 # -----------------------------------------------------------------------------
@@ -369,8 +362,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.params_only:
-        with contextlib.redirect_stdout(io.StringIO()):  # add_lora's summary lines
-            table = render_paper_scale(args.methods)
+        table = render_paper_scale(args.methods)
         print(table)
         return table
     budget = BUDGETS[args.budget]
@@ -401,8 +393,7 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     table = render_table(summary)
     with open(os.path.join(args.table_dir, "table.md"), "w") as f:
-        with contextlib.redirect_stdout(io.StringIO()):  # add_lora's summary lines
-            paper_scale = render_paper_scale(args.methods)
+        paper_scale = render_paper_scale(args.methods)
         f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs, {results['runs_wall_seconds']:.0f} s "
                 f"of training and measurement on {args.device} ({args.threads} threads); this invocation "
                 f"{results['wall_seconds']:.0f} s, the shared references included\n\n" + table

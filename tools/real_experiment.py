@@ -394,22 +394,34 @@ def plot(runs, path):
 README_BEGIN, README_END = "<!-- real_experiment:begin -->", "<!-- real_experiment:end -->"
 
 
-def update_docs(out_dir, docs_dir, readme_path):
-    """Copy results.json, table.md and the plot into docs_dir; replace README's table with table.md."""
+def check_markers(readme_path, begin, end):
+    """The text of readme_path, which must hold one `begin` and one `end` line around a table."""
     with open(readme_path) as f:
         readme = f.read()
-    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
-        raise ValueError(f"{readme_path}: needs one {README_BEGIN} and one {README_END} line around the table")
+    if readme.count(begin) != 1 or readme.count(end) != 1:
+        raise ValueError(f"{readme_path}: needs one {begin} and one {end} line around the table")
+    return readme
+
+
+def write_between_markers(readme_path, begin, end, table, readme=None):
+    """Replace what stands between the `begin` and `end` lines of readme_path by `table` (atomically)."""
+    readme = check_markers(readme_path, begin, end) if readme is None else readme
+    before, rest = readme.split(begin)
+    _, after = rest.split(end)
+    with open(readme_path + ".tmp", "w") as f:
+        f.write(before + begin + "\n" + table + end + after)
+    os.replace(readme_path + ".tmp", readme_path)
+
+
+def update_docs(out_dir, docs_dir, readme_path):
+    """Copy results.json, table.md and the plot into docs_dir; replace README's table with table.md."""
+    readme = check_markers(readme_path, README_BEGIN, README_END)  # before anything is copied
     with open(os.path.join(out_dir, "table.md")) as f:
         table = f.read()
     os.makedirs(docs_dir, exist_ok=True)
     for name in ("results.json", "table.md", "drift_vs_task.png"):
         shutil.copyfile(os.path.join(out_dir, name), os.path.join(docs_dir, name))
-    before, rest = readme.split(README_BEGIN)
-    _, after = rest.split(README_END)
-    with open(readme_path + ".tmp", "w") as f:
-        f.write(before + README_BEGIN + "\n" + table + README_END + after)
-    os.replace(readme_path + ".tmp", readme_path)
+    write_between_markers(readme_path, README_BEGIN, README_END, table, readme)
 
 
 # -----------------------------------------------------------------------------
