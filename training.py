@@ -277,8 +277,9 @@ def save_checkpoint(path, model, optimizer, scheduler, step, data_state=None, co
     """
     Everything needed to continue a run exactly: the trainable weights (adapter, plus any head),
     optimizer and scheduler state, the step, the data position (`data_state`, any dict), AdaLoRA's
-    rank allocator (`allocator`: its importance averages and masks) and the RNG states of every rank. Collective under DDP (RNG states are gathered), so every rank calls it;
-    rank 0 writes `path` atomically. `model` is the unwrapped module (not the DDP wrapper).
+    rank allocator (`allocator`: its importance averages and masks) and the RNG states of every rank.
+    Collective under DDP (RNG states are gathered), so every rank calls it; rank 0 writes `path`
+    atomically. `model` is the unwrapped module (not the DDP wrapper).
     """
     check_finite_parameters(model, path)  # identical on every rank, so all ranks raise together
     rng = [rng_state()]
