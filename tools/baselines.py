@@ -5,21 +5,26 @@ paper run here rather than quoted):
   NLG  train_nlg.py on GSM8K in MetaMath's format, the setup of tools/real_experiment.py (its data,
        its BUDGETS, its measurements): held-out GSM8K cross-entropy, GSM8K accuracy (main rows),
        Wikitext-2 perplexity and KL(base || tuned) (drift)
-  NLU  train_nlu.py on the bundled toy NLI task: best validation accuracy
+  NLU  train_nlu.py on the bundled toy NLI task, or on any GLUE task's files (--nlu-task, --nlu-data,
+       --nlu-validation-file, --nlu-model): the best value of the task's first metric on its first
+       validation split, for Table 2's methods (and their "+reg" forms), which are the paper's NLU rows
 
 Each row also has the trainable parameter count (Table 1/2's #Params), and the step time and peak
 memory relative to LoRA measured in the same run (peak memory: each run in its own process, its
-ru_maxrss on a CPU, torch.cuda.max_memory_allocated on a GPU; not measured by the in-process smoke
+VmHWM on a CPU, torch.cuda.max_memory_allocated on a GPU; not measured by the in-process smoke
 budget). The methods are read from training.METHODS: a method added there is a row here. The
 "+reg" rows use the paper's lambdas (B.4), the others none; all share every other setting.
 
     python tools/baselines.py --budget smoke                    # assets/tiny-llama, seconds: the CI check
     bash tools/get_smollm2.sh && python tools/baselines.py --budget cpu --update-readme  # SmolLM2-135M, 2 cores
     python tools/baselines.py --budget full --device cuda      # the paper's recipe (B.4) on a GPU
+    python tools/baselines.py --budget cpu --nlu-task rte --nlu-data rte_train.jsonl \
+        --nlu-validation-file rte_validation.jsonl             # the NLU rows on a GLUE task's files
 
 Runs go to --out (default out/baselines/<budget>); results.json and table.md to --table-dir (default
 assets/baselines/<budget>/). A run that finished (its result.json, beside the argv it ran with) is
-reused, so an interrupted table continues where it stopped. BitFit gets no NLG run on a model without
+reused, so an interrupted table continues where it stopped (unless its peak memory was measured
+without a recorded source: see has_own). BitFit gets no NLG run on a model without
 bias terms (SmolLM2, every LLaMA); MiLoRA runs with the exact SVD (--pissa-niter finds only the top).
 """
 
@@ -39,6 +44,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import glue  # noqa: E402
 import real_experiment  # noqa: E402  (tools/real_experiment.py: the NLG data, budgets and measurements)
 import train_nlg  # noqa: E402
 import train_nlu  # noqa: E402
@@ -46,12 +52,14 @@ import training  # noqa: E402
 
 TINY_LLAMA = os.path.join(REPO, "assets", "tiny-llama")
 MAIN = ("lora", "pissa", "balora")  # the rows that get every seed of the budget and GSM8K accuracy
+# Table 2's rows: the methods that get an NLU run, each with its "+reg" form where training.METHODS has one
+TABLE2 = ("full", "bitfit", "hadapter", "padapter", "lora", "dora", "adalora", "pissa", "balora")
 
 # One recipe per budget. nlg: tools/real_experiment.py's budget of the same name (smoke: assets/tiny-llama,
 # on half its training problems: 2 steps). nlu: train_nlu.py's toy preset, with these flags changed
 # (smoke: 2 steps of 16 and the first 64 validation examples; cpu: half its 92 steps, to fit the
-# budget's time), run with the first seed only. isolate: one process per run, so that its peak
-# memory is its own.
+# budget's time), run with the first seed only, for the NLU rows (TABLE2). isolate: one process per
+# run, so that its peak memory is its own.
 BUDGETS = {
     "smoke": dict(model=TINY_LLAMA, nlg=dict(real_experiment.BUDGETS["smoke"], train_problems=8),
                   nlu=dict(max_steps=2, batch_size=16, validation_examples=64), main_seeds=[42], isolate=False),
@@ -60,7 +68,6 @@ BUDGETS = {
     "full": dict(model=real_experiment.DEFAULT_MODEL, nlg=real_experiment.BUDGETS["full"], nlu={},
                  main_seeds=[42, 1024, 2024], isolate=True),
 }
-NLI_VALIDATION = os.path.join(REPO, "assets", "data", "nli_validation.jsonl")
 FIRST_SEED = 42  # every method runs with it; LoRA's run with it is the reference of the relative columns
 
 
@@ -115,13 +122,18 @@ def child(trainer, device, peak_path, argv_json):
 
 
 def reused(run_dir, argv):
-    """The result a finished run left in run_dir/result.json, when it ran with the same argv (else None)."""
+    """
+    The result a finished run left in run_dir/result.json, when it ran with the same argv and its peak
+    memory, if it has one, is its own (has_own); else None: the run trains again.
+    """
     path = os.path.join(run_dir, "result.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         saved = json.load(f)
-    return saved["result"] if saved["argv"] == argv else None
+    result = saved["result"]
+    own = all(has_own(result, key) for key, value in result.items() if key.endswith("peak_memory_bytes") and value is not None)
+    return result if saved["argv"] == argv and own else None
 
 
 def keep(run_dir, argv, result):
@@ -172,31 +184,64 @@ def nlg_run(args, budget, reference, method, seed, data_path):
     return keep(run_dir, argv, result)
 
 
+def nlu_applies(method):
+    """Whether `method` is an NLU row: one of Table 2's, or its "+reg" form."""
+    return method.removesuffix("+reg") in TABLE2
+
+
+def nlu_score_name(task_name):
+    """(validation split, metric) of the NLU score: the task's first of each (the metric train_nlu.py's best.pt keeps)."""
+    task = glue.TASKS[task_name]
+    return task.validation_splits[0], task.metrics[0]
+
+
+def nlu_validation_files(args):
+    """The validation file(s) the NLU runs read: --nlu-validation-file, the toy task's, or None (the hub's)."""
+    if args.nlu_validation_file:
+        return args.nlu_validation_file
+    return [os.path.join(REPO, "assets", "data", "nli_validation.jsonl")] if args.nlu_task == "nli" else None
+
+
 def nlu_run(args, method, seed):
-    """train_nlu.py's toy preset with `method`: best validation accuracy, trainable parameters, time per step."""
-    run_dir = os.path.join(args.out, "nlu", method, f"seed{seed}")
-    argv = ["--method", method, "--seed", str(seed), "--out", run_dir, "--no-progress", "--device", args.device, "--overwrite"]
+    """train_nlu.py with `method` on the NLU task (toy preset unless --nlu-model): best score, trainable parameters, time per step."""
+    run_dir = os.path.join(args.out, "nlu", args.nlu_task, method, f"seed{seed}")
+    argv = ["--method", method, "--seed", str(seed), "--out", run_dir, "--no-progress", "--device", args.device,
+            "--overwrite", "--task", args.nlu_task]
+    argv += ["--model", args.nlu_model] if args.nlu_model else []
+    argv += ["--data", args.nlu_data] if args.nlu_data else []
+    validation_files = nlu_validation_files(args)
     for key, value in BUDGETS[args.budget]["nlu"].items():
-        if key == "validation_examples":  # the first ones, as a file of their own
-            path = os.path.join(args.out, f"nli_validation_{value}.jsonl")
-            with open(NLI_VALIDATION) as source, open(path, "w") as f:
-                f.writelines(source.readlines()[:value])
-            argv += ["--validation-file", path]
+        if key == "validation_examples":  # the first ones of each split, as files of their own
+            if validation_files is None:
+                raise ValueError(f"--budget {args.budget} trims the validation split to {value} examples: "
+                                 "give its file with --nlu-validation-file")
+            validation_files = [first_lines(path, value, os.path.join(args.out, f"validation{i}_{value}.jsonl"))
+                                for i, path in enumerate(validation_files)]
         else:
             argv += ["--" + key.replace("_", "-"), str(value)]
+    argv += ["--validation-file", *validation_files] if validation_files else []
     if (result := reused(run_dir, argv)) is not None:
         return result
     seconds, peak = train("nlu", argv, args.device, BUDGETS[args.budget]["isolate"])
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    accuracy = max(record["validation"]["validation"]["accuracy"] for record in log if "validation" in record)
+    split, metric = nlu_score_name(args.nlu_task)
+    score = max(record["validation"][split][metric] for record in log if "validation" in record)
     best = torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu", weights_only=True)  # the trainable parameters
     steps_run = max(record["step"] for record in log)
     return keep(run_dir, argv, {
-        "method": method, "seed": seed, "nli_accuracy": accuracy, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
+        "method": method, "seed": seed, "nlu_score": score, "nlu_trainable_parameters": sum(t.numel() for t in best.values()),
         # the whole run (evaluation included) over its steps: train_nlu.py logs no per-step time
         "nlu_seconds_per_step": seconds / steps_run, "nlu_peak_memory_bytes": peak, "nlu_wall_seconds": seconds,
         "nlu_peak_memory_source": "own" if peak is not None else None})
+
+
+def first_lines(path, count, out_path):
+    """The first `count` lines of a JSONL file, written to out_path (returned)."""
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(path) as source, open(out_path, "w") as f:
+        f.writelines(source.readlines()[:count])
+    return out_path
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +311,7 @@ COLUMNS = [
     ("wikitext_ppl", "Wikitext-2 PPL ↓", 3, False),
     ("wikitext_kl", "KL(base‖tuned) Wikitext ↓", 5, False),
     ("nlu_trainable_parameters", "#Params (NLU)", 0, False),
-    ("nli_accuracy", "toy NLI acc. %", 1, False),
+    ("nlu_score", "NLU score", 1, False),  # titled by nlu_title
 ]
 
 
@@ -295,19 +340,26 @@ def summarize(runs):
 
 
 # README's table: the columns that compare methods at a glance (assets/baselines/cpu/table.md has all)
-README_COLUMNS = ("trainable_parameters", "step_seconds", "gsm8k_ce", "wikitext_ppl", "wikitext_kl", "nli_accuracy")
+README_COLUMNS = ("trainable_parameters", "step_seconds", "gsm8k_ce", "wikitext_ppl", "wikitext_kl", "nlu_score")
 README = os.path.join(REPO, "README.md")
 README_BEGIN, README_END = "<!-- baselines:begin -->", "<!-- baselines:end -->"
 
 
-def render_table(summary, keys=None):
+def nlu_title(task_name):
+    """The NLU column's title: the task and its metric, shown ×100 as GLUE scores are."""
+    _, metric = nlu_score_name(task_name)
+    return "toy NLI acc. %" if task_name == "nli" else f"{task_name.upper()} {metric} ×100"
+
+
+def render_table(summary, keys=None, nlu_task="nli"):
     """The markdown table of summarize(runs): every column of COLUMNS, or those whose key is in `keys`."""
-    columns = [column for column in COLUMNS if keys is None or column[0] in keys]
+    columns = [(key, nlu_title(nlu_task) if key == "nlu_score" else title, digits, relative)
+               for key, title, digits, relative in COLUMNS if keys is None or key in keys]
 
     def cell(stats, digits, key):
         if stats is None:
             return "–"
-        scale = 100 if key in ("gsm8k_accuracy", "nli_accuracy") else 1
+        scale = 100 if key in ("gsm8k_accuracy", "nlu_score") else 1
         text = f"{stats['mean'] * scale:,.{digits}f}"
         return text + (f" ± {stats['std'] * scale:.{digits}f}" if stats["n"] > 1 else "")
 
@@ -319,9 +371,10 @@ def render_table(summary, keys=None):
     return "\n".join(lines) + "\n"
 
 
-def update_readme(summary, readme_path=README):
+def update_readme(summary, readme_path=README, nlu_task="nli"):
     """Replace README's table between its markers with render_table(summary, README_COLUMNS)."""
-    real_experiment.write_between_markers(readme_path, README_BEGIN, README_END, render_table(summary, README_COLUMNS))
+    real_experiment.write_between_markers(readme_path, README_BEGIN, README_END,
+                                          render_table(summary, README_COLUMNS, nlu_task))
 
 
 # -----------------------------------------------------------------------------
@@ -338,6 +391,14 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--out", default=None, help="the runs (default: out/baselines/<budget>)")
     parser.add_argument("--table-dir", default=None, help="results.json and table.md (default: assets/baselines/<budget>)")
+    parser.add_argument("--nlu-task", default="nli", choices=sorted(glue.TASKS), help="the NLU rows' task: nli, the "
+                        "bundled toy task (default), or a GLUE task (its files with --nlu-data / --nlu-validation-file, "
+                        "else the hub's)")
+    parser.add_argument("--nlu-data", default=None, help="the NLU task's training file (train_nlu.py --data)")
+    parser.add_argument("--nlu-validation-file", nargs="+", default=None, help="its validation file(s), one per "
+                        "validation split of the task (train_nlu.py --validation-file)")
+    parser.add_argument("--nlu-model", default=None, help="the NLU encoder (train_nlu.py --model: its paper preset; "
+                        "default: the toy preset's bundled encoder)")
     parser.add_argument("--update-readme", action="store_true", help="also write README.md's table (between its "
                         "baselines markers) from this run")
     parser.add_argument("--params-only", action="store_true", help="print the #Params table at the paper's scale "
@@ -354,6 +415,14 @@ def parse_args(argv=None):
     args.table_dir = args.table_dir or os.path.join(REPO, "assets", "baselines", args.budget)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no config.json (for SmolLM2: bash tools/get_smollm2.sh)")
+    for flag, paths in (("--nlu-data", [args.nlu_data] if args.nlu_data else []), ("--nlu-validation-file", args.nlu_validation_file or [])):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    splits = glue.TASKS[args.nlu_task].validation_splits
+    if args.nlu_validation_file and len(args.nlu_validation_file) != len(splits):
+        raise ValueError(f"--nlu-validation-file: task {args.nlu_task!r} has the validation split(s) {list(splits)}, "
+                         f"got {len(args.nlu_validation_file)} file(s)")
     if "lora" not in args.methods:
         args.methods.insert(0, "lora")  # the reference of the relative columns
     return args
@@ -376,7 +445,7 @@ def main(argv=None):
             else:
                 run = {"method": method, "seed": seed}
                 print(f"{method}: no NLG run ({os.path.basename(os.path.normpath(args.model))} has no bias terms)")
-            if seed == FIRST_SEED:
+            if seed == FIRST_SEED and nlu_applies(method):
                 run = dict(run, **nlu_run(args, method, seed))
             runs.append(run)
             print(f"{method}, seed {seed} ({time.time() - started:.0f} s so far): "
@@ -384,6 +453,7 @@ def main(argv=None):
     summary = summarize(runs)
     results = {"budget": args.budget, "model": os.path.basename(os.path.normpath(args.model)), "device": args.device,
                "threads": args.threads, "nlg_settings": budget["nlg"], "nlu_changes": budget["nlu"],
+               "nlu_task": args.nlu_task, "nlu_score": "/".join(nlu_score_name(args.nlu_task)),
                "methods": {m: vars(training.METHODS[m]) for m in args.methods}, "runs": runs, "summary": summary,
                "wall_seconds": time.time() - started,
                # the runs' own times: the whole table's cost, also when earlier invocations ran some of them
@@ -391,7 +461,7 @@ def main(argv=None):
     os.makedirs(args.table_dir, exist_ok=True)
     with open(os.path.join(args.table_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    table = render_table(summary)
+    table = render_table(summary, nlu_task=args.nlu_task)
     with open(os.path.join(args.table_dir, "table.md"), "w") as f:
         paper_scale = render_paper_scale(args.methods)
         f.write(f"`python tools/baselines.py --budget {args.budget}`: {len(runs)} runs, {results['runs_wall_seconds']:.0f} s "
@@ -401,7 +471,7 @@ def main(argv=None):
                 "(python tools/baselines.py --params-only):\n\n" + paper_scale)
     print(table)
     if args.update_readme:
-        update_readme(summary)
+        update_readme(summary, nlu_task=args.nlu_task)
     print(f"{len(runs)} runs in {results['wall_seconds']:.0f} s; table in {args.table_dir}")
     return results
 
