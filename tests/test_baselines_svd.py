@@ -371,6 +371,18 @@ def test_paper_scale_params_come_from_the_trainers_code_and_match_the_arithmetic
     assert (deberta("hadapter"), deberta("padapter")) == (1.20, 1.19)  # Table 2: 1.22M, 1.18M (docs/baselines.md)
 
 
+def test_the_tool_runs_as_a_script():
+    """python tools/baselines.py: its own directory comes first on sys.path, yet the method's baselines.py is imported."""
+    import subprocess
+    import sys
+
+    import tools.baselines as tool
+
+    shown = subprocess.run([sys.executable, os.path.join(tool.REPO, "tools", "baselines.py"), "--params-only",
+                            "--methods", "lora"], capture_output=True, text=True, check=True).stdout
+    assert "| lora | 319.82M | 1.33M | 1.33M |" in shown  # Table 2's LoRA: 1.33M
+
+
 def test_update_readme_replaces_only_the_table_between_the_markers(tmp_path):
     import tools.baselines as tool
 

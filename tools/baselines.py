@@ -42,8 +42,9 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# tools/ (real_experiment) after the repository: the method's baselines.py is found before this file's namesake
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import glue  # noqa: E402
 import real_experiment  # noqa: E402  (tools/real_experiment.py: the NLG data, budgets and measurements)
 import train_nlg  # noqa: E402
