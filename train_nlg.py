@@ -313,6 +313,7 @@ def main(argv=None):
     if args.dry_run:
         return training.dry_run(args, defaults, NONE_MEANS, [data_note(args)])
     training.check_merge(args.method, args.merge)
+    training.check_loraplus_ratio(args.method, args.loraplus_lr_ratio, defaults["loraplus_lr_ratio"])
     training.check_out(args.out, args.resume, args.overwrite)
     args.model = resolve_model_path(args.model, args.revision)
     rank, local_rank, world_size, device, is_master = training.start_processes(args, defaults, NONE_MEANS, [data_note(args)])

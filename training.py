@@ -107,6 +107,13 @@ def check_merge(method_name, merge):
                          "(its adapter directory is the result: load it with adapters.load_adapter)")
 
 
+def check_loraplus_ratio(method_name, ratio, default):
+    """--loraplus-lr-ratio sets LoRA+'s lr ratio and nothing else: one line if another method is given a ratio."""
+    if ratio != default and METHODS[method_name].optimizer != "loraplus":
+        raise ValueError(f"--loraplus-lr-ratio {ratio:g} sets the lr ratio of --method loraplus (and loraplus+reg); "
+                         f"--method {method_name} trains every parameter at --lr")
+
+
 def calibrate(model, method, losses):
     """
     LoRA-GA / CorDA: start the adapters (added with init="lora") from the model on calibration batches,

@@ -480,6 +480,18 @@ def test_train_nlu_runs_a_baseline(method, nlu_tiny, tmp_path):
     assert config.get("method", "lora") == {"bitfit+reg": "bitfit", "hadapter": "hadapter", "lorafa": "lora"}[method]
 
 
+def test_a_loraplus_ratio_for_another_method_is_refused_before_the_run(nlg_tiny, nlu_tiny, tmp_path):
+    """--loraplus-lr-ratio changes LoRA+'s optimizer only: given to another method, both trainers stop in one line."""
+    message = r"--loraplus-lr-ratio 4 sets the lr ratio of --method loraplus \(and loraplus\+reg\); --method lora trains"
+    with pytest.raises(ValueError, match=message):
+        train_nlg.main(test_train_nlg.tiny_args(nlg_tiny, tmp_path / "nlg", "--method", "lora", "--loraplus-lr-ratio", "4"))
+    with pytest.raises(ValueError, match=message):
+        train_nlu.main(test_train_nlu.tiny_flags(nlu_tiny, tmp_path / "nlu", "--method", "lora", "--loraplus-lr-ratio", "4"))
+    assert not (tmp_path / "nlg").exists() and not (tmp_path / "nlu").exists()  # nothing written
+    training.check_loraplus_ratio("loraplus+reg", 4.0, 16.0)
+    training.check_loraplus_ratio("lora", 16.0, 16.0)  # the default goes with every method
+
+
 def test_on_a_llama_adapters_sit_after_o_proj_and_down_proj_and_bitfit_is_refused():
     original = tiny_llama()
     for kind, suffixes in (("hadapter", ("o_proj", "down_proj")), ("padapter", ("down_proj",))):
