@@ -344,6 +344,25 @@ def test_a_finished_run_is_reused_unless_its_peak_memory_is_not_its_own(tmp_path
     assert tool.reused(str(tmp_path), argv + ["--seed", "1"]) is None  # another argv
 
 
+def test_a_child_run_gets_the_tools_thread_count_whatever_the_environment(tmp_path, monkeypatch):
+    """OMP_NUM_THREADS changes CPU results, so each child gets --threads, not the caller's value."""
+    import subprocess
+
+    import tools.baselines as tool
+
+    seen = {}
+
+    def run(command, check, env):
+        seen.update(env)
+        with open(os.path.join(tmp_path, "peak_memory.json"), "w") as f:
+            json.dump({"peak_memory_bytes": 7, "source": "VmHWM"}, f)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    monkeypatch.setattr(subprocess, "run", run)
+    _, peak = tool.train("nlu", ["--out", str(tmp_path)], "cpu", isolate=True, threads=2)
+    assert seen["OMP_NUM_THREADS"] == "2" and peak == 7
+
+
 def test_paper_scale_params_come_from_the_trainers_code_and_match_the_arithmetic():
     """
     tools/baselines.py's #Params table applies each method to LLaMA-2-7B and DeBERTa-v3-base on the
