@@ -156,6 +156,13 @@ def imbalance_indices(labels, ratios, seed):
     return kept[torch.randperm(len(kept), generator=generator)].tolist()
 
 
+def check_validation_files(task_name, files, flag="--validation-file"):
+    """One file per validation split of the task (MNLI: matched, mismatched), or none (the hub's)."""
+    splits = TASKS[task_name].validation_splits
+    if files is not None and len(files) != len(splits):
+        raise ValueError(f"{flag}: task {task_name!r} has the validation split(s) {list(splits)}, got {len(files)} file(s)")
+
+
 def load_split(task_name, split, data_file, local_flag="--data / --validation-file FILE"):
     """A `datasets.Dataset`: a local .json/.jsonl/.parquet/.csv file, or the split of the GLUE task on the
     hub (offline, an error naming `local_flag`, the flag that takes a file instead)."""

@@ -282,10 +282,7 @@ def parse_args(argv=None):
                                                "Hugging Face sequence classifier, float32 (tools/merge_adapter.py)")
     flag("--dry-run", action="store_true", help="print the settings in force and stop, reading and writing nothing")
     args, defaults = training.resolve_settings(parser, argv, choose_preset)
-    task = glue.TASKS[args.task]
-    if args.validation_file is not None and len(args.validation_file) != len(task.validation_splits):
-        raise ValueError(f"--validation-file: task {args.task!r} has the validation split(s) {list(task.validation_splits)}, "
-                         f"got {len(args.validation_file)} file(s)")
+    glue.check_validation_files(args.task, args.validation_file)
     imbalance_ratios(args.imbalance, args.task)  # a bad --imbalance is an error now, not after the model loads
     training.check_report_to(args.report_to)
     return args, defaults

@@ -53,13 +53,11 @@ import training  # noqa: E402
 
 TINY_LLAMA = os.path.join(REPO, "assets", "tiny-llama")
 MAIN = ("lora", "pissa", "balora")  # the rows that get every seed of the budget and GSM8K accuracy
-# Table 2's rows: the methods that get an NLU run, each with its "+reg" form where training.METHODS has one
-TABLE2 = ("full", "bitfit", "hadapter", "padapter", "lora", "dora", "adalora", "pissa", "balora")
 
 # One recipe per budget. nlg: tools/real_experiment.py's budget of the same name (smoke: assets/tiny-llama,
 # on half its training problems: 2 steps). nlu: train_nlu.py's toy preset, with these flags changed
 # (smoke: 2 steps of 16 and the first 64 validation examples; cpu: half its 92 steps, to fit the
-# budget's time), run with the first seed only, for the NLU rows (TABLE2). isolate: one process per
+# budget's time), run with the first seed only, for the NLU rows (nlu_applies). isolate: one process per
 # run, so that its peak memory is its own.
 BUDGETS = {
     "smoke": dict(model=TINY_LLAMA, nlg=dict(real_experiment.BUDGETS["smoke"], train_problems=8),
@@ -188,8 +186,8 @@ def nlg_run(args, budget, reference, method, seed, data_path):
 
 
 def nlu_applies(method):
-    """Whether `method` is an NLU row: one of Table 2's, or its "+reg" form."""
-    return method.removesuffix("+reg") in TABLE2
+    """Whether `method` is an NLU row: one of Table 2's (TABLE2_PARAMS' rows), or its "+reg" form."""
+    return method.removesuffix("+reg") in TABLE2_PARAMS
 
 
 def nlu_score_name(task_name):
@@ -199,10 +197,8 @@ def nlu_score_name(task_name):
 
 
 def nlu_validation_files(args):
-    """The validation file(s) the NLU runs read: --nlu-validation-file, the toy task's, or None (the hub's)."""
-    if args.nlu_validation_file:
-        return args.nlu_validation_file
-    return [os.path.join(REPO, "assets", "data", "nli_validation.jsonl")] if args.nlu_task == "nli" else None
+    """The validation file(s) the NLU runs read: --nlu-validation-file, else train_nlu.py's (the toy task's, or None: the hub's)."""
+    return args.nlu_validation_file or train_nlu.presets(args.nlu_task)["toy"]["validation_file"]
 
 
 def nlu_run(args, method, seed):
@@ -419,14 +415,11 @@ def parse_args(argv=None):
     args.table_dir = args.table_dir or os.path.join(REPO, "assets", "baselines", args.budget)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no config.json (for SmolLM2: bash tools/get_smollm2.sh)")
-    for flag, paths in (("--nlu-data", [args.nlu_data] if args.nlu_data else []), ("--nlu-validation-file", args.nlu_validation_file or [])):
-        for path in paths:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{flag} {path!r}: no such file")
-    splits = glue.TASKS[args.nlu_task].validation_splits
-    if args.nlu_validation_file and len(args.nlu_validation_file) != len(splits):
-        raise ValueError(f"--nlu-validation-file: task {args.nlu_task!r} has the validation split(s) {list(splits)}, "
-                         f"got {len(args.nlu_validation_file)} file(s)")
+    # the NLU runs come after the NLG ones: their files are checked before any run
+    for flag, path in [("--nlu-data", args.nlu_data)] + [("--nlu-validation-file", p) for p in args.nlu_validation_file or []]:
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    glue.check_validation_files(args.nlu_task, args.nlu_validation_file, "--nlu-validation-file")
     if "lora" not in args.methods:
         args.methods.insert(0, "lora")  # the reference of the relative columns
     return args
